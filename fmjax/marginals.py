@@ -1,0 +1,160 @@
+"""Exact marginal probability paths and vector fields for tractable data distributions.
+
+For a Gaussian conditional path ``p_t(x | x1) = N(alpha_t x1, sigma_t^2 I)`` and data ``q``
+that is a finite set of points (:class:`EmpiricalData`) or an isotropic Gaussian mixture
+(:class:`GaussianMixture`), the marginal
+
+    p_t(x) = int p_t(x | x1) q(x1) dx1,
+    u_t(x) = E[u_t(x | x1) | x_t = x] = sigma'/sigma (x - alpha E[x1|x]) + alpha' E[x1|x]
+
+is closed-form (posterior weights in log space, so it is stable far from the data). These are
+the oracles of Theorems 1 and 2 and a way to train toy models on the true marginal field
+(:func:`fmjax.losses.fm_loss`).
+
+All methods take a batch: ``x`` of shape ``(B, D)`` and ``t`` scalar or ``(B,)``; the
+source is ``N(0, I)``. Both classes are pytrees (their arrays are leaves).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from fmjax.paths import _broadcast_t
+
+__all__ = ["EmpiricalData", "GaussianMixture"]
+
+
+def _pytree_dataclass(cls):
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    return jax.tree_util.register_dataclass(cls, data_fields=names, meta_fields=[])
+
+
+class _Marginal:
+    """Shared logic: subclasses give per-component log-weights, variances and posterior means."""
+
+    def _components(self, path, x, t):  # -> (log_resp_unnormalised (B,K), post_mean (B,K,D))
+        raise NotImplementedError
+
+    def _check(self, x):
+        if jnp.ndim(x) != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}); got {jnp.shape(x)}.")
+
+    def log_prob(self, path, x, t):
+        """``log p_t(x)`` of the marginal path, shape (B,)."""
+        self._check(x)
+        log_joint, _ = self._components(path, x, t)
+        return logsumexp(log_joint, axis=1)
+
+    def posterior_mean(self, path, x, t):
+        """``E[x1 | x_t = x]``, shape (B, D)."""
+        self._check(x)
+        log_joint, means = self._components(path, x, t)
+        resp = jax.nn.softmax(log_joint, axis=1)
+        return jnp.einsum("bk,bkd->bd", resp, means)
+
+    def velocity(self, path, x, t):
+        """The marginal vector field ``u_t(x)`` (eq. 8 of the paper), shape (B, D)."""
+        x1_hat = self.posterior_mean(path, x, t)
+        return path.convert(x1_hat, x, t, src="x1", dst="velocity")
+
+    def score(self, path, x, t):
+        """``grad_x log p_t(x)`` from the posterior mean (Tweedie), shape (B, D)."""
+        x1_hat = self.posterior_mean(path, x, t)
+        return path.convert(x1_hat, x, t, src="x1", dst="score")
+
+
+def _gauss_logpdf(sq_dist, var, dim):
+    return -0.5 * sq_dist / var - 0.5 * dim * jnp.log(2 * math.pi * var)
+
+
+@_pytree_dataclass
+class EmpiricalData(_Marginal):
+    """Data uniform (or ``log_weights``-weighted) over ``points`` of shape (N, D)."""
+
+    points: jax.Array
+    log_weights: jax.Array | None = None
+
+    def __post_init__(self):
+        pts = self.points
+        if isinstance(pts, jax.Array | jnp.ndarray) and jnp.ndim(pts) != 2:
+            raise ValueError(f"points must have shape (N, D); got {jnp.shape(pts)}.")
+
+    @property
+    def dim(self):
+        return self.points.shape[1]
+
+    def sample(self, key, n):
+        logits = (jnp.zeros(self.points.shape[0]) if self.log_weights is None
+                  else self.log_weights)
+        return self.points[jax.random.categorical(key, logits, shape=(n,))]
+
+    def _components(self, path, x, t):
+        a, s, _, _ = path._coeffs_like(t, x)  # (B, 1) or scalar
+        mu = a[..., None] * self.points if jnp.ndim(a) else a * self.points  # (B|1, N, D)
+        mu = jnp.broadcast_to(mu, (x.shape[0],) + self.points.shape)
+        sq = jnp.sum(jnp.square(x[:, None, :] - mu), axis=-1)
+        var = jnp.square(s).reshape(-1, 1)
+        log_w = (jax.nn.log_softmax(self.log_weights) if self.log_weights is not None
+                 else -jnp.log(self.points.shape[0]))
+        log_joint = log_w + _gauss_logpdf(sq, var, self.dim)
+        means = jnp.broadcast_to(self.points, (x.shape[0],) + self.points.shape)
+        return log_joint, means
+
+
+@_pytree_dataclass
+class GaussianMixture(_Marginal):
+    """``q = sum_k w_k N(means_k, stds_k^2 I)``: means (K, D), stds (K,), weights (K,)."""
+
+    means: jax.Array
+    stds: jax.Array
+    weights: jax.Array
+
+    def __post_init__(self):
+        m, s, w = self.means, self.stds, self.weights
+        if not all(isinstance(a, jax.Array | jnp.ndarray) for a in (m, s, w)):
+            return  # pytree internals (tracers, placeholders)
+        if jnp.ndim(m) != 2 or jnp.shape(s) != (m.shape[0],) or jnp.shape(w) != (m.shape[0],):
+            raise ValueError(
+                "GaussianMixture needs means (K, D), stds (K,), weights (K,); got "
+                f"{jnp.shape(m)}, {jnp.shape(s)}, {jnp.shape(w)}."
+            )
+
+    @classmethod
+    def create(cls, means, stds, weights=None):
+        means = jnp.atleast_2d(jnp.asarray(means, jnp.float32))
+        k = means.shape[0]
+        stds = jnp.broadcast_to(jnp.asarray(stds, jnp.float32), (k,))
+        weights = (jnp.full((k,), 1.0 / k) if weights is None
+                   else jnp.asarray(weights, jnp.float32))
+        return cls(means, stds, weights / jnp.sum(weights))
+
+    @property
+    def dim(self):
+        return self.means.shape[1]
+
+    def sample(self, key, n):
+        kc, kn = jax.random.split(key)
+        comp = jax.random.categorical(kc, jnp.log(self.weights), shape=(n,))
+        noise = jax.random.normal(kn, (n, self.dim))
+        return self.means[comp] + self.stds[comp, None] * noise
+
+    def _components(self, path, x, t):
+        a, s, _, _ = path._coeffs_like(t, x)
+        a = jnp.reshape(a, (-1, 1))  # (B|1, 1)
+        s = jnp.reshape(s, (-1, 1))
+        var_k = jnp.square(a * self.stds) + jnp.square(s)  # (B|1, K)
+        centre = a[..., None] * self.means  # (B|1, K, D)
+        sq = jnp.sum(jnp.square(x[:, None, :] - centre), axis=-1)  # (B, K)
+        log_joint = jnp.log(self.weights) + _gauss_logpdf(sq, var_k, self.dim)
+        gain = (a * jnp.square(self.stds) / var_k)[..., None]  # (B|1, K, 1)
+        means = self.means + gain * (x[:, None, :] - centre)  # (B, K, D)
+        return log_joint, means
+
+
+del _broadcast_t
