@@ -48,7 +48,11 @@ def _check(x1, reduction):
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
 
 
-def _draw(path, key, x1, x0, t, time_sampler):
+def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
+    if key is None:
+        if x0 is None or t is None or need_key:
+            raise ValueError("a PRNG key is needed to draw x0, t or a coupling; got key=None.")
+        return x0, t, None
     k0, kt, kc = jax.random.split(key, 3)
     if x0 is None:
         x0 = jax.random.normal(k0, x1.shape, x1.dtype)
@@ -80,7 +84,8 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
         (per-example MSE, shape (B,)).
     """
     _check(x1, reduction)
-    x0, t, kc = _draw(path, key, x1, x0, t, time_sampler)
+    x0, t, kc = _draw(path, key, x1, x0, t, time_sampler,
+                      need_key=coupling not in (None, "independent"))
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
         x0, x1 = coupling(kc, x0, x1)

@@ -127,11 +127,12 @@ class GaussianMixture(_Marginal):
 
     @classmethod
     def create(cls, means, stds, weights=None):
-        means = jnp.atleast_2d(jnp.asarray(means, jnp.float32))
+        dtype = jnp.result_type(float)  # float64 under jax_enable_x64, else float32
+        means = jnp.atleast_2d(jnp.asarray(means, dtype))
         k = means.shape[0]
-        stds = jnp.broadcast_to(jnp.asarray(stds, jnp.float32), (k,))
-        weights = (jnp.full((k,), 1.0 / k) if weights is None
-                   else jnp.asarray(weights, jnp.float32))
+        stds = jnp.broadcast_to(jnp.asarray(stds, dtype), (k,))
+        weights = (jnp.full((k,), 1.0 / k, dtype) if weights is None
+                   else jnp.asarray(weights, dtype))
         return cls(means, stds, weights / jnp.sum(weights))
 
     @property

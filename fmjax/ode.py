@@ -166,8 +166,6 @@ def solve(
         adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
     )
     per_step, init = _evals_per_step(solver_obj)
-    if solver in ADAPTIVE_SOLVERS:
-        init += 2  # diffrax's initial step-size selection evaluates the field twice
     num_steps = sol.stats["num_steps"]
     stats = SolveStats(
         nfe=init + per_step * num_steps,
