@@ -1,0 +1,59 @@
+"""A training loop: progress bar, periodic host-side metrics, non-finite loss detection."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+__all__ = ["fit", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stopped."""
+
+
+def fit(state, step_fn: Callable, batches: Iterator | None, num_steps: int, *,
+        log_every: int = 100, on_log: Callable | None = None, progress: bool = True,
+        steps_per_call: int = 1, desc: str = "train"):
+    """Run ``num_steps`` steps of ``step_fn``; returns ``(state, history)``.
+
+    ``step_fn(state, batch)`` (or ``step_fn(state)`` when ``batches`` is None, e.g. a fused
+    step drawing its own data, which advances ``steps_per_call`` steps per call) returns
+    ``(state, metrics)``. Metrics are pulled to the host only every ``log_every`` steps (no
+    per-step synchronisation); each log record gets ``step`` and ``steps_per_s`` and is passed
+    to ``on_log``. A non-finite loss raises :class:`NonFiniteLossError` naming the step.
+    """
+    if num_steps % steps_per_call:
+        raise ValueError(f"num_steps={num_steps} must be a multiple of "
+                         f"steps_per_call={steps_per_call}.")
+    from tqdm.auto import tqdm
+
+    history = []
+    calls = num_steps // steps_per_call
+    log_calls = max(1, log_every // steps_per_call)
+    bar = tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True)
+    t_last, done_last = time.perf_counter(), 0
+    for call in range(1, calls + 1):
+        state, metrics = step_fn(state) if batches is None else step_fn(state, next(batches))
+        if call % log_calls == 0 or call == calls:
+            metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+            done = call * steps_per_call
+            now = time.perf_counter()
+            metrics.update(step=done, steps_per_s=(done - done_last) / max(now - t_last, 1e-9))
+            t_last, done_last = now, done
+            if not math.isfinite(metrics["loss"]):
+                bar.close()
+                raise NonFiniteLossError(
+                    f"non-finite loss {metrics['loss']} at step {done}; stopping. Lower the "
+                    "learning rate or enable gradient clipping; the last checkpoint is intact.")
+            history.append(metrics)
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", it_s=f"{metrics['steps_per_s']:.1f}")
+            if on_log is not None:
+                on_log(metrics)
+    bar.close()
+    return state, history

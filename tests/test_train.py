@@ -1,0 +1,85 @@
+"""Training state, jitted / fused / sharded steps and the loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fmjax
+from fmjax import train
+
+
+def _quadratic_loss(params, key, batch):
+    del key
+    return jnp.mean(jnp.square(batch @ params["w"] - 1.0))
+
+
+def _setup(lr=0.1):
+    params = {"w": jnp.array([0.5, -0.3])}
+    tx = optax.sgd(lr)
+    return params, tx, train.TrainState.create(params, tx, jax.random.key(0))
+
+
+def test_step_matches_hand_written_sgd_and_ema():
+    params, tx, state = _setup()
+    batch = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+    step = train.make_train_step(_quadratic_loss, tx, ema_decay=0.9)
+    g = jax.grad(lambda p: _quadratic_loss(p, None, batch))(params)["w"]
+    w1 = params["w"] - 0.1 * g
+    state, metrics = step(state, batch)
+    np.testing.assert_allclose(state.params["w"], w1, rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params["w"], 0.9 * params["w"] + 0.1 * w1, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], jnp.linalg.norm(g), rtol=1e-6)
+    assert int(state.step) == 1
+
+
+def test_fused_steps_equal_sequential_steps():
+    params, tx, state = _setup(lr=1e-2)
+    path = fmjax.paths.CondOT()
+
+    def loss_fn(p, key, x1):
+        return fmjax.losses.cfm_loss(lambda t, x: x * p["w"] + t[:, None], path, key, x1)
+
+    def data_fn(key):
+        return jax.random.normal(key, (16, 2)) + 2.0
+
+    fused = train.make_fused_train_steps(loss_fn, tx, data_fn, 5, ema_decay=0.5, donate=False)
+    s_fused, m = fused(state)
+    single = train.make_train_step(loss_fn, tx, ema_decay=0.5, donate=False)
+    s = state
+    for i in range(5):
+        key = jax.random.fold_in(jax.random.fold_in(s.rng, s.step), 1)
+        s, _ = single(s, data_fn(key))
+    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5)  # noqa: E731
+    jax.tree_util.tree_map(chex_close, s_fused.params, s.params)
+    jax.tree_util.tree_map(chex_close, s_fused.ema_params, s.ema_params)
+    assert int(s_fused.step) == 5 and "loss_mean" in m
+
+
+def test_fit_logs_and_stops_on_non_finite_loss():
+    params, tx, state = _setup()
+    step = train.make_train_step(_quadratic_loss, tx)
+    batches = iter([jnp.ones((4, 2))] * 10)
+    logged = []
+    state, hist = train.fit(state, step, batches, 10, log_every=5, on_log=logged.append,
+                            progress=False)
+    assert [h["step"] for h in hist] == [5, 10] and logged == hist
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+    def nan_loss(p, k, b):
+        return jnp.sum(p["w"]) * jnp.nan
+
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss nan at step 2"):
+        train.fit(state, train.make_train_step(nan_loss, tx), iter([jnp.ones(2)] * 4), 4,
+                  log_every=2, progress=False)
+
+
+def test_bad_arguments():
+    params, tx, _ = _setup()
+    with pytest.raises(ValueError, match="ema_decay"):
+        train.make_train_step(_quadratic_loss, tx, ema_decay=1.0)
+    with pytest.raises(ValueError, match="GradientTransformation"):
+        train.TrainState.create(params, "adam", jax.random.key(0))
+    with pytest.raises(ValueError, match="multiple of"):
+        train.fit(None, None, None, 10, steps_per_call=3)
