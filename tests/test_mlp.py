@@ -147,3 +147,12 @@ def test_bad_input_raises():
         jax.jit(model.apply).lower(params, jnp.zeros((3,)), x)
     with pytest.raises(ValueError, match="expected t"):  # eager: raised before params are used
         model.apply(params, jnp.zeros((3,)), x)
+
+
+def test_fast_selu_matches_jax_selu():
+    from fmjax.models.mlp import fast_selu
+
+    x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 10001), jnp.array([-1e-8, 0.0, 1e-8])])
+    np.testing.assert_allclose(fast_selu(x), jax.nn.selu(x), rtol=1e-6, atol=2e-7)
+    g = jax.vmap(jax.grad(fast_selu))(x[:-3])
+    np.testing.assert_allclose(g, jax.vmap(jax.grad(jax.nn.selu))(x[:-3]), rtol=1e-6, atol=1e-6)

@@ -32,13 +32,26 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "sinusoidal_embedding"]
+__all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "fast_selu", "sinusoidal_embedding"]
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def fast_selu(x):
+    """SELU with ``exp(min(x, 0)) - 1`` instead of ``expm1``: identical to ``jax.nn.selu`` up to
+    ~1e-7 absolute error, and about 3x faster on XLA:CPU, where ``expm1`` is a slow
+    polynomial-plus-correction kernel (measured in docs/benchmarks.md; the W2D-small model's
+    cost is dominated by its activations)."""
+    neg = _SELU_ALPHA * (jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
+    return _SELU_SCALE * jnp.where(x > 0, x, neg)
+
 
 ACTIVATIONS: dict[str, Callable] = {
     "silu": nn.silu,
     "relu": nn.relu,
     "gelu": nn.gelu,
-    "selu": nn.selu,
+    "selu": fast_selu,
     "tanh": nn.tanh,
     "softplus": nn.softplus,
 }
