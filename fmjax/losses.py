@@ -49,11 +49,9 @@ def _check(x1, reduction):
 
 
 def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
-    if key is None:
-        if x0 is None or t is None or need_key:
-            raise ValueError("a PRNG key is needed to draw x0, t or a coupling; got key=None.")
-        return x0, t, None
-    k0, kt, kc = jax.random.split(key, 3)
+    if key is None and (x0 is None or t is None or need_key):
+        raise ValueError("a PRNG key is needed to draw x0, t or a coupling; got key=None.")
+    k0, kt, kc = jax.random.split(key, 3) if key is not None else (None, None, None)
     if x0 is None:
         x0 = jax.random.normal(k0, x1.shape, x1.dtype)
     elif jnp.shape(x0) != jnp.shape(x1):

@@ -1,0 +1,154 @@
+"""CFM loss against its definition; couplings against brute-force optimal transport."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fmjax
+from fmjax import couplings, losses, paths
+
+
+def _batch(n=8, d=3, seed=0):
+    k0, k1, kt = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(k0, (n, d)), jax.random.normal(k1, (n, d)) + 3.0,
+            jax.random.uniform(kt, (n,)))
+
+
+def _field(t, x):
+    return 0.5 * x + t[:, None]
+
+
+def test_cfm_loss_matches_definition_and_reductions():
+    s = 1e-2
+    path = paths.CondOT(sigma_min=s)
+    x0, x1, t = _batch()
+    xt = (1 - (1 - s) * t[:, None]) * x0 + t[:, None] * x1
+    sq = (_field(t, xt) - (x1 - (1 - s) * x0)) ** 2
+    got = losses.cfm_loss(_field, path, None, x1, x0=x0, t=t)
+    np.testing.assert_allclose(got, jnp.mean(sq), rtol=1e-6)
+    np.testing.assert_allclose(losses.cfm_loss(_field, path, None, x1, x0=x0, t=t,
+                                               reduction="sum"), jnp.mean(jnp.sum(sq, 1)),
+                               rtol=1e-6)
+    per = losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, reduction="none")
+    np.testing.assert_allclose(per, jnp.mean(sq, 1), rtol=1e-6)
+
+
+def test_cfm_loss_draws_x0_and_t_from_key_and_uses_time_sampler():
+    path = paths.CondOT()
+    _, x1, _ = _batch()
+    key = jax.random.key(4)
+    a = losses.cfm_loss(_field, path, key, x1)
+    assert a == losses.cfm_loss(_field, path, key, x1)
+    assert a != losses.cfm_loss(_field, path, jax.random.key(5), x1)
+    seen = []
+
+    def sampler(k, n):
+        seen.append(n)
+        return jnp.full((n,), 0.25)
+
+    k0, _, _ = jax.random.split(key, 3)
+    x0 = jax.random.normal(k0, x1.shape)
+    np.testing.assert_allclose(
+        losses.cfm_loss(_field, path, key, x1, time_sampler=sampler),
+        losses.cfm_loss(_field, path, key, x1, x0=x0, t=jnp.full((8,), 0.25)), rtol=1e-6)
+    assert seen == [8]
+    # VP trains on its safe range only
+    t = losses.uniform_time(key, 10000, paths.VP().t_range)
+    assert float(t.max()) <= 1 - 1e-5
+
+
+def test_cfm_loss_is_zero_for_the_exact_field_of_one_point():
+    # One data point x1 and sigma_min = 0: the marginal field is the conditional one, so a
+    # model equal to it has zero loss for every x0, t.
+    x1 = jnp.array([[1.0, -2.0]])
+    path = paths.CondOT(sigma_min=0.1)
+
+    def exact(t, x):
+        return path.conditional_velocity(x, jnp.broadcast_to(x1, x.shape), t)
+
+    data = jnp.broadcast_to(x1, (64, 2))
+    assert float(losses.cfm_loss(exact, path, jax.random.key(0), data)) < 1e-10
+
+
+def test_cfm_loss_images_and_grad():
+    path = paths.CondOT(sigma_min=1e-3)
+    x1 = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+
+    def v(w, t, x):
+        return w * x + t[:, None, None, None]
+
+    g = jax.jit(jax.grad(lambda w: losses.cfm_loss(lambda t, x: v(w, t, x), path,
+                                                   jax.random.key(2), x1)))(0.3)
+    eps = 1e-3
+    fd = (losses.cfm_loss(lambda t, x: v(0.3 + eps, t, x), path, jax.random.key(2), x1)
+          - losses.cfm_loss(lambda t, x: v(0.3 - eps, t, x), path, jax.random.key(2), x1)) / (
+              2 * eps)
+    np.testing.assert_allclose(g, fd, rtol=1e-2)
+
+
+def _cost(x0, x1):
+    return float(jnp.sum((x0 - x1) ** 2))
+
+
+def test_exact_ot_is_optimal_against_all_permutations():
+    x0, x1, _ = _batch(n=6, d=2, seed=3)
+    p0, _ = couplings.minibatch_ot(None, x0, x1, method="exact")
+    best = min(_cost(x0[np.array(p)], x1) for p in itertools.permutations(range(6)))
+    np.testing.assert_allclose(_cost(p0, x1), best, rtol=1e-5)
+    # it is a permutation: each x0 used once
+    assert sorted(map(tuple, np.asarray(p0).round(6))) == sorted(
+        map(tuple, np.asarray(x0).round(6)))
+
+
+def test_ot_couplings_under_jit_and_sinkhorn_recovers_separated_matching():
+    # x1 = x0 shifted a little: the optimal matching is the identity after a shuffle.
+    x0 = jnp.arange(16.0).reshape(8, 2) * 3.0
+    perm = jax.random.permutation(jax.random.key(0), 8)
+    x1 = x0[perm] + 0.1
+    p0, _ = jax.jit(lambda a, b: couplings.minibatch_ot(None, a, b))(x0, x1)
+    np.testing.assert_allclose(p0, x0[perm])
+    s0, _ = couplings.minibatch_ot(jax.random.key(1), x0, x1, method="sinkhorn", reg=0.001,
+                                   num_iters=500)
+    np.testing.assert_allclose(s0, x0[perm])
+    plan = couplings.sinkhorn_plan(x0, x1, reg=0.5)
+    np.testing.assert_allclose(plan.sum(0), 1 / 8, rtol=1e-4)
+    np.testing.assert_allclose(plan.sum(1), 1 / 8, rtol=1e-3)
+
+
+def test_ot_coupling_lowers_transport_cost_in_the_loss():
+    x0, x1, _ = _batch(n=64, d=2, seed=9)
+    c_ind = _cost(*couplings.independent(None, x0, x1))
+    c_ot = _cost(*couplings.get("ot")(None, x0, x1))
+    assert c_ot < 0.9 * c_ind
+    path = paths.CondOT()
+    loss = losses.cfm_loss(_field, path, jax.random.key(0), x1, coupling="ot")
+    assert jnp.isfinite(loss)
+
+
+def test_bad_inputs():
+    path = paths.CondOT()
+    x0, x1, t = _batch()
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, reduction="max")
+    with pytest.raises(ValueError, match="x1 must be a batch"):
+        losses.cfm_loss(_field, path, None, x1[0], x0=x0[0], t=t[0])
+    with pytest.raises(ValueError, match=r"t must have shape \(8,\)"):
+        losses.cfm_loss(_field, path, None, x1, x0=x0, t=t[:3])
+    with pytest.raises(ValueError, match="x0 must have x1's shape"):
+        losses.cfm_loss(_field, path, jax.random.key(0), x1, x0=x0[:, :2])
+    with pytest.raises(ValueError, match="PRNG key"):
+        losses.cfm_loss(_field, path, None, x1)
+    with pytest.raises(ValueError, match="must return x's shape"):
+        losses.cfm_loss(lambda t, x: x[:, :1], path, None, x1, x0=x0, t=t)
+    with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\]"):
+        losses.cfm_loss(_field, path, None, x1, x0=x0, t=t + 2)
+    with pytest.raises(ValueError, match="unknown coupling"):
+        couplings.get("sinkhorn")
+    with pytest.raises(ValueError, match="same shape"):
+        couplings.minibatch_ot(None, x0, x1[:4])
+    with pytest.raises(ValueError, match="method must be"):
+        couplings.minibatch_ot(None, x0, x1, method="greedy")
+    assert fmjax.losses is losses
