@@ -25,7 +25,7 @@ def get_config(preset: str = "default"):
     c.model.time_embedding = "sinusoidal"
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 4000
+    c.train.num_steps = 3000
     c.train.batch_size = 1024
     c.train.learning_rate = 1e-3
     c.train.warmup_steps = 100
