@@ -1,5 +1,18 @@
-"""Sample-quality metrics: MMD and sliced Wasserstein for low-dimensional samples."""
+"""Metrics: two-sample distances for low-dimensional samples (``mmd``,
+``sliced_wasserstein``), image bits/dim with dequantization (``nll.image_bpd``,
+``nll.evaluate_bpd``) and FID from user-provided Inception weights (``fid``). ``nll`` and
+``fid`` are imported on first use."""
+
+import importlib
 
 from fmjax.metrics.distances import mmd, sliced_wasserstein
 
-__all__ = ["mmd", "sliced_wasserstein"]
+__all__ = ["mmd", "sliced_wasserstein", "nll", "fid"]
+
+
+def __getattr__(name):
+    if name in ("nll", "fid"):
+        module = importlib.import_module(f"fmjax.metrics.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fmjax.metrics' has no attribute {name!r}")
