@@ -201,8 +201,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "train_log.jsonl"), "w") as f:
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
+        f.writelines(json.dumps(rec) + "\n" for rec in history)
     return metrics
 
 

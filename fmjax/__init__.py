@@ -14,9 +14,19 @@ from fmjax.sampling import sample
 __version__ = "0.1.0"
 
 __all__ = [
-    "paths", "schedules", "couplings", "losses", "marginals", "ode",
-    "sample", "log_likelihood", "bits_per_dim",
-    "models", "data", "train", "metrics",
+    "bits_per_dim",
+    "couplings",
+    "data",
+    "log_likelihood",
+    "losses",
+    "marginals",
+    "metrics",
+    "models",
+    "ode",
+    "paths",
+    "sample",
+    "schedules",
+    "train",
 ]
 
 _LAZY = ("models", "data", "train", "metrics")

@@ -17,8 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-__all__ = ["independent", "minibatch_ot", "exact_ot_assignment", "sinkhorn_plan", "get",
-           "COUPLINGS"]
+__all__ = [
+    "COUPLINGS",
+    "exact_ot_assignment",
+    "get",
+    "independent",
+    "minibatch_ot",
+    "sinkhorn_plan",
+]
 
 
 def _check_pair(x0, x1):

@@ -26,8 +26,14 @@ import jax.numpy as jnp
 from fmjax import ode
 from fmjax.sampling import _check_batch, as_field, batch_time
 
-__all__ = ["log_likelihood", "LikelihoodStats", "bits_per_dim", "standard_normal_log_prob",
-           "DIVERGENCES", "PROBES"]
+__all__ = [
+    "DIVERGENCES",
+    "PROBES",
+    "LikelihoodStats",
+    "bits_per_dim",
+    "log_likelihood",
+    "standard_normal_log_prob",
+]
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")

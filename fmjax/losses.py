@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from fmjax import couplings as couplings_lib
 
-__all__ = ["cfm_loss", "fm_loss", "uniform_time", "REDUCTIONS"]
+__all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
 
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["FIXED_SOLVERS", "ADAPTIVE_SOLVERS", "SOLVERS", "SolveStats", "solve", "RK4"]
+__all__ = ["ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats", "solve"]
 
 
 class RK4(diffrax.AbstractERK):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +43,12 @@ import numpy as np
 from fmjax import schedules
 
 __all__ = [
-    "GaussianPath",
-    "AffinePath",
-    "CondOT",
+    "PREDICTIONS",
     "VE",
     "VP",
-    "PREDICTIONS",
+    "AffinePath",
+    "CondOT",
+    "GaussianPath",
     "check_time",
 ]
 
@@ -388,4 +388,4 @@ def get(name: str, **kwargs) -> AffinePath:
     return _NAMED[name](**kwargs)
 
 
-__all__ += ["rectified_flow", "cosine", "polynomial", "get"]
+__all__ += ["cosine", "get", "polynomial", "rectified_flow"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fmjax import ode
 
-__all__ = ["sample", "SampleStats", "as_field"]
+__all__ = ["SampleStats", "as_field", "sample"]
 
 
 class SampleStats(NamedTuple):

@@ -12,7 +12,7 @@ import math
 
 import jax.numpy as jnp
 
-__all__ = ["Constant", "Linear", "Cosine", "Power", "OneMinusPower"]
+__all__ = ["Constant", "Cosine", "Linear", "OneMinusPower", "Power"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,7 +101,7 @@ def test_theorem2_fm_and_cfm_gradients_agree(path):
     def per_sample_grads(loss_fn, marginal):
         def one(x0i, x1i, ti):
             def loss(theta):
-                v = lambda tt, xx: _linear_model(theta, tt, xx)  # noqa: E731
+                v = lambda tt, xx: _linear_model(theta, tt, xx)
                 if marginal is None:
                     return loss_fn(v, path, None, x1i[None], x0=x0i[None], t=ti[None])
                 return loss_fn(v, path, None, x1i[None], marginal, x0=x0i[None], t=ti[None])
@@ -130,7 +130,7 @@ def test_fm_and_cfm_losses_differ_by_a_constant():
     thetas = [(jnp.eye(2) * s, jnp.ones(2) * s, jnp.zeros(2)) for s in (0.0, 0.5, -1.0)]
     gaps = []
     for theta in thetas:
-        v = lambda tt, xx, theta=theta: _linear_model(theta, tt, xx)  # noqa: E731
+        v = lambda tt, xx, theta=theta: _linear_model(theta, tt, xx)
         gaps.append(float(losses.cfm_loss(v, path, k, x1) - losses.fm_loss(v, path, k, x1, q)))
     assert gaps[0] > 0.01  # CFM has the extra conditional variance
     np.testing.assert_allclose(gaps, gaps[0], rtol=0, atol=0.02 * gaps[0] + 1e-3)

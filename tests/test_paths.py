@@ -95,8 +95,8 @@ def test_ve_closed_form_velocity():
     path = paths.VE(sigma_min=smin, sigma_max=smax)
     x0, x1, t = _draw((3,))
     x = x0 + 0.5
-    sig = lambda r: smin * (smax / smin) ** r  # noqa: E731
-    dsig = lambda r: sig(r) * math.log(smax / smin)  # noqa: E731
+    sig = lambda r: smin * (smax / smin) ** r
+    dsig = lambda r: sig(r) * math.log(smax / smin)
     r = (1 - t)[:, None]
     expected = -dsig(r) / sig(r) * (x - x1)  # eq. 17 with sigma'_{1-t} = d/ds sigma_s
     np.testing.assert_allclose(path.conditional_velocity(x, x1, t), expected, rtol=1e-10)
@@ -107,8 +107,8 @@ def test_vp_closed_form_velocity():
     path = paths.VP(beta_min=bmin, beta_max=bmax)
     x0, x1, t = _draw((3,))
     x = x0 - 0.25
-    big_t = lambda s: bmin * s + 0.5 * (bmax - bmin) * s**2  # noqa: E731
-    alpha = lambda s: jnp.exp(-0.5 * big_t(s))  # noqa: E731
+    big_t = lambda s: bmin * s + 0.5 * (bmax - bmin) * s**2
+    alpha = lambda s: jnp.exp(-0.5 * big_t(s))
     # T'(s) = beta(s); alpha'_{s} as d/ds; eq. 19 uses alpha'_{1-t} = d/ds alpha at s = 1-t
     # with the sign of the reversed time: u = alpha'/(1 - alpha^2) (alpha x - x1), alpha' =
     # d/dt alpha_{1-t}.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import marginals, ode, paths
+from fmjax import marginals, paths
 
 jax.config.update("jax_enable_x64", True)
 

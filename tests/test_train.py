@@ -51,7 +51,7 @@ def test_fused_steps_equal_sequential_steps():
     for i in range(5):
         key = jax.random.fold_in(jax.random.fold_in(s.rng, s.step), 1)
         s, _ = single(s, data_fn(key))
-    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5)  # noqa: E731
+    chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5)
     jax.tree_util.tree_map(chex_close, s_fused.params, s.params)
     jax.tree_util.tree_map(chex_close, s_fused.ema_params, s.ema_params)
     assert int(s_fused.step) == 5 and "loss_mean" in m

@@ -7,7 +7,7 @@ import importlib
 
 from fmjax.data import toy
 
-__all__ = ["toy", "images"]
+__all__ = ["images", "toy"]
 
 
 def __getattr__(name):

@@ -7,7 +7,7 @@ import importlib
 
 from fmjax.metrics.distances import mmd, sliced_wasserstein
 
-__all__ = ["mmd", "sliced_wasserstein", "nll", "fid"]
+__all__ = ["fid", "mmd", "nll", "sliced_wasserstein"]
 
 
 def __getattr__(name):

@@ -4,5 +4,11 @@ from fmjax.train.loop import NonFiniteLossError, fit
 from fmjax.train.state import TrainState
 from fmjax.train.step import apply_update, make_fused_train_steps, make_train_step
 
-__all__ = ["TrainState", "make_train_step", "make_fused_train_steps", "apply_update", "fit",
-           "NonFiniteLossError"]
+__all__ = [
+           "NonFiniteLossError",
+           "TrainState",
+           "apply_update",
+           "fit",
+           "make_fused_train_steps",
+           "make_train_step",
+]

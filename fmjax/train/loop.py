@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 
-__all__ = ["fit", "NonFiniteLossError"]
+__all__ = ["NonFiniteLossError", "fit"]
 
 
 class NonFiniteLossError(FloatingPointError):

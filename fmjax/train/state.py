@@ -28,7 +28,7 @@ class TrainState:
     rng: jax.Array
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation, rng) -> "TrainState":
+    def create(cls, params, tx: optax.GradientTransformation, rng) -> TrainState:
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise ValueError(f"tx must be an optax GradientTransformation; got {type(tx)}.")
         # Own copies: donating the state must never delete the caller's arrays.

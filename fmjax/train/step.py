@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fmjax.train.state import TrainState
 
-__all__ = ["make_train_step", "make_fused_train_steps", "apply_update"]
+__all__ = ["apply_update", "make_fused_train_steps", "make_train_step"]
 
 
 def _loss_and_grad(loss_fn, params, key, batch):
