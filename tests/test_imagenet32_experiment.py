@@ -1,0 +1,346 @@
+"""The ImageNet-32 experiment end to end with the tiny preset.
+
+* in-process ``train_and_evaluate`` on ``tfds.testing.mock_data`` (the mock patches TFDS in
+  this process only), then ``mode='eval'`` from the checkpoint;
+* the command line in a subprocess on a small dataset in the official downsampled-ImageNet
+  npz format (source ``imagenet32_npz``), so nothing needs mocking across processes;
+* clear errors: a missing dataset, a mistyped config key, a global batch not divisible by
+  the device count, and the stop on a non-finite loss (the last good checkpoint is kept).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from experiments import image_flow
+from experiments.configs import cifar10 as cifar10_config
+from experiments.configs import imagenet32 as imagenet32_config
+from fmjax.data.images import DatasetNotFoundError
+from fmjax.metrics import fid
+from fmjax.models import unet
+from fmjax.train import NonFiniteLossError
+from fmjax.train.checkpoint import CheckpointManager
+from fmjax.train.logging import MetricWriter, image_grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float32():
+    """Train in float32 as real runs do, even if another test module enabled x64 globally
+    (module scope: set up before this module's other module-scoped fixtures)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+# The tiny preset made smaller still (one resolution level, 16 channels) to keep compiles short.
+SMALL = {
+    "model.ch": 16, "model.ch_mult": (1,), "model.attn_resolutions": (),
+    "train.num_steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
+    "train.sample_every": 4, "train.progress": False,
+    "eval.num_dequant": 2, "eval.global_batch_size": 4, "eval.num_batches": 1,
+    "eval.nfe_num_samples": 4, "eval.sample_batch_size": 4, "data.global_batch_size": 4,
+    "data.read_threads": 1,
+}
+
+
+def _config(preset="tiny", **extra):
+    c = imagenet32_config.get_config(preset)
+    for dotted, value in {**SMALL, **extra}.items():
+        *group, name = dotted.split(".")
+        (c[group[0]] if group else c)[name] = value
+    return c
+
+
+def _flag(dotted, value):
+    if isinstance(value, tuple):
+        value = "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+    return f"--config.{dotted}={value}"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def _run(args, **kw):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False, **kw)
+
+
+def _write_npz_dataset(folder, n_train=16, n_val=8, seed=0):
+    """A tiny dataset in the official downsampled-ImageNet npz format."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train_data_batch_1", n_train), ("val_data", n_val)):
+        np.savez(os.path.join(folder, f"{name}.npz"),
+                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels=rng.integers(1, 1001, n))
+
+
+def _json(*path):
+    with open(os.path.join(*map(str, path))) as f:
+        return json.load(f)
+
+
+def _jsonl(*path):
+    with open(os.path.join(*map(str, path))) as f:
+        return [json.loads(ln) for ln in f]
+
+
+def _check_eval_metrics(m, dataset, nfe=True):
+    assert m["dataset"]["name"] == dataset
+    bpd = m["results"]["bpd"]
+    assert bpd["dataset"] == dataset and math.isfinite(bpd["value"]) and bpd["value"] > 0
+    assert bpd["num_dequant"] == 2 and bpd["num_examples"] == 4
+    assert (m["results"]["nfe"]["value"] > 0) if nfe else ("nfe" not in m["results"])
+    assert m["results"]["fid"]["value"] is None and "Inception" in m["results"]["fid"]["skipped"]
+    # every reported number names its dataset
+    for r in m["results"].values():
+        assert dataset.split(":")[0] in r["dataset"]
+    assert all(dataset.split(":")[0] in k for k in m["summary"])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    # BPD also at step 2 during training; keep the last checkpoint plus the best by eval BPD
+    config = _config(**{"train.eval_every": 2, "train.best_metric": "eval_bpd",
+                        "train.keep_checkpoints": 1})
+    with tfds.testing.mock_data(num_examples=16):
+        out = image_flow.train_and_evaluate(config, workdir)
+    assert out["train"]["end_step"] == 4 and out["train"]["dataset"] == "imagenet_resized/32x32"
+    m = _json(workdir, "eval_metrics.json")
+    _check_eval_metrics(m, "imagenet_resized/32x32:validation")
+    assert m["checkpoint_step"] == 4
+    # logs
+    recs = _jsonl(workdir, "metrics.jsonl")
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["steps_per_s"] > 0 for r in recs if "loss" in r)
+    assert os.path.exists(os.path.join(workdir, "samples", "samples_ema_00000004.png"))
+    assert _json(workdir, "config.json")["train"]["num_steps"] == 4
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), best_metric="eval_bpd")
+    assert ckpt.all_steps() == [2, 4] and ckpt.best_step() == 2 and ckpt.latest_step() == 4
+    assert ckpt.metadata(2)["metrics"]["eval_bpd"] == pytest.approx(
+        next(r for r in recs if "eval_bpd" in r)["eval_bpd"])
+    ckpt.close()
+    try:
+        import tensorboardX  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        events = os.listdir(os.path.join(workdir, "tb"))
+        assert events and events[0].startswith("events.out.tfevents.")
+        with open(os.path.join(workdir, "tb", events[0]), "rb") as f:
+            assert b"loss" in f.read()
+
+    # eval mode from the checkpoint (the BPD totals of that step are reused from its file),
+    # with FID wired to fmjax.metrics.fid.compute_fid (faked here: the real Inception-v3 at
+    # 299x299 is too slow for this test; fmjax's own FID tests cover it)
+    calls = {}
+
+    def fake_compute_fid(sample_fn, ref_images_iter, weights_path, num_samples, **kw):
+        calls["samples"] = np.asarray(sample_fn(0))
+        calls["ref"] = next(iter(ref_images_iter))
+        calls.update(weights=weights_path, num=num_samples, **kw)
+        return 12.5
+
+    monkeypatch.setattr(fid, "compute_fid", fake_compute_fid)
+    weights = tmp_path / "inception.npz"
+    config = _config(**{"mode": "eval", "eval.fid_inception_weights": str(weights),
+                        "eval.fid_num_samples": 4})
+    with pytest.raises(fid.FIDWeightsNotFoundError, match="inception.npz"):
+        image_flow.train_and_evaluate(config, workdir)
+    weights.write_bytes(b"")
+    with tfds.testing.mock_data(num_examples=16):
+        again = image_flow.train_and_evaluate(config, workdir)["eval"]
+    assert again["checkpoint_step"] == 4
+    assert again["results"]["bpd"]["value"] == pytest.approx(m["results"]["bpd"]["value"])
+    assert again["results"]["bpd"]["resumed"]
+    assert again["results"]["fid"]["value"] == 12.5
+    assert again["summary"]["fid[imagenet_resized/32x32]"] == 12.5
+    assert calls["samples"].shape == (4, 32, 32, 3) and calls["num"] == 4
+    assert calls["ref"]["image"].shape == (4, 32, 32, 3)
+    assert calls["weights"] == str(weights)
+
+
+def test_cifar10_trains_on_mock_data(tmp_path):
+    c = cifar10_config.get_config("tiny")
+    for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0}.items():
+        group, name = dotted.split(".")
+        c[group][name] = value
+    c.mode = "train"
+    with tfds.testing.mock_data(num_examples=8):
+        out = image_flow.train_and_evaluate(c, str(tmp_path))
+    assert out["train"]["dataset"] == "cifar10" and out["train"]["end_step"] == 2
+    assert "eval" not in out
+
+
+def test_cli_end_to_end_on_npz_data(tmp_path):
+    data = str(tmp_path / "npz")
+    _write_npz_dataset(data)
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "experiments.imagenet32",
+           "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={workdir}",
+           "--config.data.source=imagenet32_npz", f"--config.data.data_dir={data}",
+           *(_flag(k, v) for k, v in SMALL.items()), _flag("train.num_steps", 2),
+           _flag("train.sample_every", 0), _flag("eval.nfe_num_samples", 0)]
+    out = _run(cmd, env=_env(), timeout=400)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert f"wrote results to {workdir}" in out.stdout
+    m = _json(workdir, "eval_metrics.json")
+    _check_eval_metrics(m, "imagenet32_npz:val_data", nfe=False)
+    cfg = _json(workdir, "config.json")
+    assert cfg["data"]["source"] == "imagenet32_npz" and cfg["train"]["num_steps"] == 2
+    assert cfg["model"]["ch_mult"] == [1]
+
+    bad = _run(cmd + ["--config.train.num_stepz=3"], env=_env(), timeout=120)
+    assert bad.returncode != 0 and "num_stepz" in bad.stderr
+
+
+def test_cli_missing_dataset_and_indivisible_batch(tmp_path):
+    base = [sys.executable, "-m", "experiments.imagenet32",
+            "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={tmp_path}/run",
+            f"--config.data.data_dir={tmp_path}/nothing_here"]
+    out = _run(base, env=_env(), timeout=120)
+    assert out.returncode != 0
+    assert "dataset not found" in out.stderr and "imagenet_resized/32x32" in out.stderr
+    assert "Traceback" not in out.stderr
+    # 4 devices, global batch 6
+    out = _run(base + ["--config.data.global_batch_size=6"], timeout=120,
+               env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert out.returncode != 0
+    assert "global batch size (6)" in out.stderr and "divisible by 4" in out.stderr
+
+
+def test_missing_dataset_in_process(tmp_path):
+    config = _config()
+    config.data.data_dir = str(tmp_path / "empty")
+    with pytest.raises(DatasetNotFoundError, match="imagenet_resized/32x32"):
+        image_flow.train_and_evaluate(config, str(tmp_path / "run"))
+    config.mode = "eval"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        image_flow.train_and_evaluate(config, str(tmp_path / "run2"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    data = str(tmp_path / "npz")
+    _write_npz_dataset(data)
+    workdir = str(tmp_path / "run")
+    config = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
+                        "train.learning_rate": 1e30, "train.warmup_steps": 0,
+                        "train.checkpoint_every": 1, "train.num_steps": 5,
+                        "train.sample_every": 0, "model.dtype": "float32"})
+    config.mode = "train"
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 1") as err:
+        image_flow.train_and_evaluate(config, workdir)
+    assert "non-finite loss" in str(err.value)
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"))
+    assert ckpt.all_steps() == [1]
+    model = image_flow.build_model(config)
+    tx, _ = image_flow.make_optimizer(config)
+    _, abstract = image_flow._abstract_state(config, model, tx,
+                                             image_flow.sharding_lib.make_mesh())
+    state, _ = ckpt.restore(abstract)
+    ckpt.close()
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(
+        (state.params, state.ema_params, state.opt_state)))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _unet_fields(m):
+    names = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads",
+             "num_head_channels", "dropout", "num_classes", "resblock_updown",
+             "use_scale_shift_norm", "dtype")
+    return {n: getattr(m, n) for n in names}
+
+
+def test_default_configs_are_the_papers_recipe():
+    c = imagenet32_config.get_config()
+    assert _unet_fields(image_flow.build_model(c)) == _unet_fields(unet.imagenet32_paper())
+    assert c.data.source == "imagenet_resized/32x32" and c.data.global_batch_size == 1024
+    assert c.train.num_steps == 250_000 and c.train.warmup_steps == 20_000
+    assert (c.train.adam_b1, c.train.adam_b2, c.train.adam_eps) == (0.9, 0.999, 1e-8)
+    assert c.model.dtype == "float32" and c.eval.num_dequant == 15
+    assert c.eval.rtol == c.eval.atol == 1e-5 and c.eval.solver == "dopri5"
+    sched = image_flow.make_schedule(c)
+    assert float(sched(0)) == 0.0
+    assert float(sched(10_000)) == pytest.approx(0.5e-4)
+    assert float(sched(20_000)) == pytest.approx(1e-4)
+    assert float(sched(135_000)) == pytest.approx((1e-4 + 1e-8) / 2, rel=1e-4)
+    assert float(sched(250_000)) == pytest.approx(1e-8)
+    tx, _ = image_flow.make_optimizer(c)
+    assert isinstance(tx, optax.GradientTransformation)
+
+    k = cifar10_config.get_config()
+    assert _unet_fields(image_flow.build_model(k)) == _unet_fields(unet.cifar10_paper())
+    assert k.data.source == "cifar10" and k.data.global_batch_size == 256
+    assert (k.train.num_steps, k.train.learning_rate, k.train.warmup_steps) == (
+        391_000, 5e-4, 45_000)
+    assert cifar10_config.get_config("tiny").data.global_batch_size == 8
+    with pytest.raises(ValueError, match="unknown imagenet32 preset"):
+        imagenet32_config.get_config("huge")
+    bad = imagenet32_config.get_config("tiny")
+    bad.mode = "trian"
+    with pytest.raises(ValueError, match="mode"):
+        image_flow.train_and_evaluate(bad, "/nonexistent")
+
+
+def test_class_conditional_bf16_loss_and_clipping():
+    c = _config(**{"model.num_classes": 10, "model.dtype": "bfloat16",
+                   "train.grad_clip_norm": 1.0})
+    model = image_flow.build_model(c)
+    assert model.dtype == jnp.bfloat16 and model.num_classes == 10
+    tx, _ = image_flow.make_optimizer(c)
+    init, _ = image_flow._abstract_state(c, model, tx, image_flow.sharding_lib.make_mesh())
+    state = jax.eval_shape(init)  # traced, not compiled: keeps the test fast
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert len(state.opt_state) == 2  # chain(clip_by_global_norm, adam)
+    loss_fn = image_flow.make_loss_fn(model, image_flow.make_path(c), c)
+    batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.arange(4, dtype=jnp.int32)}
+    loss = jax.eval_shape(loss_fn, state.params, jax.random.key(0), batch)
+    assert loss.shape == () and loss.dtype == jnp.float32
+    bad = _config(**{"model.num_classes": 10, "data.source": "downsampled_imagenet/32x32"})
+    with pytest.raises(ValueError, match="no labels"):
+        image_flow.train_and_evaluate(bad, "/nonexistent")
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def test_metric_writer_and_image_grid(tmp_path):
+    g = image_grid(np.zeros((5, 4, 4, 3), np.float32), padding=1)
+    assert g.shape == (2 * 5 + 1, 3 * 5 + 1, 3) and g.dtype == np.uint8
+    w = MetricWriter(str(tmp_path), tensorboard=False)
+    for s in range(1, 6):
+        w.write_scalars(s, {"loss": 1.0 / s})
+    w.close()
+    w = MetricWriter(str(tmp_path), tensorboard=False, resume_step=3)  # a resumed run
+    w.write_scalars(4, {"loss": 0.0})
+    path = w.write_images(4, "grid", np.zeros((4, 8, 8, 3)))
+    w.close()
+    recs = _jsonl(tmp_path, "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4] and recs[-1]["loss"] == 0.0
+    assert os.path.getsize(path) > 0

@@ -1,0 +1,162 @@
+"""Multi-host data parallelism: two processes on this machine over loopback (gloo CPU
+collectives) train on their halves of each global batch and reach the parameters that one
+process reaches on the whole global batch.
+
+Each process runs the real trainer (``experiments.image_flow.train``): the image pipeline
+gives process ``p`` its slice of every global batch, ``shard_batch`` assembles the global
+array, the gradient all-reduce crosses processes, and orbax writes one checkpoint from both
+processes (one data-iterator position file per process).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import image_flow
+from experiments.configs import imagenet32
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float32():
+    """Train in float32 as real runs do, even if another test module enabled x64 globally
+    (module scope: set up before this module's other module-scoped fixtures)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+NUM_STEPS = 3
+
+WORKER = r"""
+import json, sys
+import numpy as np
+from fmjax.train import sharding
+pid, port, workdir, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+assert sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120)
+import jax
+from experiments import image_flow
+from experiments.configs import imagenet32
+c = imagenet32.get_config("tiny")
+for dotted, value in json.loads(overrides).items():
+    node = c
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+state, summary = image_flow.train(c, workdir, progress=False)
+params = jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))
+host = [sharding.to_host(x) for x in params]
+if jax.process_index() == 0:
+    np.savez(workdir + "/final_state.npz", *host)
+print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
+                              "devices": jax.device_count(), "step": int(state.step),
+                              "final_loss": summary["final_loss"]}), flush=True)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_npz_dataset(folder, n_train=48, seed=0):
+    """A tiny dataset in the official downsampled-ImageNet npz format."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train_data_batch_1", n_train), ("val_data", 16)):
+        np.savez(os.path.join(folder, f"{name}.npz"),
+                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels=rng.integers(1, 1001, n))
+
+
+def _overrides(data_dir):
+    return {
+        "model.ch": 16, "model.ch_mult": [1], "model.attn_resolutions": [],
+        "data.source": "imagenet32_npz", "data.data_dir": data_dir,
+        "data.global_batch_size": 8, "data.read_threads": 1,
+        "train.num_steps": NUM_STEPS, "train.warmup_steps": 0, "train.checkpoint_every": 2,
+        "train.sample_every": 0, "train.log_every": 1,
+        # Adam's eps keeps rounding-level gradients (e.g. biases before a GroupNorm, zero in
+        # exact arithmetic) from becoming +-lr steps whose sign depends on the reduction
+        # order; every other gradient gets an Adam-like step as with the paper's 1e-8.
+        "train.adam_eps": 1e-3,
+    }
+
+
+def _apply(config, overrides):
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def test_two_processes_match_one_process(tmp_path):
+    data_dir = str(tmp_path / "data")
+    _write_npz_dataset(data_dir)
+    overrides = _overrides(data_dir)
+    multi = str(tmp_path / "multi")
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), multi,
+                               json.dumps(overrides)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("multi-process training timed out")
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
+               for out, _ in outs]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["count"] == 2 and r["devices"] == 2 and r["step"] == NUM_STEPS
+               for r in results)
+
+    # Both processes wrote into one checkpoint; each recorded its own data position.
+    ckpt = os.path.join(multi, "checkpoints", str(NUM_STEPS))
+    assert sorted(os.listdir(os.path.join(ckpt, "data"))) == [
+        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+    # Only process 0 logs.
+    with open(os.path.join(multi, "metrics.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == list(range(1, NUM_STEPS + 1))
+
+    # One process, one device, the whole global batch.
+    config = _apply(imagenet32.get_config("tiny"), overrides)
+    state, summary = image_flow.train(config, str(tmp_path / "single"), progress=False)
+    assert summary["num_processes"] == 1 and summary["num_devices"] == 1
+    single = [np.asarray(x) for x in
+              jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))]
+    with np.load(os.path.join(multi, "final_state.npz")) as z:
+        multi_leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
+    assert len(multi_leaves) == len(single)
+    np.testing.assert_allclose(results[0]["final_loss"], summary["final_loss"], rtol=1e-5)
+    scale = max(float(np.max(np.abs(a))) for a in single if a.dtype.kind == "f")
+    for a, b in zip(single, multi_leaves):
+        # params, EMA, Adam moments and count: float32 reassociation of the all-reduce only
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)

@@ -1,0 +1,205 @@
+"""Resumption: N steps uninterrupted == k steps, a restart from the checkpoint, N - k more.
+
+Compared: params, EMA, Adam state, step, PRNG key, the data iterator position and the
+logged metrics. Interruptions: a crash between checkpoints (work since the last checkpoint
+is redone), a clean stop (``stop_at``), and a SIGKILL of the command-line run at a random
+moment after its first checkpoint.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import image_flow
+from experiments.configs import imagenet32
+from fmjax.train.checkpoint import CheckpointManager
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
+jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float32():
+    """Train in float32 as real runs do, even if another test module enabled x64 globally
+    (module scope: set up before this module's other module-scoped fixtures)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+N = 6
+
+
+def _write_npz_dataset(folder, n_train=20, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train_data_batch_1", n_train), ("val_data", 8)):
+        np.savez(os.path.join(folder, f"{name}.npz"),
+                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 labels=rng.integers(1, 1001, n))
+
+
+OVERRIDES = {
+    "model.ch": 16, "model.ch_mult": (1,), "model.attn_resolutions": (),
+    "model.dropout": 0.1, "data.source": "imagenet32_npz", "data.global_batch_size": 4,
+    "data.read_threads": 1, "train.num_steps": N, "train.warmup_steps": 2,
+    "train.checkpoint_every": 2, "train.keep_checkpoints": 10, "train.log_every": 1,
+    "train.sample_every": 0, "train.progress": False,
+}
+
+
+def _config(data_dir):
+    c = imagenet32.get_config("tiny")
+    for dotted, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
+        group, name = dotted.split(".")
+        c[group][name] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("npz"))
+    _write_npz_dataset(d)  # 20 examples, batch 4: 5 batches per epoch, N crosses an epoch
+    return d
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    state, summary = image_flow.train(_config(data_dir), workdir)
+    assert summary["start_step"] == 0 and not summary["resumed"]
+    return workdir, jax.device_get(state)
+
+
+def _leaves(state):
+    return jax.tree_util.tree_leaves(
+        (state.params, state.ema_params, state.opt_state, jax.random.key_data(state.rng)))
+
+
+def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
+    assert int(state_a.step) == int(state_b.step) == N
+    la, lb = _leaves(state_a), _leaves(jax.device_get(state_b))
+    assert len(la) == len(lb)
+    for a, b in zip(la, lb):  # same program, same inputs: bitwise on one CPU
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    # data position saved with the final checkpoint
+    meta_a = CheckpointManager(os.path.join(workdir_a, "checkpoints")).metadata(N)
+    meta_b = CheckpointManager(os.path.join(workdir_b, "checkpoints")).metadata(N)
+    assert meta_a["data_state"] == meta_b["data_state"]
+    assert meta_a["data_state"]["next_index"] == N
+    # the log reads as one run: every step once, same losses
+    def log(w):
+        with open(os.path.join(w, "metrics.jsonl")) as f:
+            recs = [json.loads(ln) for ln in f]
+        return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    assert log(workdir_b) == log(workdir_a)
+    assert [s for s, _ in log(workdir_a)] == list(range(1, N + 1))
+
+
+def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path,
+                                               monkeypatch):
+    workdir = str(tmp_path / "crashed")
+    calls = {"n": 0}
+    real = image_flow.sharding_lib.shard_batch
+
+    def crashing(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 6:  # steps 1-5 ran, the last checkpoint is step 4
+            raise RuntimeError("simulated crash")
+        return real(batch, mesh)
+
+    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        image_flow.train(_config(data_dir), workdir)
+    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", real)
+    assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
+    # step 5 was logged by the crashed run; the resumed run drops and redoes it
+    state, summary = image_flow.train(_config(data_dir), workdir)  # fresh objects
+    assert summary["resumed"] and summary["start_step"] == 4
+    _assert_same_run(*uninterrupted, workdir, state)
+
+
+def test_stop_and_resume(data_dir, uninterrupted, tmp_path):
+    workdir = str(tmp_path / "stopped")
+    state, summary = image_flow.train(_config(data_dir), workdir, stop_at=3)
+    assert summary["stopped_early"] and int(state.step) == 3
+    assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 3
+    state, summary = image_flow.train(_config(data_dir), workdir)
+    assert summary["start_step"] == 3
+    _assert_same_run(*uninterrupted, workdir, state)
+    # a finished run restarted does nothing
+    _, summary = image_flow.train(_config(data_dir), workdir)
+    assert summary["start_step"] == N and "steps_run" not in summary
+
+
+def test_restore_data_iterator_position(data_dir, uninterrupted):
+    workdir, _ = uninterrupted
+    config = _config(data_dir)
+    ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"))
+    fresh = image_flow._train_iterator(config)
+    for _ in range(N):  # the batch after N steps, from a fresh iterator
+        next(fresh)
+    expected = next(fresh)
+    it = image_flow._train_iterator(config)
+    model = image_flow.build_model(config)
+    tx, _ = image_flow.make_optimizer(config)
+    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
+    state, meta = ckpt.restore(abstract, it, step=4)
+    assert int(state.step) == 4 and meta["step"] == 4
+    for _ in range(N - 4):
+        next(it)
+    np.testing.assert_array_equal(next(it)["image"], expected["image"])
+    ckpt.close()
+
+
+def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
+    """The command-line run killed with SIGKILL mid-run (maybe mid-save) resumes exactly."""
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "experiments.imagenet32",
+           "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={workdir}",
+           f"--config.data.data_dir={data_dir}", "--config.mode=train"]
+    for dotted, value in OVERRIDES.items():
+        v = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        v = f"({v},)" if isinstance(value, tuple) and len(value) == 1 else (
+            f"({v})" if isinstance(value, tuple) else v)
+        cmd.append(f"--config.{dotted}={v}")
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    first = os.path.join(workdir, "checkpoints", "2")
+    deadline = time.time() + 240
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(float(np.random.default_rng().uniform(0.0, 0.2)))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL  # killed, not finished
+    proc.stderr.close()
+    killed_at = CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step()
+    assert killed_at is not None and 2 <= killed_at < N
+    out = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout[:out.stdout.rindex("}") + 1])["train"]
+    assert summary["end_step"] == N
+    config = _config(data_dir)
+    model = image_flow.build_model(config)
+    tx, _ = image_flow.make_optimizer(config)
+    _, abstract = image_flow._abstract_state(config, model, tx,
+                                             image_flow.sharding_lib.make_mesh())
+    with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
+        state, _ = ckpt.restore(abstract)
+    _assert_same_run(*uninterrupted, workdir, state)
