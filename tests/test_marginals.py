@@ -7,7 +7,7 @@ import pytest
 
 from fmjax import losses, marginals, paths
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.usefixtures("x64")
 
 
 def _mixture():

@@ -10,7 +10,7 @@ import pytest
 
 from fmjax import paths, schedules
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.usefixtures("x64")
 
 ALL_PATHS = {
     "cond_ot": paths.CondOT(sigma_min=1e-2),

@@ -10,7 +10,7 @@ import pytest
 import fmjax
 from fmjax import marginals, paths
 
-jax.config.update("jax_enable_x64", True)
+pytestmark = pytest.mark.usefixtures("x64")
 
 M = jnp.array([1.0, -2.0])
 S = 0.5
