@@ -1,12 +1,13 @@
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_platforms", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -15,5 +16,25 @@ def x64():
     a process-wide switch would leak into every other module under pytest-xdist."""
     before = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+# Shared by the image-trainer tests: the repo root (for subprocesses) and an on-disk XLA
+# compile cache, since most of their time is compiling the same tiny UNet steps.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
+
+
+def use_compile_cache():
+    jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture(scope="module")
+def float32():
+    """Train in float32 as real runs do, whatever another module set (restored after)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
     yield
     jax.config.update("jax_enable_x64", before)

@@ -11,31 +11,19 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, XLA_CACHE, use_compile_cache
 
 from experiments import image_flow
 from experiments.configs import imagenet32
 from fmjax.train.checkpoint import CheckpointManager
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
-jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _float32():
-    """Train in float32 as real runs do, even if another test module enabled x64 globally
-    (module scope: set up before this module's other module-scoped fixtures)."""
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    yield
-    jax.config.update("jax_enable_x64", before)
+use_compile_cache()
+pytestmark = pytest.mark.usefixtures("float32")
 
 N = 6
 
