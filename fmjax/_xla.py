@@ -1,0 +1,60 @@
+"""Per-computation XLA compiler options for fmjax's hot paths (CPU only).
+
+XLA:CPU (jaxlib 0.10) hands dots to YNNPACK and, by default, may fuse a whole chain of dots
+and elementwise ops into one YNNPACK subgraph. For the exact divergence (one Jacobian-vector
+product per input dimension, vmapped against a single primal pass) that fused subgraph runs
+~1.3-1.4x slower than the same dots emitted one by one (W2D model, 10,000 points: 413 ms ->
+304 ms per evaluation of the field and its divergence; docs/benchmarks.md). The option is
+passed to ``jax.jit(..., compiler_options=...)`` of that computation only, so nothing global
+(``XLA_FLAGS``) changes, and only when the computation runs on the CPU.
+
+A jaxlib that does not know the option (older or newer XLA) is detected once with a tiny
+compile; fmjax then compiles without it. ``FMJAX_XLA_CPU_TUNING=0`` switches it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["cpu_divergence_options", "jit_with_cpu_options"]
+
+_DIVERGENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.cache
+def _supported(items: tuple) -> bool:
+    try:
+        jax.jit(lambda a: a @ a, compiler_options=dict(items)).lower(
+            jnp.ones((2, 2), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 - any rejection means: do not use the option
+        return False
+    return True
+
+
+def cpu_divergence_options() -> dict:
+    """The options used for exact-divergence solves on this backend ({} when not CPU, not
+    supported by this jaxlib, or switched off with ``FMJAX_XLA_CPU_TUNING=0``)."""
+    if os.environ.get("FMJAX_XLA_CPU_TUNING", "1") == "0" or jax.default_backend() != "cpu":
+        return {}
+    items = tuple(sorted(_DIVERGENCE_OPTIONS.items()))
+    return dict(items) if _supported(items) else {}
+
+
+def jit_with_cpu_options(fun, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)``, and a second compiled variant with
+    :func:`cpu_divergence_options`; returns ``get(tuned: bool)`` giving the jitted function."""
+    plain = jax.jit(fun, **jit_kwargs)
+
+    @functools.cache
+    def tuned_variant(items):
+        return jax.jit(fun, compiler_options=dict(items), **jit_kwargs)
+
+    def get(tuned: bool):
+        options = cpu_divergence_options() if tuned else {}
+        return tuned_variant(tuple(sorted(options.items()))) if options else plain
+
+    return get
