@@ -10,6 +10,10 @@ passed to ``jax.jit(..., compiler_options=...)`` of that computation only, so no
 
 A jaxlib that does not know the option (older or newer XLA) is detected once with a tiny
 compile; fmjax then compiles without it. ``FMJAX_XLA_CPU_TUNING=0`` switches it off.
+
+JAX accepts ``compiler_options`` only on a top-level ``jax.jit``: a call made while tracing
+(inside the user's ``jit``, ``vmap``, ``grad``, ``scan``...) uses the plain compiled variant,
+and the outer computation is compiled with the user's own options.
 """
 
 from __future__ import annotations
@@ -44,9 +48,18 @@ def cpu_divergence_options() -> dict:
     return dict(items) if _supported(items) else {}
 
 
+def _at_top_level() -> bool:
+    """True when no JAX transformation is tracing the caller (compiler options allowed)."""
+    from jax._src import core  # no public equivalent of this query in JAX 0.10
+
+    is_top_level = getattr(getattr(core, "trace_ctx", None), "is_top_level", None)
+    return bool(is_top_level()) if is_top_level is not None else False
+
+
 def jit_with_cpu_options(fun, **jit_kwargs):
     """``jax.jit(fun, **jit_kwargs)``, and a second compiled variant with
-    :func:`cpu_divergence_options`; returns ``get(tuned: bool)`` giving the jitted function."""
+    :func:`cpu_divergence_options`; returns ``get(tuned: bool)`` giving the jitted function
+    (always the plain one when called under a transformation, see the module docstring)."""
     plain = jax.jit(fun, **jit_kwargs)
 
     @functools.cache
@@ -54,7 +67,7 @@ def jit_with_cpu_options(fun, **jit_kwargs):
         return jax.jit(fun, compiler_options=dict(items), **jit_kwargs)
 
     def get(tuned: bool):
-        options = cpu_divergence_options() if tuned else {}
+        options = cpu_divergence_options() if tuned and _at_top_level() else {}
         return tuned_variant(tuple(sorted(options.items()))) if options else plain
 
     return get

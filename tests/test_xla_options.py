@@ -52,3 +52,26 @@ def test_tuned_and_plain_variants_agree(monkeypatch):
         t += h
     ref = fmjax.likelihood.standard_normal_log_prob(s[0]) + s[1]
     np.testing.assert_allclose(np.asarray(tuned), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_exact_likelihood_under_user_transformations():
+    """compiler_options are top-level-only in JAX: calls inside jit/grad must still work
+    (the regression CI caught) and give the top-level result."""
+    w = jax.random.normal(jax.random.PRNGKey(3), (3, 8)) * 0.5
+
+    def nll(scale, x):
+        def v(t, x):
+            return scale * jnp.tanh(jnp.concatenate([x, t[:, None]], 1) @ w)[:, :2]
+        return -fmjax.log_likelihood(v, x, divergence="exact", solver="midpoint",
+                                     steps=4)[0].mean()
+
+    x = jax.random.normal(jax.random.PRNGKey(4), (16, 2))
+    top = nll(0.7, x)
+    assert _xla._at_top_level()
+    np.testing.assert_allclose(float(jax.jit(nll)(0.7, x)), float(top), rtol=1e-5)
+    g = jax.grad(nll)(0.7, x)
+    fd = (nll(0.7 + 1e-2, x) - nll(0.7 - 1e-2, x)) / 2e-2
+    np.testing.assert_allclose(float(g), float(fd), rtol=1e-2, atol=1e-3)
+    inside = []
+    jax.jit(lambda a: inside.append(_xla._at_top_level()) or a)(1.0)
+    assert inside == [False]
