@@ -1109,6 +1109,9 @@ def main(argv=None):
                     help="skip the extra fmjax row with make_fused_train_steps (lax.scan)")
     ap.add_argument("--no-nfe-check", action="store_true",
                     help="skip the untimed fmjax NFE count by jax.debug.callback")
+    ap.add_argument("--no-tune-allocator", action="store_true",
+                    help="skip fmjax.tune_cpu_allocator() (process-wide: it applies to the "
+                    "PyTorch peers in this process too)")
     args = ap.parse_args(argv)
 
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -1127,6 +1130,11 @@ def main(argv=None):
                     if args.quick else os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "docs", "benchmarks_w2d_raw.json"))
 
+    tuned_allocator = False
+    if not args.no_tune_allocator:
+        import fmjax
+
+        tuned_allocator = fmjax.tune_cpu_allocator()
     frameworks, skipped = [], {}
     for fw in only:
         ok, why = available(fw)
@@ -1153,6 +1161,7 @@ def main(argv=None):
         "quick": args.quick, "repeats": args.repeats, "config": cfg, "frameworks": frameworks,
         "skipped": skipped, "rows": args.rows, "cpu": cpu, "nproc": os.cpu_count(),
         "python": platform.python_version(), "torch_threads": args.threads,
+        "tuned_allocator": tuned_allocator,
         "versions": {p: pkg_version(p) for p in ("fmjax", "jax", "jaxlib", "flax", "optax",
                                               "diffrax", "torch", "flow_matching", "torchcfm",
                                               "torchdiffeq", "numpy")},

@@ -630,6 +630,8 @@ def define_flags(default_config_path: str):
                         "Multi-host: host:port of process 0 (else auto-detected, or none).")
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+    flags.DEFINE_boolean("tune_cpu_allocator", True,
+                         "Keep XLA's per-step scratch memory mapped (fmjax.tune_cpu_allocator).")
 
 
 def main(argv):
@@ -638,6 +640,8 @@ def main(argv):
     from absl import flags
 
     f = flags.FLAGS
+    if f.tune_cpu_allocator:
+        fmjax.tune_cpu_allocator(warn_if_late=False)
     if not f["verbosity"].present:  # orbax logs every save at INFO
         from absl import logging as absl_logging
 

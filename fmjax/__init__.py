@@ -8,6 +8,7 @@ function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on 
 import importlib
 
 from fmjax import couplings, losses, marginals, ode, paths, schedules
+from fmjax.host_memory import tune_cpu_allocator
 from fmjax.likelihood import bits_per_dim, log_likelihood
 from fmjax.sampling import sample
 
@@ -27,6 +28,7 @@ __all__ = [
     "sample",
     "schedules",
     "train",
+    "tune_cpu_allocator",
 ]
 
 _LAZY = ("models", "data", "train", "metrics")

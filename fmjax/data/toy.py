@@ -50,6 +50,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "CHECKERBOARD_SCALE",
@@ -99,8 +100,8 @@ CHECKERBOARD_SCALE = 0.45
 """Meta's flow_matching example divides the unit-cell checkerboard by this number."""
 
 # float32 constants shared by the sampler and the log-density so that they are consistent.
-_CB_INV_SCALE = _F32(1.0 / CHECKERBOARD_SCALE)
-_CB_SCALE = _F32(CHECKERBOARD_SCALE)
+_CB_INV_SCALE = np.float32(1.0 / CHECKERBOARD_SCALE)  # numpy: importing must not start JAX
+_CB_SCALE = np.float32(CHECKERBOARD_SCALE)
 _CB_LOG_DENSITY = math.log(CHECKERBOARD_SCALE**2 / 8.0)
 
 
