@@ -1109,9 +1109,9 @@ def main(argv=None):
                     help="skip the extra fmjax row with make_fused_train_steps (lax.scan)")
     ap.add_argument("--no-nfe-check", action="store_true",
                     help="skip the untimed fmjax NFE count by jax.debug.callback")
-    ap.add_argument("--no-tune-allocator", action="store_true",
-                    help="skip fmjax.tune_cpu_allocator() (process-wide: it applies to the "
-                    "PyTorch peers in this process too)")
+    ap.add_argument("--tune-allocator", action="store_true",
+                    help="call fmjax.tune_cpu_allocator() first (process-wide: the PyTorch "
+                    "peers in this process get it too)")
     args = ap.parse_args(argv)
 
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -1131,7 +1131,7 @@ def main(argv=None):
                                                     "docs", "benchmarks_w2d_raw.json"))
 
     tuned_allocator = False
-    if not args.no_tune_allocator:
+    if args.tune_allocator:
         import fmjax
 
         tuned_allocator = fmjax.tune_cpu_allocator()

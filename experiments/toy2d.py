@@ -211,8 +211,6 @@ def main(argv):
 
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
-    if flags.FLAGS.tune_cpu_allocator:
-        fmjax.tune_cpu_allocator(warn_if_late=False)
     metrics = train_and_evaluate(cfg, workdir)
     keys = ["nll_nats", "nll_stderr", "true_entropy_nats", "nfe_sample", "nfe_likelihood",
             "mmd", "mmd_data_vs_data", "sliced_wasserstein", "train_seconds"]
@@ -230,8 +228,6 @@ def _define_flags():
         "config", os.path.join(here, "configs", "toy2d.py"), "Config file (path[:preset]).",
         lock_config=True)
     flags.DEFINE_string("workdir", "out/toy2d", "Where to write plots and metrics.")
-    flags.DEFINE_boolean("tune_cpu_allocator", True,
-                         "Keep XLA's per-step scratch memory mapped (fmjax.tune_cpu_allocator).")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""Whole-batch versus per-example adaptive stepping in ``fmjax.sample`` (dopri5 1e-5).
+
+Uses the W2D benchmark's shared weights (``benchmarks/w2d.py --weights ...`` writes them) and
+prints wall time (median of 3 after one compiling call) and the true NFE of each mode:
+one count for the whole batch, or min / median / max over the examples.
+
+    python benchmarks/adaptive_stepping.py --weights /tmp/w2d_weights.npz \
+        --weights-small /tmp/w2d_small.npz
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fmjax  # noqa: E402
+import w2d  # noqa: E402
+
+
+def measure(cfg, path, n, per_example, repeats=3):
+    side = w2d.FmjaxSide(cfg)
+    params = side.params_from_layers(w2d.load_layers(path))
+    x0 = jax.random.normal(jax.random.PRNGKey(w2d.SEED), (n, 2))
+
+    def run():
+        x, stats = fmjax.sample(side.field(params), x0, solver="dopri5", rtol=1e-5, atol=1e-5,
+                                per_example=per_example)
+        jax.block_until_ready(x)
+        return stats
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stats = run()
+        times.append(time.perf_counter() - t0)
+    nfe = np.asarray(stats.nfe)
+    nfe_desc = (f"NFE {int(nfe)}" if nfe.ndim == 0 else
+                f"NFE per example {nfe.min()} / {int(np.median(nfe))} / {nfe.max()} "
+                "(min / median / max)")
+    print(f"hidden {cfg['hidden']:4d}, {n} points, per_example={per_example}: "
+          f"{statistics.median(times):.4g} s (min {min(times):.4g}, max {max(times):.4g}; "
+          f"first call {first:.3g} s), {nfe_desc}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--weights", required=True, help="W2D weights .npz (from w2d.py)")
+    ap.add_argument("--weights-small", required=True, help="W2D-small weights .npz")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    for path in (args.weights, args.weights_small):
+        if not os.path.exists(path):
+            ap.error(f"no weights file {path!r}: run benchmarks/w2d.py with --weights first")
+    for cfg, path, n in ((w2d.W2D, args.weights, 50_000),
+                         (w2d.W2D_SMALL, args.weights_small, 1000)):
+        for per_example in (False, True):
+            measure(cfg, path, n, per_example, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
