@@ -12,16 +12,15 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
+import w2d
 
-import fmjax  # noqa: E402
-import w2d  # noqa: E402
+import fmjax
 
 
 def measure(cfg, path, n, per_example, repeats=3):
@@ -35,14 +34,7 @@ def measure(cfg, path, n, per_example, repeats=3):
         jax.block_until_ready(x)
         return stats
 
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        stats = run()
-        times.append(time.perf_counter() - t0)
+    first, times, stats = w2d.bench(run, repeats)
     nfe = np.asarray(stats.nfe)
     nfe_desc = (f"NFE {int(nfe)}" if nfe.ndim == 0 else
                 f"NFE per example {nfe.min()} / {int(np.median(nfe))} / {nfe.max()} "
