@@ -44,8 +44,7 @@ def cpu_divergence_options() -> dict:
     supported by this jaxlib, or switched off with ``FMJAX_XLA_CPU_TUNING=0``)."""
     if os.environ.get("FMJAX_XLA_CPU_TUNING", "1") == "0" or jax.default_backend() != "cpu":
         return {}
-    items = tuple(sorted(_DIVERGENCE_OPTIONS.items()))
-    return dict(items) if _supported(items) else {}
+    return dict(_DIVERGENCE_OPTIONS) if _supported(tuple(_DIVERGENCE_OPTIONS.items())) else {}
 
 
 def _at_top_level() -> bool:
@@ -61,13 +60,10 @@ def jit_with_cpu_options(fun, **jit_kwargs):
     :func:`cpu_divergence_options`; returns ``get(tuned: bool)`` giving the jitted function
     (always the plain one when called under a transformation, see the module docstring)."""
     plain = jax.jit(fun, **jit_kwargs)
-
-    @functools.cache
-    def tuned_variant(items):
-        return jax.jit(fun, compiler_options=dict(items), **jit_kwargs)
+    tuned_jit = jax.jit(fun, compiler_options=_DIVERGENCE_OPTIONS, **jit_kwargs)
 
     def get(tuned: bool):
-        options = cpu_divergence_options() if tuned and _at_top_level() else {}
-        return tuned_variant(tuple(sorted(options.items()))) if options else plain
+        use = tuned and _at_top_level() and cpu_divergence_options()
+        return tuned_jit if use else plain
 
     return get

@@ -107,8 +107,8 @@ def _draw_probes(key, shape, kind, dtype):
 
 
 def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, probe,
-                    hutchinson_mode, solver, t0, t1, steps, step_size, rtol, atol, max_steps,
-                    chunk_size):
+                         hutchinson_mode, solver, t0, t1, steps, step_size, rtol, atol,
+                         max_steps, chunk_size):
     probes = None
     if divergence == "hutchinson":
         probes = _draw_probes(key, (num_probes,) + x1.shape, probe, x1.dtype)

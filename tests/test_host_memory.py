@@ -41,11 +41,15 @@ print(json.dumps({"applied": applied, "temp": temp, "faults": faults, "out": out
 """
 
 
-def _probe(mode):
-    proc = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=ROOT, capture_output=True,
+def _last_line_of_fresh_python(code, *args):
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
                           text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _probe(mode):
+    return json.loads(_last_line_of_fresh_python(_PROBE, mode))
 
 
 @pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc (mallopt)")
@@ -85,7 +89,4 @@ def test_importing_fmjax_and_experiments_starts_no_backend():
             "import experiments.toy2d, experiments.imagenet32, experiments.cifar10\n"
             "from fmjax import host_memory\n"
             "print(host_memory._jax_backends_started())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert _last_line_of_fresh_python(code) == "False"
