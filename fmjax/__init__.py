@@ -8,6 +8,7 @@ function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on 
 import importlib
 
 from fmjax import couplings, losses, marginals, ode, paths, schedules
+from fmjax.cpu_devices import use_cpu_devices
 from fmjax.host_memory import tune_cpu_allocator
 from fmjax.likelihood import bits_per_dim, log_likelihood
 from fmjax.sampling import sample
@@ -29,6 +30,7 @@ __all__ = [
     "schedules",
     "train",
     "tune_cpu_allocator",
+    "use_cpu_devices",
 ]
 
 _LAZY = ("models", "data", "train", "metrics")

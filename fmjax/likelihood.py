@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import _xla, ode
-from fmjax.sampling import _check_batch, as_field, batch_time
+from fmjax.sampling import _check_batch, as_field, batch_time, place_batch
 
 __all__ = [
     "DIVERGENCES",
@@ -161,6 +161,7 @@ def log_likelihood(
     atol: float = 1e-5,
     max_steps: int = 4096,
     chunk_size: int | None = None,
+    mesh=None,
     throw: bool = True,
 ):
     """Log-density ``log p_{t1}(x1)`` of the flow of ``v`` started from ``base_log_prob``.
@@ -179,6 +180,8 @@ def log_likelihood(
         default standard normal (hashable callables only: it is a static argument).
       solver, steps, step_size, rtol, atol, max_steps: as in :func:`fmjax.sample`.
       t0, t1: the noise and data ends; the solve runs from t1 down to t0.
+      mesh: a mesh with a ``"data"`` axis: ``x1`` is split over it and the solve runs data
+        parallel with the unsharded solve's steps and NFE (see :func:`fmjax.sample`).
 
     Returns:
       ``(log_prob, stats)``: log-densities of shape (B,) in nats and a
@@ -202,7 +205,7 @@ def log_likelihood(
         raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
     ode.check_solver_args(solver, steps, step_size, t0, t1)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
-        as_field(v), jnp.asarray(x1), key,
+        as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key,
         base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),
         probe=probe, hutchinson_mode=hutchinson_mode, solver=solver, t0=float(t0),
         t1=float(t1), steps=steps, step_size=None if step_size is None else float(step_size),

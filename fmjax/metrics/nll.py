@@ -40,11 +40,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
 from fmjax.likelihood import DIVERGENCES, PROBES, bits_per_dim, log_likelihood
-from fmjax.sampling import _check_batch, as_field
+from fmjax.sampling import _check_batch, as_field, auto_mesh
 
 __all__ = [
     "STATE_VERSION",
@@ -284,16 +284,6 @@ def _raise_if_failed(ok, what, where=""):
 # --------------------------------------------------------------------------------------
 
 
-def _auto_mesh(mesh: Mesh) -> Mesh:
-    """The same devices and axis names with Auto axis types (global-view jit + GSPMD)."""
-    if "data" not in mesh.axis_names:
-        raise ValueError(f"mesh must have a 'data' axis to shard the batch over; got axes "
-                         f"{mesh.axis_names}.")
-    if all(t == AxisType.Auto for t in mesh.axis_types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
-
-
 def _shard_rows(array, mesh):
     """Process-local rows -> a global array sharded along axis 0 over 'data'."""
     spec = PartitionSpec("data", *([None] * (np.ndim(array) - 1)))
@@ -462,7 +452,7 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             resumed = True
 
     if mesh is not None:
-        mesh = _auto_mesh(mesh)
+        mesh = auto_mesh(mesh)
         v = jax.device_put(v, NamedSharding(mesh, PartitionSpec()))
         local_shards = max(1, mesh.shape["data"] // jax.process_count())
     base_key = key

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fmjax.sampling import DATA_AXIS
+
 __all__ = [
     "DATA_AXIS",
     "check_batch_divisible",
@@ -35,8 +37,6 @@ __all__ = [
     "shard_batch",
     "to_host",
 ]
-
-DATA_AXIS = "data"
 
 # jax.distributed.initialize() reads these itself.
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS",)

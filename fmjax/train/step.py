@@ -7,6 +7,11 @@ typically a closure around :func:`fmjax.losses.cfm_loss`. The returned step func
 With a ``mesh`` the step is data parallel over its ``"data"`` axis with one global-view jit:
 the state is replicated, the batch sharded along its leading axis, and XLA inserts the
 gradient all-reduce (the successor of ``pmap`` + ``pmean``).
+
+The fused steps with a ``mesh`` instead evaluate ``loss_fn`` on each device's shard (with
+that device's own key) and average loss, aux and gradients with one all-reduce of a single
+flat vector: XLA:CPU's all-reduce costs per array, 432 us for the W2D-small MLP's nine
+gradient arrays against 63 us for the same 8,706 floats as one array (2 CPU devices).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fmjax.sampling import DATA_AXIS, auto_mesh
 from fmjax.train.state import TrainState
 
 __all__ = ["apply_update", "make_fused_train_steps", "make_train_step"]
@@ -32,6 +39,21 @@ def _loss_and_grad(loss_fn, params, key, batch):
     return loss, aux, grads
 
 
+def _sharded_loss_and_grad(loss_fn, mesh, params, key, batch):
+    """Loss, aux and gradients of each device's shard, averaged with one flat all-reduce.
+
+    Device ``i`` calls ``loss_fn(params, fold_in(key, i), its_rows)``; the result is the
+    global loss when ``loss_fn`` is a mean over its rows (equal shards)."""
+    def local(params, key, batch):
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        flat, unravel = ravel_pytree(_loss_and_grad(loss_fn, params, key, batch))
+        return unravel(jax.lax.pmean(flat, DATA_AXIS))
+
+    spec = PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec(DATA_AXIS)),
+                         out_specs=spec, check_vma=False)(params, key, batch)
+
+
 def apply_update(state: TrainState, grads, tx, ema_decay):
     """One optimizer step and EMA update (the pure core of every train step)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -44,9 +66,12 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
                          ema_params=ema)
 
 
-def _one_step(loss_fn, tx, ema_decay, state, batch):
+def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None):
     key = jax.random.fold_in(state.rng, state.step)
-    loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch)
+    if mesh is None:
+        loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch)
+    else:
+        loss, aux, grads = _sharded_loss_and_grad(loss_fn, mesh, state.params, key, batch)
     new_state = apply_update(state, grads, tx, ema_decay)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
     return new_state, metrics
@@ -72,24 +97,51 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
 
 
 def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
-                           ema_decay: float | None = None, donate: bool = True):
+                           ema_decay: float | None = None, donate: bool = True, mesh=None):
     """``num_steps`` training steps in one compiled call, data drawn on device.
 
-    ``data_fn(key) -> batch`` draws a fresh batch (e.g. a toy density sampler), so small
-    models pay one dispatch per ``num_steps`` steps instead of one per step. Returns
+    ``data_fn(key) -> batch`` draws a fresh global batch (e.g. a toy density sampler), so
+    small models pay one dispatch per ``num_steps`` steps instead of one per step. Returns
     ``run(state) -> (state, metrics)`` with metrics of the last step and the mean loss.
+
+    With a ``mesh`` (``"data"`` axis; e.g. one CPU device per core, see
+    :func:`fmjax.use_cpu_devices`) each device draws and trains on its rows of every batch:
+    ``loss_fn`` runs per device on ``batch_size / num_devices`` rows with a per-device key,
+    so it must be a mean over its rows (the CFM loss is), and minibatch couplings pair
+    within a device's rows. The state is kept replicated; place it with
+    ``fmjax.train.sharding.replicate(state, mesh)``.
     """
     _check_decay(ema_decay)
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}.")
+    if mesh is not None:
+        mesh = auto_mesh(mesh)
+        rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+    def draw(key):
+        batch = data_fn(key)
+        if mesh is None:
+            return batch
+        n = int(mesh.shape[DATA_AXIS])
+        for leaf in jax.tree_util.tree_leaves(batch):
+            if jnp.ndim(leaf) < 1 or leaf.shape[0] % n:
+                raise ValueError(
+                    f"data_fn's batch (leaf shape {jnp.shape(leaf)}) must have a leading "
+                    f"batch axis divisible by the {n} devices of the mesh's 'data' axis.")
+        return jax.lax.with_sharding_constraint(batch, rows)
 
     def body(state, _):
         key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-        return _one_step(loss_fn, tx, ema_decay, state, data_fn(key))
+        return _one_step(loss_fn, tx, ema_decay, state, draw(key), mesh)
 
     def run(state):
         state, metrics = jax.lax.scan(body, state, None, length=num_steps)
         last = jax.tree_util.tree_map(lambda m: m[-1], metrics)
         return state, {**last, "loss_mean": jnp.mean(metrics["loss"])}
 
-    return jax.jit(run, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(run, donate_argnums=donate_argnums)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(run, in_shardings=(replicated,), out_shardings=(replicated, replicated),
+                   donate_argnums=donate_argnums)

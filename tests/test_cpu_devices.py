@@ -1,0 +1,164 @@
+"""One CPU device per core: ``fmjax.use_cpu_devices`` and data-parallel solves and fused steps.
+
+The pytest process already runs JAX with one CPU device, so the multi-device checks run in
+one fresh subprocess that calls ``fmjax.use_cpu_devices(4)`` itself.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ROOT
+
+import fmjax
+from fmjax import cpu_devices, train
+
+WORKER = r"""
+import json, warnings
+import fmjax
+n = fmjax.use_cpu_devices(4)
+import jax, jax.numpy as jnp, numpy as np, optax
+from fmjax import train
+from fmjax.train import sharding
+
+res = {"returned": n, "devices": len(jax.devices())}
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    res["late_same"] = fmjax.use_cpu_devices(4)
+    res["late_other"] = fmjax.use_cpu_devices(2)
+res["late_warnings"] = [str(x.message) for x in w]
+
+mesh = sharding.make_mesh()
+# a field whose examples interact with nothing but their own row, nonlinear in x and t
+W = jnp.array([[0.7, -1.2], [0.4, 0.9]])
+def v(t, x):
+    return jnp.tanh(x @ W) * (1.0 + t[:, None]) - 0.3 * x
+x0 = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
+solves = {
+    "sample_dopri5": lambda m: fmjax.sample(v, x0, solver="dopri5", rtol=1e-6, atol=1e-6, mesh=m),
+    "sample_euler": lambda m: fmjax.sample(v, x0, solver="euler", steps=20, mesh=m),
+    "lik_exact": lambda m: fmjax.log_likelihood(v, x0, solver="dopri5", mesh=m),
+    "lik_hutch": lambda m: fmjax.log_likelihood(v, x0, divergence="hutchinson",
+                                                key=jax.random.key(3), solver="heun",
+                                                steps=10, mesh=m),
+}
+for name, fn in solves.items():
+    y1, s1 = fn(None)
+    y4, s4 = fn(mesh)
+    res[name] = {"nfe": [int(s1.nfe), int(s4.nfe)],
+                 "maxdiff": float(np.max(np.abs(np.asarray(y1) - np.asarray(y4)))),
+                 "scale": float(np.max(np.abs(np.asarray(y1)))),
+                 "devices": [len(y1.sharding.device_set), len(y4.sharding.device_set)]}
+try:
+    fmjax.sample(v, x0[:6], solver="euler", steps=2, mesh=mesh)
+except ValueError as e:
+    res["indivisible"] = str(e)
+
+# fused steps: a key-free per-row-mean loss gives the 1-device result; aux is the mean over
+# devices of each device's value; each device gets its own key
+def loss_fn(p, key, batch):
+    u = jax.random.uniform(key)
+    return jnp.mean(jnp.square(batch @ p["w"] - 1.0)), {"u": u, "row0": batch[0, 0]}
+def data_fn(key):
+    return jax.random.normal(key, (8, 2)) + jnp.arange(8.0)[:, None]
+tx = optax.sgd(0.05)
+p0 = {"w": jnp.array([0.5, -0.3])}
+state = train.TrainState.create(p0, tx, jax.random.key(0))
+one = train.make_fused_train_steps(loss_fn, tx, data_fn, 3, donate=False)
+four = train.make_fused_train_steps(loss_fn, tx, data_fn, 3, donate=False, mesh=mesh)
+s1, m1 = one(state)
+s4, m4 = four(sharding.replicate(state, mesh))
+last_key = jax.random.fold_in(state.rng, 2)
+batch = data_fn(jax.random.fold_in(jax.random.fold_in(state.rng, 2), 1))
+res["fused"] = {
+    "w": [np.asarray(s1.params["w"]).tolist(), np.asarray(s4.params["w"]).tolist()],
+    "loss": [float(m1["loss"]), float(m4["loss"])],
+    "u4": float(m4["u"]),
+    "u_expected": float(np.mean([jax.random.uniform(jax.random.fold_in(last_key, i))
+                                 for i in range(4)])),
+    "u1": float(m1["u"]), "u1_expected": float(jax.random.uniform(last_key)),
+    "row0": float(m4["row0"]), "row0_expected": float(jnp.mean(batch[::2, 0])),
+    "replicated": bool(s4.params["w"].sharding.is_fully_replicated),
+    "devices": len(s4.params["w"].sharding.device_set),
+}
+bad = train.make_fused_train_steps(loss_fn, tx, lambda k: jnp.ones((6, 2)), 1, mesh=mesh)
+try:
+    bad(sharding.replicate(state, mesh))
+except ValueError as e:
+    res["fused_indivisible"] = str(e)
+print("RESULT " + json.dumps(res))
+"""
+
+
+@pytest.fixture(scope="module")
+def worker():
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", WORKER], check=False, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_use_cpu_devices_before_and_after_start(worker):
+    assert worker["returned"] == 4 and worker["devices"] == 4
+    assert worker["late_same"] == 4 and worker["late_other"] == 4
+    (msg,) = worker["late_warnings"]  # only the call asking for a different count warns
+    assert "use_cpu_devices(2)" in msg and "4 device(s)" in msg
+
+
+@pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact", "lik_hutch"])
+def test_sharded_solve_equals_one_device_solve(worker, name):
+    r = worker[name]
+    assert r["nfe"][0] == r["nfe"][1]  # batch-wide step control: the same step sequence
+    assert r["maxdiff"] <= 1e-5 * max(1.0, r["scale"]), r
+    assert r["devices"] == [1, 4]
+    assert "6" in worker["indivisible"] and "divisible by the 4 devices" in worker["indivisible"]
+
+
+def test_fused_steps_on_a_mesh(worker):
+    f = worker["fused"]
+    np.testing.assert_allclose(f["w"][1], f["w"][0], rtol=1e-5)  # per-row-mean loss
+    np.testing.assert_allclose(f["loss"][1], f["loss"][0], rtol=1e-5)
+    assert abs(f["u1"] - f["u1_expected"]) < 1e-7  # one device: the step's key
+    assert abs(f["u4"] - f["u_expected"]) < 1e-6  # mean over the 4 devices' own keys
+    assert abs(f["u4"] - f["u1"]) > 1e-4
+    assert abs(f["row0"] - f["row0_expected"]) < 1e-5  # rows 0, 2, 4, 6 start the shards
+    assert f["replicated"] and f["devices"] == 4
+    assert "divisible by the 4 devices" in worker["fused_indivisible"]
+
+
+def test_num_cores_and_bad_arguments():
+    assert 1 <= cpu_devices.num_cores() <= (os.cpu_count() or 1)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises((ValueError, TypeError)):
+            fmjax.use_cpu_devices(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the running backend has this count: no warning
+        assert fmjax.use_cpu_devices(len(jax.devices("cpu"))) == len(jax.devices("cpu"))
+    with pytest.warns(RuntimeWarning, match="before the first JAX computation"):
+        assert fmjax.use_cpu_devices(len(jax.devices("cpu")) + 1) == len(jax.devices("cpu"))
+
+
+def test_mesh_arguments_are_checked_on_one_device():
+    mesh = train.sharding.make_mesh()
+    x = jnp.ones((4, 2))
+    y, _ = fmjax.sample(lambda t, x: -x, x, solver="euler", steps=4, mesh=mesh)
+    np.testing.assert_allclose(y, np.full((4, 2), 0.75**4), rtol=1e-6)
+    other = jax.make_mesh((1,), ("batch",))
+    with pytest.raises(ValueError, match="'data' axis"):
+        fmjax.sample(lambda t, x: -x, x, solver="euler", steps=4, mesh=other)
+    with pytest.raises(TypeError, match="Mesh"):
+        fmjax.log_likelihood(lambda t, x: -x, x, solver="euler", steps=4, mesh="data")
+    with pytest.raises(ValueError, match="data"):
+        train.make_fused_train_steps(lambda p, k, b: jnp.sum(p), optax.sgd(0.1),
+                                     lambda k: x, 1, mesh=other)
