@@ -47,6 +47,14 @@ if it is there, else by torch; or loaded with ``--weights`` /
 are written there when the file does not exist yet), and the same starting points / data
 points, so the rows also report how far each framework's outputs are from the first one's.
 
+Data parallel on the CPU cores: the script first calls ``fmjax.use_cpu_devices(N)``
+(``--cpu-devices``, default one device per core) and adds an fmjax line, ``fmjax (N CPU
+devices)``, that splits each batch over the N devices (``mesh=`` of ``fmjax.sample``,
+``fmjax.log_likelihood`` and ``make_fused_train_steps``): XLA:CPU runs a small model's ops on
+one core each, so a single device leaves the other cores idle. The plain ``fmjax`` lines use
+device 0 only, as a one-device process does. Rows whose batch does not split (ONE sample)
+have no such line. ``--cpu-devices 1`` drops them.
+
 Timings: the median of ``--repeats`` runs (default 3) with min-max.  For fmjax the first
 call (trace + compile + one run) is reported separately; the torch side is warmed up
 untimed on a small input.
@@ -96,6 +104,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 FRAMEWORKS = ("fmjax", "flow_matching", "torchcfm")
+DP = "fmjax-dp"  # the fmjax side with a mesh over the CPU devices (--cpu-devices)
 ROWS = ("train", "sample", "likelihood", "quality", "small", "matmul")
 CHECKERBOARD_SCALE = 0.45
 MMD_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)  # RBF sigmas, in data units (cells are 2.22 wide)
@@ -332,7 +341,7 @@ def mmd2_unbiased(x, y, bandwidths=MMD_BANDWIDTHS, block=1000, chunk=512):
 class FmjaxSide:
     name = "fmjax"
 
-    def __init__(self, spec):
+    def __init__(self, spec, mesh=None):
         import jax
         import jax.numpy as jnp
 
@@ -342,6 +351,7 @@ class FmjaxSide:
 
         self.jax, self.jnp, self.fmjax = jax, jnp, fmjax
         self.spec = spec
+        self.mesh = mesh  # data parallel over the CPU devices (fmjax.use_cpu_devices)
         self.model = fmjax.models.MLP(hidden=spec["hidden"], depth=spec["depth"],
                                       activation=spec["activation"], time_embedding="raw")
         self.path = fmjax.paths.CondOT(sigma_min=0.0)
@@ -405,9 +415,11 @@ class FmjaxSide:
         import fmjax.train
         jax, fmjax = self.jax, self.fmjax
         state, _, _ = self.make_trainer(batch, seed)
+        if self.mesh is not None:
+            state = fmjax.train.sharding.replicate(state, self.mesh)
         run_k = fmjax.train.make_fused_train_steps(
             self._loss_fn, self._tx, lambda key: fmjax.data.toy.checkerboard(key, batch),
-            steps, ema_decay=None)
+            steps, ema_decay=None, mesh=self.mesh)
         box = {"state": state}
 
         def run():
@@ -442,7 +454,8 @@ class FmjaxSide:
         else:
             kw = {"step_size": step_size}
         kw["solver"] = solver
-        x, stats = self.fmjax.sample(self.field(params), self.jnp.asarray(x0), **kw)
+        x, stats = self.fmjax.sample(self.field(params), self.jnp.asarray(x0), mesh=self.mesh,
+                                     **kw)
         x = self.jax.block_until_ready(x)
         return x, int(np.asarray(stats.nfe))
 
@@ -455,7 +468,8 @@ class FmjaxSide:
             kw.update(step_size=step_size)
         if divergence == "hutchinson":
             kw.update(key=self.jax.random.PRNGKey(seed), num_probes=1)
-        logp, stats = self.fmjax.log_likelihood(self.field(params), self.jnp.asarray(x1), **kw)
+        logp, stats = self.fmjax.log_likelihood(self.field(params), self.jnp.asarray(x1),
+                                                mesh=self.mesh, **kw)
         logp = self.jax.block_until_ready(logp)
         return logp, int(np.asarray(stats.nfe))
 
@@ -761,8 +775,18 @@ class Runner:
     def side(self, fw, spec_name):
         key = (fw, spec_name)
         if key not in self.sides:
-            self.sides[key] = SIDES[fw](W2D if spec_name == "W2D" else W2D_SMALL)
+            spec = W2D if spec_name == "W2D" else W2D_SMALL
+            if fw == DP:
+                import fmjax.train
+                self.sides[key] = FmjaxSide(spec, mesh=fmjax.train.sharding.make_mesh())
+            else:
+                self.sides[key] = SIDES[fw](spec)
         return self.sides[key]
+
+    def dp_label(self):
+        """The fmjax data-parallel variant's name, or None when it does not run."""
+        n = self.args.cpu_devices
+        return f"fmjax ({n} CPU devices)" if n > 1 and "fmjax" in self.frameworks else None
 
     def record(self, **kw):
         kw["loadavg_1m"] = os.getloadavg()[0]  # other processes on the machine skew timings
@@ -849,6 +873,18 @@ class Runner:
                                 framework=f"fmjax (fused x{steps})", unit="steps/s",
                                 flop_per_step=flop, gflops=flop * r["median"] / 1e9, **r)
                 self.guarded(row, f"train {spec_name}", "fmjax (fused)", go_fused)
+            if fw == "fmjax" and self.dp_label() and not self.args.no_fused and \
+                    batch % self.args.cpu_devices == 0:
+                def go_dp():
+                    r = self.side(DP, spec_name).train_throughput_fused(
+                        batch, steps, self.args.repeats)
+                    spec = W2D if spec_name == "W2D" else W2D_SMALL
+                    flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
+                    self.record(row=row, case=f"train {spec_name} batch {batch}",
+                                framework=f"{self.dp_label()}, fused x{steps}",
+                                unit="steps/s", flop_per_step=flop,
+                                gflops=flop * r["median"] / 1e9, **r)
+                self.guarded(row, f"train {spec_name}", self.dp_label(), go_dp)
 
     def _compare(self, outs, fw, out):
         """max |out - first framework's out| (numpy)."""
@@ -865,7 +901,10 @@ class Runner:
         layers = self.shared_layers(spec_name)
         for label, kind, inputs, kw, warm_n in cases:
             outs = {}
-            for fw in self.frameworks:
+            fws = list(self.frameworks)
+            if self.dp_label() and inputs.shape[0] % self.args.cpu_devices == 0:
+                fws.insert(fws.index("fmjax") + 1, DP)
+            for fw in fws:
                 self.guarded(row, label, fw, functools.partial(
                     self.solve_case, row, spec_name, layers, fw, label, kind, inputs, kw,
                     warm_n, outs))
@@ -875,14 +914,14 @@ class Runner:
         params = side.params_from_layers(layers)
         fn = side.sample if kind == "sample" else side.log_likelihood
         warm = None
-        if fw != "fmjax":
+        if fw not in ("fmjax", DP):
             warm_x = (np.zeros((warm_n, 2), np.float32) if kind == "sample"
                       else checkerboard_np(np.random.default_rng(1), warm_n))
             warm = functools.partial(fn, params, warm_x, **kw)
         first, times, (out, nfe) = bench(functools.partial(fn, params, inputs, **kw),
                                          self.args.repeats, warm=warm)
         extra = {}
-        if fw == "fmjax" and not self.args.no_nfe_check:
+        if fw == "fmjax" and not self.args.no_nfe_check:  # (DP: the same NFE, tested)
             extra["nfe_counted"] = side.counted_nfe(
                 "sample" if kind == "sample" else "log_likelihood", params, inputs, **kw)
         res = summarize(times)
@@ -895,8 +934,9 @@ class Runner:
                 extra["note"] = "own random probes: logp differs per framework"
         else:
             extra["max_abs_diff_x_vs_first"] = diff
-        self.record(row=row, case=label, framework=fw, unit="s", nfe=nfe, first_call_s=first,
-                    n=int(inputs.shape[0]), **res, **extra)
+        self.record(row=row, case=label, framework=self.dp_label() if fw == DP else fw,
+                    unit="s", nfe=nfe, first_call_s=first, n=int(inputs.shape[0]), **res,
+                    **extra)
 
     def run_sample(self):
         c = self.cfg
@@ -1109,6 +1149,9 @@ def main(argv=None):
                     help="skip the extra fmjax row with make_fused_train_steps (lax.scan)")
     ap.add_argument("--no-nfe-check", action="store_true",
                     help="skip the untimed fmjax NFE count by jax.debug.callback")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="fmjax.use_cpu_devices(N) first, and extra fmjax lines that split "
+                    "each batch over the N CPU devices (default: one per core; 1: none)")
     ap.add_argument("--tune-allocator", action="store_true",
                     help="call fmjax.tune_cpu_allocator() first (process-wide: the PyTorch "
                     "peers in this process get it too)")
@@ -1130,10 +1173,15 @@ def main(argv=None):
                     if args.quick else os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "docs", "benchmarks_w2d_raw.json"))
 
+    import fmjax  # starts no JAX backend: the two settings below must come before one
+
+    if args.cpu_devices is None:
+        args.cpu_devices = fmjax.cpu_devices.num_cores()
+    if args.cpu_devices < 1:
+        ap.error("--cpu-devices must be >= 1")
+    args.cpu_devices = fmjax.use_cpu_devices(args.cpu_devices)
     tuned_allocator = False
     if args.tune_allocator:
-        import fmjax
-
         tuned_allocator = fmjax.tune_cpu_allocator()
     frameworks, skipped = [], {}
     for fw in only:
@@ -1161,7 +1209,7 @@ def main(argv=None):
         "quick": args.quick, "repeats": args.repeats, "config": cfg, "frameworks": frameworks,
         "skipped": skipped, "rows": args.rows, "cpu": cpu, "nproc": os.cpu_count(),
         "python": platform.python_version(), "torch_threads": args.threads,
-        "tuned_allocator": tuned_allocator,
+        "tuned_allocator": tuned_allocator, "cpu_devices": args.cpu_devices,
         "versions": {p: pkg_version(p) for p in ("fmjax", "jax", "jaxlib", "flax", "optax",
                                               "diffrax", "torch", "flow_matching", "torchcfm",
                                               "torchdiffeq", "numpy")},
