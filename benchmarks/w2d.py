@@ -863,28 +863,21 @@ class Runner:
                             unit="steps/s", flop_per_step=flop,
                             gflops=flop * r["median"] / 1e9, **r)
             self.guarded(row, f"train {spec_name}", fw, go)
-            if fw == "fmjax" and not self.args.no_fused:
-                def go_fused():
-                    r = self.side("fmjax", spec_name).train_throughput_fused(
-                        batch, steps, self.args.repeats)
-                    spec = W2D if spec_name == "W2D" else W2D_SMALL
-                    flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
-                    self.record(row=row, case=f"train {spec_name} batch {batch}",
-                                framework=f"fmjax (fused x{steps})", unit="steps/s",
-                                flop_per_step=flop, gflops=flop * r["median"] / 1e9, **r)
-                self.guarded(row, f"train {spec_name}", "fmjax (fused)", go_fused)
-            if fw == "fmjax" and self.dp_label() and not self.args.no_fused and \
-                    batch % self.args.cpu_devices == 0:
-                def go_dp():
-                    r = self.side(DP, spec_name).train_throughput_fused(
-                        batch, steps, self.args.repeats)
-                    spec = W2D if spec_name == "W2D" else W2D_SMALL
-                    flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
-                    self.record(row=row, case=f"train {spec_name} batch {batch}",
-                                framework=f"{self.dp_label()}, fused x{steps}",
-                                unit="steps/s", flop_per_step=flop,
-                                gflops=flop * r["median"] / 1e9, **r)
-                self.guarded(row, f"train {spec_name}", self.dp_label(), go_dp)
+            if fw != "fmjax" or self.args.no_fused:
+                continue
+            fused = [("fmjax", f"fmjax (fused x{steps})")]
+            if self.dp_label() and batch % self.args.cpu_devices == 0:
+                fused.append((DP, f"{self.dp_label()}, fused x{steps}"))
+            for key, label in fused:
+                self.guarded(row, f"train {spec_name}", label, functools.partial(
+                    self.run_fused, key, label, spec_name, batch, steps, row))
+
+    def run_fused(self, key, label, spec_name, batch, steps, row):
+        r = self.side(key, spec_name).train_throughput_fused(batch, steps, self.args.repeats)
+        spec = W2D if spec_name == "W2D" else W2D_SMALL
+        flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
+        self.record(row=row, case=f"train {spec_name} batch {batch}", framework=label,
+                    unit="steps/s", flop_per_step=flop, gflops=flop * r["median"] / 1e9, **r)
 
     def _compare(self, outs, fw, out):
         """max |out - first framework's out| (numpy)."""
