@@ -83,12 +83,18 @@ def place_batch(x, mesh: Mesh | None, name: str = "x"):
     if mesh is None:
         return x
     mesh = auto_mesh(mesh)
-    n = int(mesh.shape[DATA_AXIS])
-    if x.shape[0] % n:
-        raise ValueError(
-            f"{name} has batch size {x.shape[0]}, which must be divisible by the {n} devices "
-            f"of the mesh's {DATA_AXIS!r} axis.")
+    check_rows_divisible(x, mesh, name)
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+
+
+def check_rows_divisible(x, mesh: Mesh, name: str):
+    """Raise a ValueError unless ``x`` has a leading axis that splits evenly over the
+    ``"data"`` axis of ``mesh``."""
+    n = int(mesh.shape[DATA_AXIS])
+    if jnp.ndim(x) < 1 or jnp.shape(x)[0] % n:
+        raise ValueError(
+            f"{name} (shape {jnp.shape(x)}) must have a leading batch axis divisible by the "
+            f"{n} devices of the mesh's {DATA_AXIS!r} axis.")
 
 
 @functools.partial(
@@ -147,10 +153,10 @@ def sample(
       per_example: adaptive step-size control per example (vmapped solve) instead of one
         step sequence for the whole batch with a batch-wide RMS error norm. Per-example
         stats are then arrays of shape (B,).
-      mesh: a mesh with a ``"data"`` axis (``fmjax.train.sharding.make_mesh()``): ``x0`` is split over
-        it (see :func:`place_batch`; B must be divisible by its size) and the result stays
-        sharded. On a CPU host see :func:`fmjax.use_cpu_devices`. An ``x0`` that is already
-        a sharded array is solved data parallel without ``mesh``.
+      mesh: a mesh with a ``"data"`` axis (``fmjax.train.sharding.make_mesh()``): ``x0`` is
+        split over it (see :func:`place_batch`; B must be divisible by its size) and the
+        result stays sharded. On a CPU host see :func:`fmjax.use_cpu_devices`. An ``x0``
+        that is already a sharded array is solved data parallel without ``mesh``.
       throw: outside jit, raise if the solve failed; inside jit check ``stats.success``.
 
     Returns:

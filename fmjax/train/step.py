@@ -24,7 +24,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fmjax.sampling import DATA_AXIS, auto_mesh
+from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
 __all__ = ["apply_update", "make_fused_train_steps", "make_train_step"]
@@ -122,12 +122,8 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
         batch = data_fn(key)
         if mesh is None:
             return batch
-        n = int(mesh.shape[DATA_AXIS])
         for leaf in jax.tree_util.tree_leaves(batch):
-            if jnp.ndim(leaf) < 1 or leaf.shape[0] % n:
-                raise ValueError(
-                    f"data_fn's batch (leaf shape {jnp.shape(leaf)}) must have a leading "
-                    f"batch axis divisible by the {n} devices of the mesh's 'data' axis.")
+            check_rows_divisible(leaf, mesh, "data_fn's batch")
         return jax.lax.with_sharding_constraint(batch, rows)
 
     def body(state, _):
