@@ -57,7 +57,11 @@ have no such line. ``--cpu-devices 1`` drops them.
 
 Timings: the median of ``--repeats`` runs (default 3) with min-max.  For fmjax the first
 call (trace + compile + one run) is reported separately; the torch side is warmed up
-untimed on a small input.
+untimed on a small input.  Within a case the frameworks are timed in interleaved rounds,
+one call of each per round with the starting framework rotating, because the machine's
+speed drifts by tens of percent over minutes; each fmjax line also gets its per-round
+ratio to the faster peer (median and min-max over the rounds), in its notes and in a
+second table.
 
 Usage::
 
@@ -105,6 +109,7 @@ if _ROOT not in sys.path:
 
 FRAMEWORKS = ("fmjax", "flow_matching", "torchcfm")
 DP = "fmjax-dp"  # the fmjax side with a mesh over the CPU devices (--cpu-devices)
+PEERS = ("flow_matching", "torchcfm")
 ROWS = ("train", "sample", "likelihood", "quality", "small", "matmul")
 CHECKERBOARD_SCALE = 0.45
 MMD_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)  # RBF sigmas, in data units (cells are 2.22 wide)
@@ -185,6 +190,48 @@ def bench(fn, repeats, warm=None):
 def summarize(times):
     return {"median": statistics.median(times), "min": min(times), "max": max(times),
                 "samples": list(times)}
+
+
+def interleave(fns, repeats):
+    """Time ``fns`` (label -> callable) in ``repeats`` rounds, one call of each per round.
+
+    The machine's speed drifts by tens of percent over minutes, so timing one framework's
+    repeats after another's compares different machines; in rounds every framework sees the
+    same stretch of time. Round ``r`` starts at label ``r mod k`` (no fixed order). Each
+    call follows another framework's work, so a call that takes about a millisecond measures
+    what a request arriving after other work sees, not a hot loop of the same call.
+    Returns ``(times, outputs, errors)``: label -> list of seconds, label -> last output,
+    label -> exception text for a callable that raised (it is dropped from later rounds).
+    """
+    labels = list(fns)
+    times = {label: [] for label in labels}
+    outputs, errors = {}, {}
+    for r in range(repeats):
+        k = r % len(labels) if labels else 0
+        for label in labels[k:] + labels[:k]:
+            if label in errors:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs[label] = fns[label]()
+            except Exception as e:  # noqa: BLE001 - one framework failing ends only its line
+                traceback.print_exc(file=sys.stderr)
+                errors[label] = f"{type(e).__name__}: {e}"
+                continue
+            times[label].append(time.perf_counter() - t0)
+    return times, outputs, errors
+
+
+def round_ratios(times, label, peers):
+    """Per round: the fastest peer's time over ``label``'s time (>1: ``label`` is faster).
+
+    ``times`` maps label -> per-round seconds from :func:`interleave`; a round in which a
+    peer has no time (it failed) is left out. None when no peer has a time."""
+    peers = [p for p in peers if times.get(p)]
+    n = min([len(times.get(label, []))] + [len(times[p]) for p in peers]) if peers else 0
+    if n == 0:
+        return None
+    return [min(times[p][i] for p in peers) / times[label][i] for i in range(n)]
 
 
 def checkerboard_np(rng, n):
@@ -390,28 +437,28 @@ class FmjaxSide:
         dummy = self.jnp.zeros((1,), self.jnp.float32)
         return state, step, dummy
 
-    def train_throughput(self, batch, steps, repeats, seed=SEED):
+    def train_timer(self, batch, steps, seed=SEED):
+        """``(first_call_s, run)``: ``run()`` makes ``steps`` jitted steps, one call each,
+        and returns the last loss; the first call (compile + one step) is made here."""
         jax = self.jax
         box = {}
         box["state"], step, dummy = self.make_trainer(batch, seed)
 
-        def run(n):
+        def run_n(n):
             state = box["state"]
             for _ in range(n):
                 state, metrics = step(state, dummy)
             jax.block_until_ready(state.params)
             box["state"] = state
-            return metrics
+            return float(metrics["loss"])
 
         t0 = time.perf_counter()
-        run(1)
-        first = time.perf_counter() - t0
-        _, times, metrics = bench(lambda: run(steps), repeats, warm=lambda: None)
-        rates = [steps / t for t in times]
-        return dict(first_call_s=first, **summarize(rates), loss=float(metrics["loss"]))
+        run_n(1)
+        return time.perf_counter() - t0, lambda: run_n(steps)
 
-    def train_throughput_fused(self, batch, steps, repeats, seed=SEED):
-        """``make_fused_train_steps``: ``steps`` steps in one compiled lax.scan call."""
+    def fused_train_timer(self, batch, steps, seed=SEED):
+        """``make_fused_train_steps``: ``run()`` makes ``steps`` steps in one compiled
+        lax.scan call; the first call (compile + ``steps`` steps) is made here."""
         import fmjax.train
         jax, fmjax = self.jax, self.fmjax
         state, _, _ = self.make_trainer(batch, seed)
@@ -425,11 +472,11 @@ class FmjaxSide:
         def run():
             box["state"], metrics = run_k(box["state"])
             jax.block_until_ready(box["state"].params)
-            return metrics
+            return float(metrics["loss"])
 
-        first, times, metrics = bench(run, repeats)
-        rates = [steps / t for t in times]
-        return dict(first_call_s=first, **summarize(rates), loss=float(metrics["loss"]))
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0, run
 
     def train(self, batch, steps, seed=SEED):
         jax = self.jax
@@ -553,20 +600,21 @@ class TorchSide:
         net.eval()
         return net
 
-    def train_throughput(self, batch, steps, repeats, seed=SEED):
+    def train_timer(self, batch, steps, seed=SEED):
+        """``(None, run)``: ``run()`` makes ``steps`` steps of the peer's own loop and
+        returns the last loss; two untimed warm-up steps are made here."""
         torch = self.torch
         net = self.new_net(seed)
         opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         step = self.make_step(net, opt, batch)
 
-        def run(n):
+        def run_n(n):
             for _ in range(n):
                 loss = step()
             return float(loss)
 
-        _, times, loss = bench(lambda: run(steps), repeats, warm=lambda: run(2))
-        rates = [steps / t for t in times]
-        return dict(first_call_s=None, **summarize(rates), loss=loss)
+        run_n(2)
+        return None, lambda: run_n(steps)
 
     def train(self, batch, steps, seed=SEED):
         torch = self.torch
@@ -853,31 +901,72 @@ class Runner:
 
     # --- rows -----------------------------------------------------------------------
 
-    def run_train(self, spec_name, batch, steps, row):
-        for fw in self.frameworks:
-            def go(fw=fw):
-                r = self.side(fw, spec_name).train_throughput(batch, steps, self.args.repeats)
-                spec = W2D if spec_name == "W2D" else W2D_SMALL
-                flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
-                self.record(row=row, case=f"train {spec_name} batch {batch}", framework=fw,
-                            unit="steps/s", flop_per_step=flop,
-                            gflops=flop * r["median"] / 1e9, **r)
-            self.guarded(row, f"train {spec_name}", fw, go)
-            if fw != "fmjax" or self.args.no_fused:
-                continue
-            fused = [("fmjax", f"fmjax (fused x{steps})")]
-            if self.dp_label() and batch % self.args.cpu_devices == 0:
-                fused.append((DP, f"{self.dp_label()}, fused x{steps}"))
-            for key, label in fused:
-                self.guarded(row, f"train {spec_name}", label, functools.partial(
-                    self.run_fused, key, label, spec_name, batch, steps, row))
+    def peer_ratios(self, times):
+        """key -> {"ratio_*"}: each fmjax line's per-round ratio to the faster peer."""
+        peers = [fw for fw in PEERS if fw in times]
+        out = {}
+        for key in times:
+            ratios = None if key in PEERS else round_ratios(times, key, peers)
+            if ratios:
+                out[key] = {f"ratio_{k}": v for k, v in summarize(ratios).items()}
+        return out
 
-    def run_fused(self, key, label, spec_name, batch, steps, row):
-        r = self.side(key, spec_name).train_throughput_fused(batch, steps, self.args.repeats)
+    def run_train(self, spec_name, batch, steps, row):
+        case = f"train {spec_name} batch {batch}"
+        lines = []  # (side key, label, timer method)
+        for fw in self.frameworks:
+            lines.append((fw, fw, "train_timer"))
+            if fw == "fmjax" and not self.args.no_fused:
+                lines.append((fw, f"fmjax (fused x{steps})", "fused_train_timer"))
+                if self.dp_label() and batch % self.args.cpu_devices == 0:
+                    lines.append((DP, f"{self.dp_label()}, fused x{steps}", "fused_train_timer"))
+        timers = {}  # label -> (first_call_s, run)
+
+        def prepare(key, label, method):
+            timers[label] = getattr(self.side(key, spec_name), method)(batch, steps)
+
+        for key, label, method in lines:
+            self.guarded(row, case, label, functools.partial(prepare, key, label, method))
+        times, losses, errors = interleave({k: v[1] for k, v in timers.items()},
+                                           self.args.repeats)
+        ratios = self.peer_ratios(times)
         spec = W2D if spec_name == "W2D" else W2D_SMALL
         flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
-        self.record(row=row, case=f"train {spec_name} batch {batch}", framework=label,
-                    unit="steps/s", flop_per_step=flop, gflops=flop * r["median"] / 1e9, **r)
+        for label, (first, _) in timers.items():
+            if label in errors:
+                self.record(row=row, case=case, framework=label, error=errors[label])
+                continue
+            rates = summarize([steps / t for t in times[label]])
+            self.record(row=row, case=case, framework=label, unit="steps/s", first_call_s=first,
+                        flop_per_step=flop, gflops=flop * rates["median"] / 1e9,
+                        loss=losses[label], **rates, **ratios.get(label, {}))
+
+    def run_solve_cases(self, row, spec_name, cases):
+        """cases: list of (case label, kind 'sample'|'lik', inputs, kwargs, warm_n).
+
+        Per case every framework is prepared (fmjax: first call, timed; peers: warm-up on
+        ``warm_n`` points), then all are timed in interleaved rounds."""
+        layers = self.shared_layers(spec_name)
+        for label, kind, inputs, kw, warm_n in cases:
+            fws = list(self.frameworks)
+            if self.dp_label() and inputs.shape[0] % self.args.cpu_devices == 0:
+                fws.insert(fws.index("fmjax") + 1, DP)
+            prepared = {}
+            for fw in fws:
+                self.guarded(row, label, self.fw_label(fw), functools.partial(
+                    self.prepare_solve, prepared, spec_name, layers, fw, kind, inputs, kw,
+                    warm_n))
+            times, results, errors = interleave({fw: p["fn"] for fw, p in prepared.items()},
+                                                self.args.repeats)
+            ratios = self.peer_ratios(times)
+            outs = {}
+            for fw, p in prepared.items():
+                if fw in errors:
+                    self.record(row=row, case=label, framework=self.fw_label(fw),
+                                error=errors[fw])
+                    continue
+                self.record_solve(row, label, kind, kw, inputs, fw, p, times[fw],
+                                  results[fw], outs, ratios.get(fw, {}))
 
     def _compare(self, outs, fw, out):
         """max |out - first framework's out| (numpy)."""
@@ -889,35 +978,32 @@ class Runner:
         outs[fw] = out
         return float(np.max(np.abs(out - ref)))
 
-    def run_solve_cases(self, row, spec_name, cases):
-        """cases: list of (case label, kind 'sample'|'lik', inputs, kwargs, warm_n)."""
-        layers = self.shared_layers(spec_name)
-        for label, kind, inputs, kw, warm_n in cases:
-            outs = {}
-            fws = list(self.frameworks)
-            if self.dp_label() and inputs.shape[0] % self.args.cpu_devices == 0:
-                fws.insert(fws.index("fmjax") + 1, DP)
-            for fw in fws:
-                self.guarded(row, label, fw, functools.partial(
-                    self.solve_case, row, spec_name, layers, fw, label, kind, inputs, kw,
-                    warm_n, outs))
+    def fw_label(self, fw):
+        return self.dp_label() if fw == DP else fw
 
-    def solve_case(self, row, spec_name, layers, fw, label, kind, inputs, kw, warm_n, outs):
+    def prepare_solve(self, prepared, spec_name, layers, fw, kind, inputs, kw, warm_n):
         side = self.side(fw, spec_name)
         params = side.params_from_layers(layers)
-        fn = side.sample if kind == "sample" else side.log_likelihood
-        warm = None
-        if fw not in ("fmjax", DP):
+        method = side.sample if kind == "sample" else side.log_likelihood
+        first, extra = None, {}
+        if fw in ("fmjax", DP):
+            t0 = time.perf_counter()
+            method(params, inputs, **kw)
+            first = time.perf_counter() - t0
+        else:
             warm_x = (np.zeros((warm_n, 2), np.float32) if kind == "sample"
                       else checkerboard_np(np.random.default_rng(1), warm_n))
-            warm = functools.partial(fn, params, warm_x, **kw)
-        first, times, (out, nfe) = bench(functools.partial(fn, params, inputs, **kw),
-                                         self.args.repeats, warm=warm)
-        extra = {}
+            method(params, warm_x, **kw)
         if fw == "fmjax" and not self.args.no_nfe_check:  # (DP: the same NFE, tested)
             extra["nfe_counted"] = side.counted_nfe(
                 "sample" if kind == "sample" else "log_likelihood", params, inputs, **kw)
+        prepared[fw] = {"fn": functools.partial(method, params, inputs, **kw), "first": first,
+                        "extra": extra}
+
+    def record_solve(self, row, label, kind, kw, inputs, fw, prep, times, result, outs, ratio):
+        out, nfe = result
         res = summarize(times)
+        first, extra = prep["first"], dict(prep["extra"])
         extra["compile_s_est"] = None if first is None else max(0.0, first - res["median"])
         diff = self._compare(outs, fw, out)
         if kind == "lik":
@@ -927,9 +1013,8 @@ class Runner:
                 extra["note"] = "own random probes: logp differs per framework"
         else:
             extra["max_abs_diff_x_vs_first"] = diff
-        self.record(row=row, case=label, framework=self.dp_label() if fw == DP else fw,
-                    unit="s", nfe=nfe, first_call_s=first, n=int(inputs.shape[0]), **res,
-                    **extra)
+        self.record(row=row, case=label, framework=self.fw_label(fw), unit="s", nfe=nfe,
+                    first_call_s=first, n=int(inputs.shape[0]), **res, **extra, **ratio)
 
     def run_sample(self):
         c = self.cfg
@@ -1115,11 +1200,24 @@ def markdown(records, meta):
                     notes.append(f"{100 * v:.1f}% {label}")
                 else:
                     notes.append(f"{label} {fmt(v)}".strip())
+        if r.get("ratio_median") is not None:
+            notes.insert(0, f"vs faster peer {ratio_text(r)}")
         mm = "" if r.get("min") is None else f"{fmt(r['min'])}-{fmt(r['max'])}"
         lines.append(f"| {r['row']} | {r['case']} | {r['framework']} | {fmt(r.get('median'))} "
                      f"| {mm} | {r.get('unit', '')} | {fmt(r.get('nfe'))} "
                      f"| {fmt(r.get('first_call_s'))} | {'; '.join(notes)} |")
+    ratio_rows = [r for r in records if r.get("ratio_median") is not None]
+    if ratio_rows:
+        lines += ["", ("Per-round ratios: the faster peer's time over the fmjax line's time in "
+                       "the same round (> 1: fmjax is faster), median (min-max) over the rounds."),
+                  "", "| row | case | fmjax line | ratio | rounds |", "|---|---|---|---|---|"]
+        lines += [f"| {r['row']} | {r['case']} | {r['framework']} | {ratio_text(r)} "
+                  f"| {len(r['ratio_samples'])} |" for r in ratio_rows]
     return "\n".join(lines)
+
+
+def ratio_text(r):
+    return f"{r['ratio_median']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
 
 
 def main(argv=None):

@@ -1,0 +1,97 @@
+"""benchmarks/w2d.py: the interleaved timing rounds, the per-round ratios, and a smoke run.
+
+The peers (torch) are not installed in CI, so the smoke run covers the fmjax side only; the
+round and ratio logic is checked on made-up callables and times.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+_spec = importlib.util.spec_from_file_location(
+    "w2d_bench", os.path.join(ROOT, "benchmarks", "w2d.py"))
+w2d = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(w2d)
+
+
+def test_interleave_rotates_the_order_and_times_every_call():
+    calls = []
+
+    def make(label):
+        def fn():
+            calls.append(label)
+            return f"out-{label}-{len(calls)}"
+        return fn
+
+    times, outputs, errors = w2d.interleave({k: make(k) for k in "abc"}, repeats=4)
+    # round r starts at label r mod 3, each label once per round
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert errors == {}
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert outputs["a"] == "out-a-10" and outputs["c"] == "out-c-12"  # the last call's
+
+
+def test_interleave_drops_a_failing_callable_and_keeps_the_others():
+    count = {"bad": 0}
+
+    def bad():
+        count["bad"] += 1
+        if count["bad"] == 2:
+            raise RuntimeError("solver diverged")
+        return 0
+
+    times, _, errors = w2d.interleave({"good": lambda: 1, "bad": bad}, repeats=3)
+    assert errors == {"bad": "RuntimeError: solver diverged"}
+    assert len(times["good"]) == 3 and len(times["bad"]) == 1
+    assert count["bad"] == 2  # not called again after it failed
+
+
+def test_round_ratios_take_the_faster_peer_of_each_round():
+    times = {"fmjax": [1.0, 2.0, 4.0], "p": [3.0, 3.0, 3.0], "q": [5.0, 1.0, 6.0]}
+    # per round: min(peer) / fmjax = 3/1, 1/2, 3/4
+    assert w2d.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0, 0.5, 0.75])
+    # a peer that failed after one round limits the rounds compared
+    times["q"] = [5.0]
+    assert w2d.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0])
+    assert w2d.round_ratios(times, "fmjax", []) is None
+    assert w2d.round_ratios(times, "fmjax", ["missing"]) is None
+
+
+def test_markdown_lists_the_ratios_of_the_fmjax_lines():
+    rec = {"row": "small", "case": "c", "framework": "fmjax", "median": 1.0, "min": 0.9,
+           "max": 1.1, "unit": "s", **{f"ratio_{k}": v for k, v in
+                                       w2d.summarize([2.0, 3.0, 2.5]).items()}}
+    peer = {"row": "small", "case": "c", "framework": "torchcfm", "median": 2.5, "min": 2.0,
+            "max": 3.0, "unit": "s"}
+    meta = {"quick": True, "date": "d", "cpu": "cpu", "nproc": 2, "repeats": 3,
+            "loadavg_start": 0.0}
+    table = w2d.markdown([rec, peer], meta)
+    assert "vs faster peer 2.50x (2.00-3.00)" in table
+    assert "| small | c | fmjax | 2.50x (2.00-3.00) | 3 |" in table
+    assert "| small | c | torchcfm | 2.50x" not in table
+
+
+def test_quick_run_of_the_fmjax_side(tmp_path):
+    """The script end to end (no peers): every W2D-small case is timed and recorded."""
+    out = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "w2d.py"), "--quick", "--only",
+         "fmjax", "--rows", "small", "--repeats", "2", "--cpu-devices", "1", "--out",
+         str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert all("error" not in r for r in records)
+    cases = {r["case"] for r in records}
+    assert len(cases) == 5  # training and the four solves
+    for r in records:
+        assert len(r["samples"]) == 2 and r["min"] <= r["median"] <= r["max"]
+        assert r["first_call_s"] > 0
+        assert "ratio_median" not in r  # no peer ran
+    solves = [r for r in records if r["unit"] == "s"]
+    assert all(r["nfe"] == r["nfe_counted"] for r in solves)
