@@ -83,7 +83,7 @@ def test_quick_run_of_the_fmjax_side(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "w2d.py"), "--quick", "--only",
          "fmjax", "--rows", "small", "--repeats", "2", "--cpu-devices", "1", "--out",
-         str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+         str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
     assert all("error" not in r for r in records)

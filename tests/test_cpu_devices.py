@@ -76,7 +76,7 @@ four = train.make_fused_train_steps(loss_fn, tx, data_fn, 3, donate=False, mesh=
 s1, m1 = one(state)
 s4, m4 = four(sharding.replicate(state, mesh))
 last_key = jax.random.fold_in(state.rng, 2)
-batch = data_fn(jax.random.fold_in(jax.random.fold_in(state.rng, 2), 1))
+batch = data_fn(train.step_keys(state.rng, 2)[1])
 res["fused"] = {
     "w": [np.asarray(s1.params["w"]).tolist(), np.asarray(s4.params["w"]).tolist()],
     "loss": [float(m1["loss"]), float(m4["loss"])],

@@ -34,8 +34,9 @@ def test_step_matches_hand_written_sgd_and_ema():
     assert int(state.step) == 1
 
 
-def test_fused_steps_equal_sequential_steps():
-    params, tx, state = _setup(lr=1e-2)
+@pytest.mark.parametrize("predraw", [None, True, False])
+def test_fused_steps_equal_sequential_steps(predraw):
+    _, tx, state = _setup(lr=1e-2)
     path = fmjax.paths.CondOT()
 
     def loss_fn(p, key, x1):
@@ -44,21 +45,50 @@ def test_fused_steps_equal_sequential_steps():
     def data_fn(key):
         return jax.random.normal(key, (16, 2)) + 2.0
 
-    fused = train.make_fused_train_steps(loss_fn, tx, data_fn, 5, ema_decay=0.5, donate=False)
+    fused = train.make_fused_train_steps(loss_fn, tx, data_fn, 5, ema_decay=0.5, donate=False,
+                                         predraw=predraw)
     s_fused, m = fused(state)
     single = train.make_train_step(loss_fn, tx, ema_decay=0.5, donate=False)
     s = state
     for i in range(5):
-        key = jax.random.fold_in(jax.random.fold_in(s.rng, s.step), 1)
-        s, _ = single(s, data_fn(key))
+        loss_key, data_key = train.step_keys(s.rng, s.step)
+        assert np.array_equal(jax.random.key_data(loss_key),
+                              jax.random.key_data(jax.random.fold_in(s.rng, i)))
+        s, _ = single(s, data_fn(data_key))
     chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5)
     jax.tree_util.tree_map(chex_close, s_fused.params, s.params)
     jax.tree_util.tree_map(chex_close, s_fused.ema_params, s.ema_params)
     assert int(s_fused.step) == 5 and "loss_mean" in m
 
 
+def test_fused_steps_draw_data_independent_of_the_loss_keys():
+    """The data key is none of the keys the loss derives: with threefry keys
+    ``fold_in(k, j) == split(k, n)[j]``, so a data key ``fold_in(loss_key, 1)`` made a
+    ``data_fn`` drawing ``uniform(key, (B, 1))`` return exactly cfm_loss's ``t``."""
+    _, tx, state = _setup(lr=1e-2)
+    batch = 64
+
+    def loss_fn(p, key, x1):
+        _, kt, _ = jax.random.split(key, 3)  # cfm_loss's own derivation of t's key
+        t = jax.random.uniform(kt, (batch,))
+        gap = jnp.min(jnp.abs(t - x1[:, 0]))
+        return jnp.sum(p["w"] ** 2), {"min_gap": gap, "corr": jnp.corrcoef(t, x1[:, 0])[0, 1]}
+
+    fused = train.make_fused_train_steps(
+        loss_fn, tx, lambda k: jax.random.uniform(k, (batch, 1)), 3, donate=False)
+    _, m = fused(state)
+    assert float(m["min_gap"]) > 0.0  # (was exactly 0: x1 == t)
+    assert abs(float(m["corr"])) < 0.5
+    rng = jax.random.key(3)
+    loss_key, data_key = train.step_keys(rng, 7)
+    derived = [*jax.random.split(loss_key, 3), *(jax.random.fold_in(loss_key, j)
+                                                 for j in range(16))]
+    assert not any(np.array_equal(jax.random.key_data(data_key), jax.random.key_data(k))
+                   for k in derived)
+
+
 def test_fit_logs_and_stops_on_non_finite_loss():
-    params, tx, state = _setup()
+    _, tx, state = _setup()
     step = train.make_train_step(_quadratic_loss, tx)
     batches = iter([jnp.ones((4, 2))] * 10)
     logged = []
@@ -73,6 +103,33 @@ def test_fit_logs_and_stops_on_non_finite_loss():
     with pytest.raises(train.NonFiniteLossError, match="non-finite loss nan at step 2"):
         train.fit(state, train.make_train_step(nan_loss, tx), iter([jnp.ones(2)] * 4), 4,
                   log_every=2, progress=False)
+
+
+def test_fused_steps_predraw_only_small_vmappable_batches(monkeypatch):
+    """``predraw`` vmaps ``data_fn``: a sampler that cannot be vmapped (a host callback
+    without a vmap rule) gets a clear error, and the default draws inside the steps when the
+    batches of all steps are larger than ``PREDRAW_MAX_BYTES``."""
+    _, tx, state = _setup(lr=1e-2)
+
+    def host_data(key):
+        seed = jax.random.randint(key, (), 0, 2**30)
+        return jax.pure_callback(
+            lambda s: np.random.default_rng(int(s)).normal(size=(8, 2)).astype(np.float32),
+            jax.ShapeDtypeStruct((8, 2), jnp.float32), seed)
+
+    def loss_fn(p, key, x):
+        return jnp.mean((x * p["w"] - 1.0) ** 2)
+
+    with pytest.raises(ValueError, match="predraw=False"):
+        train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False,
+                                     predraw=True)(state)
+    s_off, _ = train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False,
+                                            predraw=False)(state)
+    monkeypatch.setattr(train.step, "PREDRAW_MAX_BYTES", 3 * 8 * 2 * 4 - 1)  # one byte short
+    s_auto, _ = train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False)(state)
+    np.testing.assert_array_equal(s_auto.params["w"], s_off.params["w"])
+    with pytest.raises(ValueError, match="predraw"):
+        train.make_fused_train_steps(loss_fn, tx, host_data, 3, predraw="yes")
 
 
 def test_bad_arguments():

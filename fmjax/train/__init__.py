@@ -8,9 +8,24 @@ PNG grids from process 0).
 from fmjax.train import checkpoint, logging, sharding
 from fmjax.train.loop import NonFiniteLossError, fit
 from fmjax.train.state import TrainState
-from fmjax.train.step import apply_update, make_fused_train_steps, make_train_step
+from fmjax.train.step import (
+    DATA_KEY_INDEX,
+    apply_update,
+    make_fused_train_steps,
+    make_train_step,
+    step_keys,
+)
 
 __all__ = [
-    "checkpoint", "logging", "sharding", "NonFiniteLossError", "TrainState", "apply_update",
-    "fit", "make_fused_train_steps", "make_train_step",
+    "DATA_KEY_INDEX",
+    "NonFiniteLossError",
+    "TrainState",
+    "apply_update",
+    "checkpoint",
+    "fit",
+    "logging",
+    "make_fused_train_steps",
+    "make_train_step",
+    "sharding",
+    "step_keys",
 ]

@@ -18,7 +18,9 @@ class TrainState:
 
     ``ema_params`` is the exponential moving average of ``params`` (initialised from them); it
     equals ``params`` when training without EMA. ``rng`` is the base key; step ``i`` uses
-    ``fold_in(rng, i)``, so a resumed run draws the same randomness as an uninterrupted one.
+    ``fold_in(rng, i)`` (and the fused steps draw its data with the other key of
+    :func:`fmjax.train.step_keys`), so a resumed run draws the same randomness as an
+    uninterrupted one.
     """
 
     step: jax.Array

@@ -27,7 +27,31 @@ from jax.sharding import NamedSharding, PartitionSpec
 from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
-__all__ = ["apply_update", "make_fused_train_steps", "make_train_step"]
+__all__ = ["DATA_KEY_INDEX", "apply_update", "make_fused_train_steps", "make_train_step",
+           "step_keys"]
+
+DATA_KEY_INDEX = 2**32 - 1
+"""The fused steps draw step ``i``'s batch with ``fold_in(fold_in(rng, i), DATA_KEY_INDEX)``.
+
+With JAX's threefry keys ``fold_in(k, j) == split(k, n)[j]``, so a data key ``fold_in(k, 1)``
+would be the key ``cfm_loss`` draws ``t`` with (its ``split(k, 3)[1]``), and a device's
+key on a mesh. The last 32-bit index is one that no split of the loss key into fewer than
+``2**32 - 1`` keys reaches."""
+
+
+PREDRAW_MAX_BYTES = 64 * 2**20
+"""Largest total size of the ``num_steps`` batches that ``make_fused_train_steps`` draws
+before the steps by default (``predraw=None``)."""
+
+
+def step_keys(rng, step):
+    """``(loss_key, data_key)`` of training step ``step`` from the state's base key ``rng``.
+
+    ``loss_key = fold_in(rng, step)`` is what :func:`make_train_step` and the fused steps
+    pass to ``loss_fn``; ``data_key`` is what the fused steps pass to ``data_fn`` (see
+    :data:`DATA_KEY_INDEX`), independent of every key the loss derives by ``split``."""
+    loss_key = jax.random.fold_in(rng, step)
+    return loss_key, jax.random.fold_in(loss_key, DATA_KEY_INDEX)
 
 
 def _loss_and_grad(loss_fn, params, key, batch):
@@ -66,8 +90,9 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
                          ema_params=ema)
 
 
-def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None):
-    key = jax.random.fold_in(state.rng, state.step)
+def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
+    if key is None:
+        key = jax.random.fold_in(state.rng, state.step)
     if mesh is None:
         loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch)
     else:
@@ -97,12 +122,23 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
 
 
 def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
-                           ema_decay: float | None = None, donate: bool = True, mesh=None):
+                           ema_decay: float | None = None, donate: bool = True, mesh=None,
+                           predraw: bool | None = None):
     """``num_steps`` training steps in one compiled call, data drawn on device.
 
     ``data_fn(key) -> batch`` draws a fresh global batch (e.g. a toy density sampler), so
     small models pay one dispatch per ``num_steps`` steps instead of one per step. Returns
     ``run(state) -> (state, metrics)`` with metrics of the last step and the mean loss.
+    Step ``i`` calls ``data_fn`` and ``loss_fn`` with the two keys of
+    :func:`step_keys` ``(state.rng, i)``, so ``k`` fused steps equal ``k`` calls of
+    :func:`make_train_step` on ``data_fn(data_key)``.
+
+    ``predraw``: draw the keys and batches of all ``num_steps`` steps before the first step,
+    with one ``vmap`` of ``data_fn`` (the same keys, so the same batches). XLA:CPU lowers a
+    threefry draw to a 5-iteration loop whose fixed cost per draw dominates a small batch
+    (W2D-small: about a quarter of the step); one draw for all steps pays it once.
+    ``None`` (default) predraws when the ``num_steps`` batches take at most
+    :data:`PREDRAW_MAX_BYTES`; ``data_fn`` must then be vmappable (jax.random samplers are).
 
     With a ``mesh`` (``"data"`` axis; e.g. one CPU device per core, see
     :func:`fmjax.use_cpu_devices`) each device draws and trains on its rows of every batch:
@@ -114,6 +150,8 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
     _check_decay(ema_decay)
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}.")
+    if predraw not in (None, True, False):
+        raise ValueError(f"predraw must be None, True or False; got {predraw!r}.")
     if mesh is not None:
         mesh = auto_mesh(mesh)
         rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -126,12 +164,31 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
             check_rows_divisible(leaf, mesh, "data_fn's batch")
         return jax.lax.with_sharding_constraint(batch, rows)
 
-    def body(state, _):
-        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1)
-        return _one_step(loss_fn, tx, ema_decay, state, draw(key), mesh)
+    def step(state, keys_and_batch=None):
+        if keys_and_batch is None:  # drawn in the step
+            loss_key, data_key = step_keys(state.rng, state.step)
+            batch = draw(data_key)
+        else:
+            loss_key, batch = keys_and_batch
+        return _one_step(loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key)
 
     def run(state):
-        state, metrics = jax.lax.scan(body, state, None, length=num_steps)
+        data_key = step_keys(state.rng, state.step)[1]
+        nbytes = sum(leaf.size * leaf.dtype.itemsize
+                     for leaf in jax.tree_util.tree_leaves(jax.eval_shape(data_fn, data_key)))
+        if predraw or (predraw is None and num_steps * nbytes <= PREDRAW_MAX_BYTES):
+            steps = state.step + jnp.arange(num_steps, dtype=state.step.dtype)
+            loss_keys, data_keys = jax.vmap(step_keys, in_axes=(None, 0))(state.rng, steps)
+            try:
+                batches = jax.vmap(draw)(data_keys)
+            except NotImplementedError as e:  # e.g. a pure_callback without a vmap_method
+                raise ValueError(
+                    f"predraw draws the {num_steps} batches with jax.vmap(data_fn), which "
+                    f"failed ({type(e).__name__}: {e}); pass predraw=False to draw inside "
+                    "each step.") from e
+            state, metrics = jax.lax.scan(step, state, (loss_keys, batches))
+        else:
+            state, metrics = jax.lax.scan(step, state, None, length=num_steps)
         last = jax.tree_util.tree_map(lambda m: m[-1], metrics)
         return state, {**last, "loss_mean": jnp.mean(metrics["loss"])}
 
