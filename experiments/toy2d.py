@@ -89,7 +89,9 @@ def evaluate(cfg, model, params, workdir):
     """Held-out NLL, sample quality, NFE and the three plots; returns the metrics dict."""
     v = jax.tree_util.Partial(_velocity(model), params)
     key = jax.random.key(cfg.seed + 1)
-    k_nll, k_x0, k_ref, k_sw, k_traj = jax.random.split(key, 5)
+    # (split(key, n)[i] does not depend on n, so the sixth key leaves the first five as
+    # they were; fold_in(k_ref, 1) would be the key toy.sample(k_ref) draws its u with)
+    k_nll, k_x0, k_ref, k_sw, k_traj, k_ref2 = jax.random.split(key, 6)
     e = cfg.eval
     out = {}
 
@@ -118,7 +120,7 @@ def evaluate(cfg, model, params, workdir):
     out["mmd"] = float(fmjax.metrics.mmd(samples, ref))
     out["sliced_wasserstein"] = float(fmjax.metrics.sliced_wasserstein(k_sw, samples, ref))
     # the same distances between two independent data draws: the noise floor
-    ref2 = toy.sample(cfg.dataset, jax.random.fold_in(k_ref, 1), e.num_samples)
+    ref2 = toy.sample(cfg.dataset, k_ref2, e.num_samples)
     out["mmd_data_vs_data"] = float(fmjax.metrics.mmd(ref2, ref))
     out["sliced_wasserstein_data_vs_data"] = float(
         fmjax.metrics.sliced_wasserstein(k_sw, ref2, ref))
