@@ -93,6 +93,30 @@ try:
     bad(sharding.replicate(state, mesh))
 except ValueError as e:
     res["fused_indivisible"] = str(e)
+
+# per-step training: the global view and shard_loss=True against one device, one step
+x = data_fn(jax.random.key(9))
+one_step = train.make_train_step(loss_fn, tx, donate=False)
+s1, m1 = one_step(state, x)
+rep = sharding.replicate(state, mesh)
+xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+sg, mg = train.make_train_step(loss_fn, tx, donate=False, mesh=mesh)(rep, xs)
+ss, ms = train.make_train_step(loss_fn, tx, donate=False, mesh=mesh, shard_loss=True)(rep, xs)
+key0 = jax.random.fold_in(state.rng, 0)
+res["per_step"] = {
+    "w": [np.asarray(a.params["w"]).tolist() for a in (s1, sg, ss)],
+    "loss": [float(a["loss"]) for a in (m1, mg, ms)],
+    "u": [float(a["u"]) for a in (m1, mg, ms)],
+    "u_shard_expected": float(np.mean([jax.random.uniform(jax.random.fold_in(key0, i))
+                                       for i in range(4)])),
+    "u_one_expected": float(jax.random.uniform(key0)),
+    "row0_shard": float(ms["row0"]), "row0_shard_expected": float(jnp.mean(x[::2, 0])),
+    # result types of the shard_loss step's all-reduces ("f32[n]" or a "(...)" tuple)
+    "all_reduces": [ln.split("=", 1)[1].split(" all-reduce(")[0].strip() for ln in
+                    train.make_train_step(loss_fn, tx, donate=False, mesh=mesh,
+                                          shard_loss=True).lower(rep, xs).compile()
+                    .as_text().splitlines() if " all-reduce(" in ln],
+}
 print("RESULT " + json.dumps(res))
 """
 
@@ -137,6 +161,22 @@ def test_fused_steps_on_a_mesh(worker):
     assert "divisible by the 4 devices" in worker["fused_indivisible"]
 
 
+def test_per_step_training_on_a_mesh(worker):
+    """The global-view step equals one device for any loss; ``shard_loss=True`` equals it for
+    a per-row-mean loss, with each device's own key, and all-reduces one flat vector."""
+    r = worker["per_step"]
+    np.testing.assert_allclose(r["w"][1], r["w"][0], rtol=1e-6)
+    np.testing.assert_allclose(r["w"][2], r["w"][0], rtol=1e-5)
+    np.testing.assert_allclose(r["loss"][1:], [r["loss"][0]] * 2, rtol=1e-5)
+    assert abs(r["u"][0] - r["u_one_expected"]) < 1e-7
+    assert abs(r["u"][1] - r["u_one_expected"]) < 1e-7  # global view: the step's key
+    assert abs(r["u"][2] - r["u_shard_expected"]) < 1e-6  # mean over the devices' keys
+    assert abs(r["row0_shard"] - r["row0_shard_expected"]) < 1e-5
+    # the shard_map step's one all-reduce is a single flat array, not a tuple of arrays
+    (result_type,) = r["all_reduces"]
+    assert result_type.startswith("f32[") and "(" not in result_type, result_type
+
+
 def test_num_cores_and_bad_arguments():
     assert 1 <= cpu_devices.num_cores() <= (os.cpu_count() or 1)
     for bad in (0, -1, 1.5, True, "2"):
@@ -162,3 +202,10 @@ def test_mesh_arguments_are_checked_on_one_device():
     with pytest.raises(ValueError, match="data"):
         train.make_fused_train_steps(lambda p, k, b: jnp.sum(p), optax.sgd(0.1),
                                      lambda k: x, 1, mesh=other)
+    loss = lambda p, k, b: jnp.sum(p)  # noqa: E731
+    with pytest.raises(ValueError, match="'data' axis"):
+        train.make_train_step(loss, optax.sgd(0.1), mesh=other)
+    with pytest.raises(ValueError, match="pass mesh= as well"):
+        train.make_train_step(loss, optax.sgd(0.1), shard_loss=True)
+    with pytest.raises(ValueError, match="shard_loss must be True or False"):
+        train.make_train_step(loss, optax.sgd(0.1), mesh=mesh, shard_loss="yes")

@@ -8,9 +8,9 @@ With a ``mesh`` the step is data parallel over its ``"data"`` axis with one glob
 the state is replicated, the batch sharded along its leading axis, and XLA inserts the
 gradient all-reduce (the successor of ``pmap`` + ``pmean``).
 
-The fused steps with a ``mesh`` instead evaluate ``loss_fn`` on each device's shard (with
-that device's own key) and average loss, aux and gradients with one all-reduce of a single
-flat vector: XLA:CPU's all-reduce costs per array, 432 us for the W2D-small MLP's nine
+The fused steps with a ``mesh`` (and ``make_train_step(shard_loss=True)``) instead evaluate
+``loss_fn`` on each device's shard (with that device's own key) and average loss, aux and
+gradients with one all-reduce of a single flat vector: XLA:CPU's all-reduce costs per array, 432 us for the W2D-small MLP's nine
 gradient arrays against 63 us for the same 8,706 floats as one array (2 CPU devices).
 """
 
@@ -108,15 +108,32 @@ def _check_decay(ema_decay):
 
 
 def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
-                    donate: bool = True):
-    """Return ``step(state, batch) -> (state, metrics)``, jitted, with the state donated."""
+                    donate: bool = True, shard_loss: bool = False):
+    """Return ``step(state, batch) -> (state, metrics)``, jitted, with the state donated.
+
+    With a ``mesh`` the batch is split over its ``"data"`` axis. By default the step is one
+    global-view computation, exactly the one-device step for any loss (also one whose rows
+    interact, e.g. a minibatch OT coupling over the global batch). ``shard_loss=True``
+    instead evaluates ``loss_fn`` per device on its rows, with key ``fold_in(key, device)``,
+    and averages loss, aux and gradients with one flat all-reduce, as the fused steps do: the
+    loss must then be a mean over its rows. It is for XLA:CPU meshes
+    (:func:`fmjax.use_cpu_devices`), where the global view's all-reduce of every gradient
+    array costs a rendezvous each.
+    """
     _check_decay(ema_decay)
-    fn = functools.partial(_one_step, loss_fn, tx, ema_decay)
+    if shard_loss not in (True, False):
+        raise ValueError(f"shard_loss must be True or False; got {shard_loss!r}.")
+    if shard_loss and mesh is None:
+        raise ValueError("shard_loss=True splits the loss over a mesh; pass mesh= as well.")
+    if mesh is not None:
+        mesh = auto_mesh(mesh)
+    fn = functools.partial(_one_step, loss_fn, tx, ema_decay,
+                           mesh=mesh if shard_loss else None)
     donate_argnums = (0,) if donate else ()
     if mesh is None:
         return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec("data"))
+    data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     return jax.jit(fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=donate_argnums)
 
