@@ -165,20 +165,14 @@ def available(framework):
     return True, ""
 
 
-def bench(fn, repeats, warm=None):
+def bench(fn, repeats):
     """Run ``fn`` (which must return after the work is done) 1 + repeats times.
 
-    Returns ``(first_call_s, [times], last_output)``.  With ``warm`` (an untimed warm-up
-    callable, e.g. the same work on a tiny input), the first timed call is not made and
-    ``first_call_s`` is None.
+    Returns ``(first_call_s, [times], last_output)``; the first call is timed apart.
     """
-    first = None
-    if warm is not None:
-        warm()
-    else:
-        t0 = time.perf_counter()
-        out = fn()
-        first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -683,13 +677,6 @@ class TorchSide:
                 **self.odeint_kwargs(solver, step_size, None, tol))
         logp = torch_gaussian_log_prob(xs[-1]) + deltas[-1]
         return logp, self.nfe
-
-    def warm_sample(self, net, n, solver, **kw):
-        return lambda: self.sample(net, np.zeros((n, 2), np.float32), solver, **kw)
-
-    def warm_lik(self, net, n, divergence, solver, **kw):
-        x = checkerboard_np(np.random.default_rng(123), n)
-        return lambda: self.log_likelihood(net, x, divergence, solver, **kw)
 
 
 def torch_cat_xt(torch, x, t):

@@ -10,8 +10,9 @@ gradient all-reduce (the successor of ``pmap`` + ``pmean``).
 
 The fused steps with a ``mesh`` (and ``make_train_step(shard_loss=True)``) instead evaluate
 ``loss_fn`` on each device's shard (with that device's own key) and average loss, aux and
-gradients with one all-reduce of a single flat vector: XLA:CPU's all-reduce costs per array, 432 us for the W2D-small MLP's nine
-gradient arrays against 63 us for the same 8,706 floats as one array (2 CPU devices).
+gradients with one all-reduce of a single flat vector: XLA:CPU's all-reduce costs per array,
+432 us for the W2D-small MLP's nine gradient arrays against 63 us for the same 8,706 floats
+as one array (2 CPU devices).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
 
 def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
     if key is None:
-        key = jax.random.fold_in(state.rng, state.step)
+        key = step_keys(state.rng, state.step)[0]  # (the unused data key is dead code to XLA)
     if mesh is None:
         loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch)
     else:
@@ -105,6 +106,18 @@ def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
 def _check_decay(ema_decay):
     if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be None or in [0, 1); got {ema_decay!r}.")
+
+
+def _jit_step(fn, mesh, donate, *, batch_arg):
+    """``fn(state[, batch]) -> (state, metrics)`` jitted with the state donated; with a mesh
+    the state and metrics are replicated and the batch split over its "data" axis."""
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    in_shardings = (replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+    return jax.jit(fn, in_shardings=in_shardings[:2 if batch_arg else 1],
+                   out_shardings=(replicated, replicated), donate_argnums=donate_argnums)
 
 
 def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
@@ -129,13 +142,7 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
         mesh = auto_mesh(mesh)
     fn = functools.partial(_one_step, loss_fn, tx, ema_decay,
                            mesh=mesh if shard_loss else None)
-    donate_argnums = (0,) if donate else ()
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=donate_argnums)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return jax.jit(fn, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=donate_argnums)
+    return _jit_step(fn, mesh, donate, batch_arg=True)
 
 
 def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
@@ -189,11 +196,14 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
             loss_key, batch = keys_and_batch
         return _one_step(loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key)
 
+    def batches_fit(state):  # num_steps batches within PREDRAW_MAX_BYTES (shapes only)
+        shapes = jax.eval_shape(data_fn, step_keys(state.rng, state.step)[1])
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+        return num_steps * nbytes <= PREDRAW_MAX_BYTES
+
     def run(state):
-        data_key = step_keys(state.rng, state.step)[1]
-        nbytes = sum(leaf.size * leaf.dtype.itemsize
-                     for leaf in jax.tree_util.tree_leaves(jax.eval_shape(data_fn, data_key)))
-        if predraw or (predraw is None and num_steps * nbytes <= PREDRAW_MAX_BYTES):
+        use_predraw = batches_fit(state) if predraw is None else predraw
+        if use_predraw:
             steps = state.step + jnp.arange(num_steps, dtype=state.step.dtype)
             loss_keys, data_keys = jax.vmap(step_keys, in_axes=(None, 0))(state.rng, steps)
             try:
@@ -209,9 +219,4 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
         last = jax.tree_util.tree_map(lambda m: m[-1], metrics)
         return state, {**last, "loss_mean": jnp.mean(metrics["loss"])}
 
-    donate_argnums = (0,) if donate else ()
-    if mesh is None:
-        return jax.jit(run, donate_argnums=donate_argnums)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(run, in_shardings=(replicated,), out_shardings=(replicated, replicated),
-                   donate_argnums=donate_argnums)
+    return _jit_step(run, mesh, donate, batch_arg=False)
