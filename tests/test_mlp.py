@@ -149,10 +149,39 @@ def test_bad_input_raises():
         model.apply(params, jnp.zeros((3,)), x)
 
 
-def test_fast_selu_matches_jax_selu():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fast_selu_matches_jax_selu(dtype):
     from fmjax.models.mlp import fast_selu
 
     x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 10001), jnp.array([-1e-8, 0.0, 1e-8])])
-    np.testing.assert_allclose(fast_selu(x), jax.nn.selu(x), rtol=1e-6, atol=2e-7)
-    g = jax.vmap(jax.grad(fast_selu))(x[:-3])
-    np.testing.assert_allclose(g, jax.vmap(jax.grad(jax.nn.selu))(x[:-3]), rtol=1e-6, atol=1e-6)
+    x = x.astype(dtype)
+    tol = {"rtol": 1e-6, "atol": 2e-7} if dtype == jnp.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    y = fast_selu(x)
+    chex.assert_type(y, dtype)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(jax.nn.selu(x), np.float32),
+                               **tol)
+    # first and second derivatives, including x = 0 (jax.nn.selu's slope there is the
+    # negative branch's, scale * alpha)
+    for order in (1, 2):
+        ours, ref = fast_selu, jax.nn.selu
+        for _ in range(order):
+            ours, ref = jax.grad(ours), jax.grad(ref)
+        got, want = jax.vmap(ours)(x), jax.vmap(ref)(x)
+        chex.assert_type(got, dtype)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   **tol)
+    np.testing.assert_allclose(jax.grad(fast_selu)(0.0), 1.0507009873554805 * 1.6732632423543772,
+                               rtol=1e-6)
+
+
+def test_fast_selu_derivative_by_finite_differences_and_jvp_equals_vjp():
+    from fmjax.models.mlp import fast_selu
+
+    x = jnp.array([-5.0, -1.3, -0.2, 0.3, 2.0, 7.5], jnp.float64 if jax.config.jax_enable_x64
+                  else jnp.float32)
+    h = 1e-3
+    fd = (fast_selu(x + h) - fast_selu(x - h)) / (2 * h)
+    _, jvp = jax.jvp(fast_selu, (x,), (jnp.ones_like(x),))
+    _, vjp_fn = jax.vjp(fast_selu, x)
+    np.testing.assert_allclose(jvp, fd, rtol=1e-3, atol=5e-5)  # float32 differences
+    np.testing.assert_allclose(vjp_fn(jnp.ones_like(x))[0], jvp, rtol=1e-6)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 __all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "fast_selu", "sinusoidal_embedding"]
@@ -38,13 +39,32 @@ _SELU_ALPHA = 1.6732632423543772848170429916717
 _SELU_SCALE = 1.0507009873554804934193349852946
 
 
+@jax.custom_jvp
 def fast_selu(x):
     """SELU with ``exp(min(x, 0)) - 1`` instead of ``expm1``: identical to ``jax.nn.selu`` up to
     ~1e-7 absolute error, and about 3x faster on XLA:CPU, where ``expm1`` is a slow
     polynomial-plus-correction kernel (measured in docs/benchmarks.md; the W2D-small model's
-    cost is dominated by its activations)."""
-    neg = _SELU_ALPHA * (jnp.exp(jnp.minimum(x, 0.0)) - 1.0)
-    return _SELU_SCALE * jnp.where(x > 0, x, neg)
+    cost is dominated by its activations).
+
+    Its derivative is given directly, ``scale`` for ``x > 0`` and ``scale * alpha * exp(x)``
+    otherwise (``jax.nn.selu``'s, also at 0), reusing the forward pass's ``exp``. Left to
+    autodiff, ``minimum`` and ``where`` add a tie-breaking mask per layer (a separate elementwise
+    pass on XLA:CPU): the custom rule makes an exact-divergence evaluation of the W2D-small
+    MLP 6-10% faster and its gradient 2-4% faster (docs/benchmarks.md)."""
+    return _selu_and_slope(x)[0]
+
+
+def _selu_and_slope(x):
+    pos = x > 0
+    e = jnp.exp(jnp.where(pos, 0.0, x))  # exp(min(x, 0)); its derivative is exp(x) at x = 0 too
+    value = _SELU_SCALE * jnp.where(pos, x, _SELU_ALPHA * (e - 1.0))
+    return value, jnp.where(pos, _SELU_SCALE, (_SELU_SCALE * _SELU_ALPHA) * e).astype(value.dtype)
+
+
+@fast_selu.defjvp
+def _fast_selu_jvp(primals, tangents):
+    value, slope = _selu_and_slope(primals[0])
+    return value, slope * tangents[0]
 
 
 ACTIVATIONS: dict[str, Callable] = {
