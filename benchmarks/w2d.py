@@ -58,10 +58,12 @@ have no such line. ``--cpu-devices 1`` drops them.
 Timings: the median of ``--repeats`` runs (default 3) with min-max.  For fmjax the first
 call (trace + compile + one run) is reported separately; the torch side is warmed up
 untimed on a small input.  Within a case the frameworks are timed in interleaved rounds,
-one call of each per round with the starting framework rotating, because the machine's
-speed drifts by tens of percent over minutes; each fmjax line also gets its per-round
-ratio to the faster peer (median and min-max over the rounds), in its notes and in a
-second table.
+one turn of each per round with the starting framework rotating, because the machine's
+speed drifts by tens of percent over minutes; a turn repeats the call for at least
+``--min-turn`` seconds (default 0.5) and records the mean time per call, except in the
+single-point latency case, where a turn is one call made after other frameworks' work.
+Each fmjax line also gets its per-round ratio to the faster peer (median and min-max over
+the rounds), in its notes and in a second table.
 
 Usage::
 
@@ -186,16 +188,19 @@ def summarize(times):
                 "samples": list(times)}
 
 
-def interleave(fns, repeats):
-    """Time ``fns`` (label -> callable) in ``repeats`` rounds, one call of each per round.
+def interleave(fns, repeats, min_seconds=0.0):
+    """Time ``fns`` (label -> callable) in ``repeats`` rounds, one turn of each per round.
 
     The machine's speed drifts by tens of percent over minutes, so timing one framework's
     repeats after another's compares different machines; in rounds every framework sees the
-    same stretch of time. Round ``r`` starts at label ``r mod k`` (no fixed order). Each
-    call follows another framework's work, so a call that takes about a millisecond measures
-    what a request arriving after other work sees, not a hot loop of the same call.
-    Returns ``(times, outputs, errors)``: label -> list of seconds, label -> last output,
-    label -> exception text for a callable that raised (it is dropped from later rounds).
+    same stretch of time. Round ``r`` starts at label ``r mod k`` (no fixed order). A turn
+    calls the callable until ``min_seconds`` have passed (at least once) and records the
+    mean time per call, so a 50 ms call and a 300 ms call are each averaged over a similar
+    stretch of the machine's noise. With ``min_seconds=0`` a turn is one call, which follows
+    another framework's work: a call of about a millisecond then measures what a request
+    arriving after other work sees, not a hot loop of the same call.
+    Returns ``(times, outputs, errors)``: label -> list of seconds per call, label -> last
+    output, label -> exception text for a callable that raised (dropped from later rounds).
     """
     labels = list(fns)
     times = {label: [] for label in labels}
@@ -205,14 +210,19 @@ def interleave(fns, repeats):
         for label in labels[k:] + labels[:k]:
             if label in errors:
                 continue
-            t0 = time.perf_counter()
+            calls, t0 = 0, time.perf_counter()
             try:
-                outputs[label] = fns[label]()
+                while True:
+                    outputs[label] = fns[label]()
+                    calls += 1
+                    elapsed = time.perf_counter() - t0
+                    if elapsed >= min_seconds:
+                        break
             except Exception as e:  # noqa: BLE001 - one framework failing ends only its line
                 traceback.print_exc(file=sys.stderr)
                 errors[label] = f"{type(e).__name__}: {e}"
                 continue
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(elapsed / calls)
     return times, outputs, errors
 
 
@@ -915,7 +925,7 @@ class Runner:
         for key, label, method in lines:
             self.guarded(row, case, label, functools.partial(prepare, key, label, method))
         times, losses, errors = interleave({k: v[1] for k, v in timers.items()},
-                                           self.args.repeats)
+                                           self.args.repeats, self.args.min_turn)
         ratios = self.peer_ratios(times)
         spec = W2D if spec_name == "W2D" else W2D_SMALL
         flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
@@ -943,8 +953,9 @@ class Runner:
                 self.guarded(row, label, self.fw_label(fw), functools.partial(
                     self.prepare_solve, prepared, spec_name, layers, fw, kind, inputs, kw,
                     warm_n))
+            turn = 0.0 if "(latency)" in label else self.args.min_turn
             times, results, errors = interleave({fw: p["fn"] for fw, p in prepared.items()},
-                                                self.args.repeats)
+                                                self.args.repeats, turn)
             ratios = self.peer_ratios(times)
             outs = {}
             for fw, p in prepared.items():
@@ -1230,6 +1241,9 @@ def main(argv=None):
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="fmjax.use_cpu_devices(N) first, and extra fmjax lines that split "
                     "each batch over the N CPU devices (default: one per core; 1: none)")
+    ap.add_argument("--min-turn", type=float, default=0.5,
+                    help="seconds each framework's turn in a round lasts at least (calls "
+                    "repeated, mean per call); 0: one call per turn")
     ap.add_argument("--tune-allocator", action="store_true",
                     help="call fmjax.tune_cpu_allocator() first (process-wide: the PyTorch "
                     "peers in this process get it too)")
@@ -1243,6 +1257,8 @@ def main(argv=None):
         ap.error(f"unknown row(s)/framework(s): {bad}")
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if not args.min_turn >= 0:
+        ap.error(f"--min-turn must be >= 0 seconds; got {args.min_turn}")
     cfg = dict(QUICK if args.quick else FULL)
     if args.quality_steps is not None:
         cfg["quality_steps"] = args.quality_steps

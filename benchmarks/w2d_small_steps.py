@@ -11,7 +11,8 @@ process with ``fmjax.use_cpu_devices(N)`` (default one device per core):
 
 Fresh checkerboard data every step (drawn on the host side for the per-step lines, ahead of
 the timing; drawn on device by the fused lines). The variants are timed in interleaved rounds
-(one call of each per round), median of ``--rounds`` (min-max) in steps/s::
+(one turn of at least ``--min-turn`` seconds of each per round), median of ``--rounds``
+(min-max) in steps/s::
 
     python benchmarks/w2d_small_steps.py --rounds 7
 """
@@ -36,6 +37,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--fused-steps", type=int, default=200)
     ap.add_argument("--per-step-steps", type=int, default=50)
+    ap.add_argument("--min-turn", type=float, default=0.5,
+                    help="seconds each variant's turn in a round lasts at least")
     args = ap.parse_args(argv)
 
     import fmjax
@@ -111,7 +114,7 @@ def main(argv=None):
         if mesh is not None:
             fused(f"fused x{args.fused_steps}, {n} devices, predraw={predraw}", True, predraw)
 
-    times, _, errors = w2d.interleave(fns, args.rounds)
+    times, _, errors = w2d.interleave(fns, args.rounds, args.min_turn)
     print(f"W2D-small training, batch {batch}, {n} CPU device(s), {args.rounds} rounds, "
           f"jax {jax.__version__}\n")
     print("| variant | steps/s, median | min-max |\n|---|---|---|")

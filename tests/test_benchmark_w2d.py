@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT
@@ -50,6 +51,25 @@ def test_interleave_drops_a_failing_callable_and_keeps_the_others():
     assert errors == {"bad": "RuntimeError: solver diverged"}
     assert len(times["good"]) == 3 and len(times["bad"]) == 1
     assert count["bad"] == 2  # not called again after it failed
+
+
+def test_interleave_repeats_calls_for_min_seconds_and_records_the_mean_per_call():
+    calls = {"slow": 0, "fast": 0}
+
+    def make(label, seconds):
+        def fn():
+            calls[label] += 1
+            time.sleep(seconds)
+            return calls[label]
+        return fn
+
+    times, outputs, _ = w2d.interleave({"slow": make("slow", 0.03), "fast": make("fast", 0.002)},
+                                       repeats=2, min_seconds=0.02)
+    assert calls["slow"] == 2  # one call per turn: it already lasts min_seconds
+    assert calls["fast"] >= 2 * 10  # >= 0.02 s of 2 ms calls per turn
+    assert outputs["fast"] == calls["fast"]
+    assert all(0.03 <= t < 0.2 for t in times["slow"])
+    assert all(0.002 <= t < 0.015 for t in times["fast"])  # per call, not per turn
 
 
 def test_round_ratios_take_the_faster_peer_of_each_round():
