@@ -1304,6 +1304,7 @@ def main(argv=None):
         "skipped": skipped, "rows": args.rows, "cpu": cpu, "nproc": os.cpu_count(),
         "python": platform.python_version(), "torch_threads": args.threads,
         "tuned_allocator": tuned_allocator, "cpu_devices": args.cpu_devices,
+        "min_turn_s": args.min_turn,
         "versions": {p: pkg_version(p) for p in ("fmjax", "jax", "jaxlib", "flax", "optax",
                                               "diffrax", "torch", "flow_matching", "torchcfm",
                                               "torchdiffeq", "numpy")},
