@@ -185,7 +185,8 @@ def log_likelihood(
 
     Returns:
       ``(log_prob, stats)``: log-densities of shape (B,) in nats and a
-      :class:`LikelihoodStats` (NFE counts evaluations of the augmented field).
+      :class:`LikelihoodStats` (NFE counts evaluations of the augmented field). The solve
+      runs in x1's float precision, at least float32 (as :func:`fmjax.sample`).
     """
     _check_batch(x1, "x1")
     if divergence not in DIVERGENCES:

@@ -137,6 +137,12 @@ def solve(
     Pure and traceable: call it under jit. ``throw=False``: check ``stats.success``.
     """
     check_solver_args(solver, steps, step_size, t0, t1)
+    # Time in the state's float precision (at least float32): diffrax promotes the state to
+    # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
+    # silently turn a float32 solve (and every call of the field) into float64.
+    time_dtype = jnp.result_type(jnp.float32, *[
+        y.dtype for y in jax.tree_util.tree_leaves(y0)
+        if jnp.issubdtype(jnp.result_type(y), jnp.floating)])
     if solver in FIXED_SOLVERS:
         n = num_fixed_steps(steps, step_size, t0, t1)
         dt0 = (t1 - t0) / n
@@ -148,15 +154,15 @@ def solve(
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
         solver_obj = ADAPTIVE_SOLVERS[solver]()
     if save_times is not None:
-        saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times))
+        saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times, time_dtype))
     else:
         saveat = diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
         solver_obj,
-        t0=t0,
-        t1=t1,
-        dt0=dt0,
+        t0=jnp.asarray(t0, time_dtype),
+        t1=jnp.asarray(t1, time_dtype),
+        dt0=None if dt0 is None else jnp.asarray(dt0, time_dtype),
         y0=y0,
         args=args,
         saveat=saveat,

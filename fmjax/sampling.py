@@ -160,7 +160,9 @@ def sample(
       throw: outside jit, raise if the solve failed; inside jit check ``stats.success``.
 
     Returns:
-      ``(x1, stats)``: the endpoints with x0's shape and a :class:`SampleStats`.
+      ``(x1, stats)``: the endpoints with x0's shape and a :class:`SampleStats`. The solve
+      (times included) runs in x0's float precision, at least float32: float32 stays float32
+      under ``jax_enable_x64``; pass float64 points for a float64 solve.
     """
     _check_batch(x0, "x0")
     ode.check_solver_args(solver, steps, step_size, t0, t1)

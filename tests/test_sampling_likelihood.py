@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,33 @@ def test_trajectory_matches_analytic_path_and_backward_solve_inverts():
     np.testing.assert_allclose(stats.trajectory, expected, atol=1e-6)
     back, _ = fmjax.sample(v, x1, solver="rk4", steps=50, t0=1.0, t1=0.0)
     np.testing.assert_allclose(back, x0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_solves_keep_the_input_precision_under_x64(dtype):
+    # This module runs with jax_enable_x64, where Python-float times are float64: a float32
+    # solve must stay float32 (outputs and every call of the field), a float64 one float64.
+    seen = set()
+
+    def v(t, x):
+        seen.add((jnp.result_type(t), x.dtype))
+        return -x
+
+    x = _x0(4).astype(dtype)
+    outs = [
+        fmjax.sample(v, x, solver="dopri5")[0],
+        fmjax.sample(v, x, solver="midpoint", steps=3, save_times=jnp.array([0.5]))[1]
+        .trajectory,
+        fmjax.sample(v, x, solver="dopri5", per_example=True)[0],
+        fmjax.log_likelihood(v, x, solver="dopri5")[0],
+        fmjax.log_likelihood(v, x, solver="euler", steps=4, divergence="hutchinson",
+                             key=jax.random.key(0))[0],
+    ]
+    for out in outs:
+        chex.assert_type(out, dtype)
+    assert seen == {(jnp.dtype(dtype), jnp.dtype(dtype))}
+    # the value is the closed form either way: x1 = e^{-1} x0
+    np.testing.assert_allclose(outs[0], np.exp(-1.0) * np.asarray(x, np.float64), rtol=1e-4)
 
 
 def test_per_example_stepping_and_nfe_accounting():
