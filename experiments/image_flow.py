@@ -55,6 +55,7 @@ from fmjax.train.logging import MetricWriter, write_json
 
 __all__ = [
     "MODES",
+    "ConfigError",
     "build_model",
     "checkpoint_dir",
     "evaluate",
@@ -68,6 +69,10 @@ __all__ = [
 ]
 
 MODES = ("train", "eval", "train_and_eval")
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use (the command line prints it without a traceback)."""
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ADAPTIVE = ("bosh3", "dopri5", "tsit5", "dopri8")
 IMAGE_SHAPE = images_lib.IMAGE_SHAPE
@@ -84,7 +89,7 @@ def build_model(config) -> unet_lib.UNet:
     """The UNet of ``config.model`` (the fields of :class:`fmjax.models.UNet`)."""
     m = config.model
     if m.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}; got {m.dtype!r}.")
+        raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}; got {m.dtype!r}.")
     return unet_lib.UNet(
         ch=int(m.ch), ch_mult=tuple(m.ch_mult), num_res_blocks=int(m.num_res_blocks),
         attn_resolutions=tuple(m.attn_resolutions), num_heads=int(m.num_heads),
@@ -157,29 +162,39 @@ def _field(model):
 
 def _check_config(config):
     if config.mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}; got {config.mode!r}.")
-    images_lib._lookup(config.data.source)  # unknown source -> ValueError listing them
+        raise ConfigError(f"mode must be one of {MODES}; got {config.mode!r}.")
+    try:
+        images_lib._lookup(config.data.source)  # unknown source -> ValueError listing them
+    except ValueError as e:
+        raise ConfigError(f"data.source: {e}") from e
     t = config.train
     for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         if int(t[name]) < 1:
-            raise ValueError(f"train.{name} must be >= 1; got {t[name]!r}.")
+            raise ConfigError(f"train.{name} must be >= 1; got {t[name]!r}.")
     if int(t.warmup_steps) < 0:
-        raise ValueError(f"train.warmup_steps must be >= 0; got {t.warmup_steps}.")
+        raise ConfigError(f"train.warmup_steps must be >= 0; got {t.warmup_steps}.")
     if not 0.0 <= float(t.ema_decay) < 1.0:
-        raise ValueError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
+        raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
     if t.sample_solver not in _ADAPTIVE:
-        raise ValueError(f"train.sample_solver must be an adaptive solver {_ADAPTIVE}; got "
+        raise ConfigError(f"train.sample_solver must be an adaptive solver {_ADAPTIVE}; got "
                          f"{t.sample_solver!r}.")
     nc = config.model.num_classes
     if nc is not None:
         if int(nc) < 1:
-            raise ValueError(f"model.num_classes must be None or >= 1; got {nc!r}.")
+            raise ConfigError(f"model.num_classes must be None or >= 1; got {nc!r}.")
         if config.data.source == "downsampled_imagenet/32x32":
-            raise ValueError("downsampled_imagenet/32x32 has no labels: a class-conditional "
+            raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
                              "model (model.num_classes) needs another source.")
     if not 0.0 <= float(config.model.class_dropout) <= 1.0:
-        raise ValueError(f"model.class_dropout must be in [0, 1]; got "
+        raise ConfigError(f"model.class_dropout must be in [0, 1]; got "
                          f"{config.model.class_dropout!r}.")
+
+
+def _check_divisible(global_batch_size, mesh, what):
+    try:
+        sharding_lib.check_batch_divisible(global_batch_size, mesh, what=what)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _init_fn(config, model, tx):
@@ -196,7 +211,11 @@ def _init_fn(config, model, tx):
 
 def _abstract_state(config, model, tx, mesh):
     init = _init_fn(config, model, tx)
-    return init, with_sharding(jax.eval_shape(init), sharding_lib.replicated_sharding(mesh))
+    try:  # the first trace of the model: the UNet checks its fields against the image shape
+        shapes = jax.eval_shape(init)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from e
+    return init, with_sharding(shapes, sharding_lib.replicated_sharding(mesh))
 
 
 @jax.jit
@@ -263,7 +282,7 @@ def train(config, workdir, *, progress: bool | None = None, stop_at: int | None 
     mesh = mesh or sharding_lib.make_mesh()
     t = config.train
     gbs = int(config.data.global_batch_size)
-    sharding_lib.check_batch_divisible(gbs, mesh)
+    _check_divisible(gbs, mesh, "global batch")
     if progress is None:
         progress = bool(t.progress)
     workdir = os.path.abspath(os.fspath(workdir))
@@ -400,7 +419,7 @@ def _dataset_name(config, split):
 def _eval_iterator_factory(config, mesh):
     e = config.eval
     gbs = int(e.global_batch_size)
-    sharding_lib.check_batch_divisible(gbs, mesh, what="eval global batch")
+    _check_divisible(gbs, mesh, "eval global batch")
 
     def make_iterator():
         return images_lib.make_eval_iterator(
@@ -653,6 +672,8 @@ def main(argv):
         sys.exit(f"error: dataset not found: {e}")
     except NonFiniteLossError as e:
         sys.exit(f"error: {e}")
+    except ConfigError as e:
+        sys.exit(f"error: bad config: {e}")
     if jax.process_index() == 0:
         print(json.dumps(out, indent=2, default=str))
         print(f"wrote results to {out['workdir']}")

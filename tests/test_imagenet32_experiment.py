@@ -218,7 +218,11 @@ def test_cli_missing_dataset_and_indivisible_batch(tmp_path):
     out = _run(base + ["--config.data.global_batch_size=6"], timeout=120,
                env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert out.returncode != 0
-    assert "global batch size (6)" in out.stderr and "divisible by 4" in out.stderr
+    assert "bad config" in out.stderr and "global batch size (6)" in out.stderr
+    assert "divisible by 4" in out.stderr and "Traceback" not in out.stderr
+    out = _run(base + ["--config.train.ema_decay=1.5"], timeout=120, env=_env())
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "error: bad config: train.ema_decay must be in [0, 1); got 1.5" in out.stderr
 
 
 def test_missing_dataset_in_process(tmp_path):
@@ -294,6 +298,33 @@ def test_default_configs_are_the_papers_recipe():
     bad.mode = "trian"
     with pytest.raises(ValueError, match="mode"):
         image_flow.train_and_evaluate(bad, "/nonexistent")
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"mode": "trian"}, "mode must be one of"),
+    ({"train.ema_decay": 1.0}, "train.ema_decay"),
+    ({"train.warmup_steps": -1}, "train.warmup_steps"),
+    ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
+    ({"data.global_batch_size": 0}, "global batch size [(]0[)]"),
+    ({"model.dtype": "float8"}, "model.dtype"),
+])
+def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
+    # ConfigError is a ValueError; the command line prints it without a traceback
+    with pytest.raises(image_flow.ConfigError, match=match):
+        image_flow.train_and_evaluate(_config(**extra), str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"model.ch_mult": (1, 2), "model.attn_resolutions": (16,), "model.num_heads": 3,
+      "model.num_head_channels": None}, "model: attention at 32 channels is not divisible"),
+    ({"model.ch_mult": (1,) * 7}, "model: UNet with ch_mult"),
+])
+def test_model_fields_that_do_not_fit_the_images_are_config_errors(extra, match):
+    c = _config(**extra)
+    model = image_flow.build_model(c)
+    tx, _ = image_flow.make_optimizer(c)
+    with pytest.raises(image_flow.ConfigError, match=match):
+        image_flow._abstract_state(c, model, tx, image_flow.sharding_lib.make_mesh())
 
 
 def test_class_conditional_bf16_loss_and_clipping():
