@@ -108,7 +108,7 @@ def _draw_probes(key, shape, kind, dtype):
 
 def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, probe,
                          hutchinson_mode, solver, t0, t1, steps, step_size, rtol, atol,
-                         max_steps, chunk_size):
+                         max_steps, chunk_size, error_norm):
     probes = None
     if divergence == "hutchinson":
         probes = _draw_probes(key, (num_probes,) + x1.shape, probe, x1.dtype)
@@ -125,7 +125,7 @@ def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, p
     y0 = (x1, jnp.zeros((x1.shape[0],), x1.dtype))
     (latent, delta), _, stats = ode.solve(
         field, y0, t0=t1, t1=t0, solver=solver, steps=steps, step_size=step_size,
-        rtol=rtol, atol=atol, max_steps=max_steps, args=probes,
+        rtol=rtol, atol=atol, max_steps=max_steps, args=probes, error_norm=error_norm,
     )
     base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(
         latent)
@@ -138,7 +138,7 @@ _log_likelihood = _xla.jit_with_cpu_options(
     _log_likelihood_impl,
     static_argnames=("base_log_prob", "divergence", "num_probes", "probe", "hutchinson_mode",
                      "solver", "t0", "t1", "steps", "step_size", "rtol", "atol", "max_steps",
-                     "chunk_size"),
+                     "chunk_size", "error_norm"),
 )
 
 
@@ -161,6 +161,7 @@ def log_likelihood(
     atol: float = 1e-5,
     max_steps: int = 4096,
     chunk_size: int | None = None,
+    error_norm: str = "rms",
     mesh=None,
     throw: bool = True,
 ):
@@ -178,7 +179,9 @@ def log_likelihood(
         activations) or 'vjp' (reverse mode, ``(eps^T J) eps``); the same estimate.
       base_log_prob: log-density of the source at t0 on a batch, ``(B, *event) -> (B,)``;
         default standard normal (hashable callables only: it is a static argument).
-      solver, steps, step_size, rtol, atol, max_steps: as in :func:`fmjax.sample`.
+      solver, steps, step_size, rtol, atol, max_steps, error_norm: as in
+        :func:`fmjax.sample` (``error_norm='max'`` holds every example's state, its points
+        and its log-density change, to rtol/atol).
       t0, t1: the noise and data ends; the solve runs from t1 down to t0.
       mesh: a mesh with a ``"data"`` axis: ``x1`` is split over it and the solve runs data
         parallel with the unsharded solve's steps and NFE (see :func:`fmjax.sample`).
@@ -204,13 +207,14 @@ def log_likelihood(
         raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
     if not t0 < t1:
         raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
-    ode.check_solver_args(solver, steps, step_size, t0, t1)
+    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
         as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key,
         base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),
         probe=probe, hutchinson_mode=hutchinson_mode, solver=solver, t0=float(t0),
         t1=float(t1), steps=steps, step_size=None if step_size is None else float(step_size),
         rtol=float(rtol), atol=float(atol), max_steps=int(max_steps), chunk_size=chunk_size,
+        error_norm=error_norm,
     )
     if throw:
         ode.raise_if_failed(stats, "fmjax.log_likelihood")

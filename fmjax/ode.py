@@ -6,6 +6,13 @@ Fixed-step solvers (``euler``, ``midpoint``, ``heun``, ``rk4``) take ``steps`` o
 ``rtol``/``atol`` and always get an explicit :class:`diffrax.PIDController` (diffrax's default
 controller is a constant step, which would silently make dopri5 fixed-step).
 
+The adaptive step-size control measures the error estimate with ``error_norm``: ``"rms"``
+(default) is the root mean square over the whole batch state, as diffrax, torchdiffeq and
+``flow_matching`` do, so one example's error can exceed the tolerance while the batch's mean
+square stays within it; ``"max"`` takes each example's RMS (over its own entries, in every leaf
+of the state) and the largest over the batch, so every example meets ``rtol``/``atol`` while the
+batch still shares one step sequence.
+
 NFE (number of function evaluations of the vector field) is computed from diffrax's step
 counts and each solver's Butcher tableau — rejected steps count — and the test suite checks
 the formula against a vector field that counts its own calls.
@@ -21,7 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ADAPTIVE_SOLVERS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats", "solve"]
+__all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
+           "max_example_rms_norm", "solve"]
+
+ERROR_NORMS = ("rms", "max")
+
+
+def max_example_rms_norm(tree) -> jax.Array:
+    """The largest per-example RMS of a batch pytree (every leaf with the batch axis first).
+
+    The square root is guarded so that its derivative at an all-zero error is 0, not NaN
+    (the controller is differentiated through when a solve is)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    b = leaves[0].shape[0]
+    sq = sum(jnp.sum(jnp.square(jnp.abs(x).reshape(b, -1)), axis=1) for x in leaves)
+    mean_sq = jnp.max(sq) / sum(x.size // b for x in leaves)
+    positive = mean_sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, mean_sq, 1.0)), 0.0)
 
 
 class RK4(diffrax.AbstractERK):
@@ -85,10 +108,16 @@ def _evals_per_step(solver) -> tuple[int, int]:
     return tab.num_stages, 0
 
 
-def check_solver_args(solver: str, steps, step_size, t0: float, t1: float) -> None:
+def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
+                      error_norm: str = "rms") -> None:
     """Validate solver options eagerly with errors that say what was expected."""
     if solver not in FIXED_SOLVERS and solver not in ADAPTIVE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"unknown error_norm {error_norm!r}; choose one of {list(ERROR_NORMS)}.")
+    if error_norm != "rms" and solver in FIXED_SOLVERS:
+        raise ValueError(f"error_norm={error_norm!r} controls adaptive step sizes; the "
+                         f"fixed-step solver {solver!r} has none.")
     if solver in FIXED_SOLVERS:
         if (steps is None) == (step_size is None):
             raise ValueError(
@@ -130,13 +159,14 @@ def solve(
     max_steps: int = 4096,
     args=None,
     adjoint=None,
+    error_norm: str = "rms",
 ):
     """Solve ``dy/dt = field(t, y, args)`` from t0 to t1 (either direction) with diffrax.
 
     Returns ``(y1, ys, stats)`` where ``ys`` holds the states at ``save_times`` (or None).
     Pure and traceable: call it under jit. ``throw=False``: check ``stats.success``.
     """
-    check_solver_args(solver, steps, step_size, t0, t1)
+    check_solver_args(solver, steps, step_size, t0, t1, error_norm)
     # Time in the state's float precision (at least float32): diffrax promotes the state to
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
     # silently turn a float32 solve (and every call of the field) into float64.
@@ -151,7 +181,8 @@ def solve(
         solver_obj = FIXED_SOLVERS[solver]()
     else:
         dt0 = None
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+        norm = {} if error_norm == "rms" else {"norm": max_example_rms_norm}
+        controller = diffrax.PIDController(rtol=rtol, atol=atol, **norm)
         solver_obj = ADAPTIVE_SOLVERS[solver]()
     if save_times is not None:
         saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times, time_dtype))

@@ -100,10 +100,10 @@ def check_rows_divisible(x, mesh: Mesh, name: str):
 @functools.partial(
     jax.jit,
     static_argnames=("solver", "t0", "t1", "steps", "step_size", "rtol", "atol", "max_steps",
-                     "per_example"),
+                     "per_example", "error_norm"),
 )
 def _sample(v, x0, save_times, *, solver, t0, t1, steps, step_size, rtol, atol, max_steps,
-            per_example):
+            per_example, error_norm):
     def field(t, x, args):
         del args
         return v(batch_time(t, x), x)
@@ -111,7 +111,7 @@ def _sample(v, x0, save_times, *, solver, t0, t1, steps, step_size, rtol, atol, 
     def run(x):
         return ode.solve(field, x, t0=t0, t1=t1, solver=solver, steps=steps,
                          step_size=step_size, rtol=rtol, atol=atol, save_times=save_times,
-                         max_steps=max_steps)
+                         max_steps=max_steps, error_norm=error_norm)
 
     if per_example:
         x1, ys, stats = jax.vmap(lambda x: run(x[None]))(x0)
@@ -137,6 +137,7 @@ def sample(
     save_times=None,
     max_steps: int = 4096,
     per_example: bool = False,
+    error_norm: str = "rms",
     mesh: Mesh | None = None,
     throw: bool = True,
 ):
@@ -153,6 +154,10 @@ def sample(
       per_example: adaptive step-size control per example (vmapped solve) instead of one
         step sequence for the whole batch with a batch-wide RMS error norm. Per-example
         stats are then arrays of shape (B,).
+      error_norm: how an adaptive solver measures its error estimate: 'rms' over the whole
+        batch (default; what torchdiffeq and ``flow_matching`` do) or 'max', the largest of
+        the examples' own RMS errors, so that every example meets rtol/atol while the batch
+        keeps one step sequence (see :mod:`fmjax.ode`).
       mesh: a mesh with a ``"data"`` axis (``fmjax.train.sharding.make_mesh()``): ``x0`` is
         split over it (see :func:`place_batch`; B must be divisible by its size) and the
         result stays sharded. On a CPU host see :func:`fmjax.use_cpu_devices`. An ``x0``
@@ -165,13 +170,14 @@ def sample(
       under ``jax_enable_x64``; pass float64 points for a float64 solve.
     """
     _check_batch(x0, "x0")
-    ode.check_solver_args(solver, steps, step_size, t0, t1)
+    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm)
     x1, stats = _sample(
         as_field(v), place_batch(jnp.asarray(x0), mesh, "x0"),
         None if save_times is None else jnp.asarray(save_times, dtype=jnp.asarray(x0).dtype),
         solver=solver, t0=float(t0), t1=float(t1), steps=steps,
         step_size=None if step_size is None else float(step_size), rtol=float(rtol),
         atol=float(atol), max_steps=int(max_steps), per_example=bool(per_example),
+        error_norm=error_norm,
     )
     if throw:
         ode.raise_if_failed(stats, "fmjax.sample")

@@ -45,6 +45,8 @@ solves = {
     "sample_dopri5": lambda m: fmjax.sample(v, x0, solver="dopri5", rtol=1e-6, atol=1e-6, mesh=m),
     "sample_euler": lambda m: fmjax.sample(v, x0, solver="euler", steps=20, mesh=m),
     "lik_exact": lambda m: fmjax.log_likelihood(v, x0, solver="dopri5", mesh=m),
+    "lik_exact_max_norm": lambda m: fmjax.log_likelihood(v, x0, solver="dopri5",
+                                                         error_norm="max", mesh=m),
     "lik_hutch": lambda m: fmjax.log_likelihood(v, x0, divergence="hutchinson",
                                                 key=jax.random.key(3), solver="heun",
                                                 steps=10, mesh=m),
@@ -140,7 +142,8 @@ def test_use_cpu_devices_before_and_after_start(worker):
     assert "use_cpu_devices(2)" in msg and "4 device(s)" in msg
 
 
-@pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact", "lik_hutch"])
+@pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact",
+                                  "lik_exact_max_norm", "lik_hutch"])
 def test_sharded_solve_equals_one_device_solve(worker, name):
     r = worker[name]
     assert r["nfe"][0] == r["nfe"][1]  # batch-wide step control: the same step sequence

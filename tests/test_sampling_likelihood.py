@@ -100,6 +100,50 @@ def test_solves_keep_the_input_precision_under_x64(dtype):
     np.testing.assert_allclose(outs[0], np.exp(-1.0) * np.asarray(x, np.float64), rtol=1e-4)
 
 
+def test_max_error_norm_holds_every_example_to_the_tolerance():
+    # v = -k_i x per example: x(1) = e^{-k_i} x0, log p_1(x(1)) = log N(x0) + D k_i. One fast
+    # example among 63 slow ones: the batch RMS norm dilutes its error (by ~sqrt(64)); the
+    # max-over-examples norm takes smaller steps for it, and the batch keeps one sequence.
+    k = jnp.concatenate([jnp.full((63,), 0.1), jnp.array([8.0])])
+    x0 = jax.random.normal(jax.random.key(0), (64, 2))
+
+    def v(t, x):
+        return -k[:, None] * x
+
+    x1 = jnp.exp(-k)[:, None] * x0
+    ref_logp = -0.5 * jnp.sum(x0**2, axis=1) - jnp.log(2 * jnp.pi) + 2 * k
+    tol = {"rtol": 1e-4, "atol": 1e-4}
+    got = {}
+    for norm in ("rms", "max"):
+        xs, s_stats = fmjax.sample(v, x0, error_norm=norm, **tol)
+        lp, l_stats = fmjax.log_likelihood(v, x1, error_norm=norm, **tol)
+        x_err = jnp.max(jnp.abs(xs - x1), axis=1)
+        lp_err = jnp.abs(lp - ref_logp)
+        got[norm] = (float(x_err[-1]), float(lp_err[-1]), int(s_stats.nfe), int(l_stats.nfe))
+        assert float(jnp.max(x_err[:-1])) < 1e-9 and float(jnp.max(lp_err[:-1])) < 1e-8
+    (xr, lr, nsr, nlr), (xm, lm, nsm, nlm) = got["rms"], got["max"]
+    assert xr > 1e-4 and xm < 0.3 * xr, got  # the RMS norm let the fast example miss atol
+    assert lm < 0.3 * lr, got
+    assert nsm > nsr and nlm > nlr, got
+    # one example: the two norms are the same
+    one = [fmjax.sample(lambda t, x: -8.0 * x, x0[-1:], error_norm=n, **tol) for n in
+           ("rms", "max")]
+    np.testing.assert_array_equal(one[0][0], one[1][0])
+    assert int(one[0][1].nfe) == int(one[1][1].nfe)
+    with pytest.raises(ValueError, match="unknown error_norm 'l2'"):
+        fmjax.sample(v, x0, error_norm="l2")
+    with pytest.raises(ValueError, match="fixed-step solver 'euler' has none"):
+        fmjax.log_likelihood(v, x1, solver="euler", steps=4, error_norm="max")
+
+
+def test_max_error_norm_is_differentiable_at_zero_error():
+    g = jax.grad(fmjax.ode.max_example_rms_norm)((jnp.zeros((3, 2)), jnp.zeros((3,))))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
+    np.testing.assert_allclose(
+        fmjax.ode.max_example_rms_norm((jnp.array([[3.0, 4.0], [0.0, 0.0]]), jnp.zeros(2))),
+        np.sqrt(25.0 / 3.0))
+
+
 def test_per_example_stepping_and_nfe_accounting():
     v = _gaussian_field()
     x0 = _x0(4)
