@@ -69,13 +69,13 @@ __all__ = [
 ]
 
 MODES = ("train", "eval", "train_and_eval")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ADAPTIVE = ("bosh3", "dopri5", "tsit5", "dopri8")
+IMAGE_SHAPE = images_lib.IMAGE_SHAPE
 
 
 class ConfigError(ValueError):
     """A config value the run cannot use (the command line prints it without a traceback)."""
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ADAPTIVE = ("bosh3", "dopri5", "tsit5", "dopri8")
-IMAGE_SHAPE = images_lib.IMAGE_SHAPE
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -177,17 +177,17 @@ def _check_config(config):
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
     if t.sample_solver not in _ADAPTIVE:
         raise ConfigError(f"train.sample_solver must be an adaptive solver {_ADAPTIVE}; got "
-                         f"{t.sample_solver!r}.")
+                          f"{t.sample_solver!r}.")
     nc = config.model.num_classes
     if nc is not None:
         if int(nc) < 1:
             raise ConfigError(f"model.num_classes must be None or >= 1; got {nc!r}.")
         if config.data.source == "downsampled_imagenet/32x32":
             raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
-                             "model (model.num_classes) needs another source.")
+                              "model (model.num_classes) needs another source.")
     if not 0.0 <= float(config.model.class_dropout) <= 1.0:
         raise ConfigError(f"model.class_dropout must be in [0, 1]; got "
-                         f"{config.model.class_dropout!r}.")
+                          f"{config.model.class_dropout!r}.")
 
 
 def _check_divisible(global_batch_size, mesh, what):

@@ -170,9 +170,9 @@ def solve(
     # Time in the state's float precision (at least float32): diffrax promotes the state to
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
     # silently turn a float32 solve (and every call of the field) into float64.
+    state_dtypes = [jnp.result_type(y) for y in jax.tree_util.tree_leaves(y0)]
     time_dtype = jnp.result_type(jnp.float32, *[
-        y.dtype for y in jax.tree_util.tree_leaves(y0)
-        if jnp.issubdtype(jnp.result_type(y), jnp.floating)])
+        d for d in state_dtypes if jnp.issubdtype(d, jnp.floating)])
     if solver in FIXED_SOLVERS:
         n = num_fixed_steps(steps, step_size, t0, t1)
         dt0 = (t1 - t0) / n
