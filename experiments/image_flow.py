@@ -70,7 +70,7 @@ __all__ = [
 
 MODES = ("train", "eval", "train_and_eval")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_ADAPTIVE = ("bosh3", "dopri5", "tsit5", "dopri8")
+_ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 IMAGE_SHAPE = images_lib.IMAGE_SHAPE
 
 

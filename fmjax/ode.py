@@ -137,6 +137,32 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
 
 
+def check_save_times(save_times, t0: float, t1: float) -> None:
+    """Validate ``save_times``: a 1-D sequence of times in [t0, t1], ordered in the direction
+    of integration (increasing for t1 > t0, decreasing for t1 < t0). Values are checked when
+    they are concrete; under tracing only the shape (diffrax checks the values at run time)."""
+    if save_times is None:
+        return
+    if isinstance(save_times, jax.core.Tracer):
+        if save_times.ndim != 1:
+            raise ValueError(f"save_times must be a 1-D sequence of times; got shape "
+                             f"{save_times.shape}.")
+        return
+    ts = np.asarray(save_times)
+    if ts.ndim != 1 or not (np.issubdtype(ts.dtype, np.floating)
+                            or np.issubdtype(ts.dtype, np.integer)):
+        raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
+                         f"{ts.shape} and dtype {ts.dtype}.")
+    lo, hi = min(t0, t1), max(t0, t1)
+    if ts.size and not (np.all(np.isfinite(ts)) and ts.min() >= lo and ts.max() <= hi):
+        raise ValueError(f"save_times must lie in [{lo}, {hi}] (between t0={t0} and "
+                         f"t1={t1}); got {ts.tolist()}.")
+    steps = np.diff(ts.astype(np.float64)) * (1.0 if t1 > t0 else -1.0)
+    if np.any(steps < 0):
+        order = "increasing" if t1 > t0 else "decreasing (the solve runs from t0 down to t1)"
+        raise ValueError(f"save_times must be {order}; got {ts.tolist()}.")
+
+
 def num_fixed_steps(steps, step_size, t0, t1) -> int:
     if steps is not None:
         return int(steps)
@@ -167,6 +193,7 @@ def solve(
     Pure and traceable: call it under jit. ``throw=False``: check ``stats.success``.
     """
     check_solver_args(solver, steps, step_size, t0, t1, error_norm)
+    check_save_times(save_times, t0, t1)
     # Time in the state's float precision (at least float32): diffrax promotes the state to
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
     # silently turn a float32 solve (and every call of the field) into float64.

@@ -149,7 +149,8 @@ def sample(
       solver: 'euler', 'midpoint', 'heun', 'rk4' (fixed step: give ``steps`` or
         ``step_size``) or 'bosh3', 'dopri5', 'tsit5', 'dopri8' (adaptive: ``rtol``/``atol``).
       t0, t1: integration interval; ``t1 < t0`` integrates backwards (data -> noise).
-      save_times: optional times at which to also return the states (``stats.trajectory``).
+      save_times: optional 1-D times in [t0, t1], ordered from t0 towards t1, at which to
+        also return the states (``stats.trajectory``, shape ``(len(save_times), *x0.shape)``).
       max_steps: adaptive-solver step budget.
       per_example: adaptive step-size control per example (vmapped solve) instead of one
         step sequence for the whole batch with a batch-wide RMS error norm. Per-example
@@ -171,9 +172,12 @@ def sample(
     """
     _check_batch(x0, "x0")
     ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm)
+    ode.check_save_times(save_times, t0, t1)
     x1, stats = _sample(
         as_field(v), place_batch(jnp.asarray(x0), mesh, "x0"),
-        None if save_times is None else jnp.asarray(save_times, dtype=jnp.asarray(x0).dtype),
+        # Times keep their own precision here; ode.solve gives them the solve's time dtype
+        # (x0's float dtype, at least float32), so bfloat16 points do not round them.
+        None if save_times is None else jnp.asarray(save_times),
         solver=solver, t0=float(t0), t1=float(t1), steps=steps,
         step_size=None if step_size is None else float(step_size), rtol=float(rtol),
         atol=float(atol), max_steps=int(max_steps), per_example=bool(per_example),

@@ -73,6 +73,41 @@ def test_trajectory_matches_analytic_path_and_backward_solve_inverts():
     np.testing.assert_allclose(back, x0, atol=1e-6)
 
 
+def test_save_times_are_not_rounded_to_low_precision_points():
+    # bfloat16 points solve in float32 (times too): the save time 0.3 must stay 0.3, not
+    # bfloat16's 0.30078 (exp(-0.3) and exp(-0.30078) differ by 5.8e-4).
+    x0 = jnp.ones((4, 2), jnp.bfloat16)
+    _, stats = fmjax.sample(lambda t, x: -x, x0, rtol=1e-8, atol=1e-8, save_times=[0.3, 0.7])
+    np.testing.assert_allclose(stats.trajectory[:, 0, 0], np.exp([-0.3, -0.7]), atol=1e-5)
+
+
+@pytest.mark.parametrize("save_times, t0, t1, match", [
+    ([1.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
+    ([-0.1, 0.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
+    ([0.5, float("nan")], 0.0, 1.0, r"lie in"),
+    ([0.7, 0.3], 0.0, 1.0, "must be increasing"),
+    ([0.3, 0.7], 1.0, 0.0, "must be decreasing"),
+    ([[0.5]], 0.0, 1.0, "1-D"),
+    (0.5, 0.0, 1.0, "1-D"),
+])
+def test_bad_save_times_are_refused(save_times, t0, t1, match):
+    v = _gaussian_field()
+    with pytest.raises(ValueError, match=match):
+        fmjax.sample(v, _x0(4), t0=t0, t1=t1, save_times=save_times)
+
+
+def test_save_times_inside_jit_and_backwards():
+    v = _gaussian_field()
+    x0 = _x0(4)
+    with pytest.raises(ValueError, match="1-D"):  # shape checked while tracing
+        jax.jit(lambda ts: fmjax.sample(v, x0, save_times=ts)[1].trajectory)(jnp.ones((1, 2)))
+    # a backward solve (t1 < t0) saves at decreasing times, endpoints included
+    x1, _ = fmjax.sample(v, x0, rtol=1e-9, atol=1e-9)
+    _, st = fmjax.sample(v, x1, t0=1.0, t1=0.0, rtol=1e-9, atol=1e-9, save_times=[1.0, 0.0])
+    np.testing.assert_allclose(st.trajectory[0], x1, atol=1e-7)
+    np.testing.assert_allclose(st.trajectory[1], x0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_solves_keep_the_input_precision_under_x64(dtype):
     # This module runs with jax_enable_x64, where Python-float times are float64: a float32
