@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import _xla, ode
-from fmjax.sampling import _check_batch, as_field, batch_time, place_batch
+from fmjax.sampling import _check_batch, as_field, batch_time, check_field_output, place_batch
 
 __all__ = [
     "DIVERGENCES",
@@ -115,7 +115,11 @@ def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, p
 
     def field(t, state, probes):
         x, _ = state
-        f = functools.partial(v, batch_time(t, x))
+
+        def f(y):
+            dy = v(batch_time(t, y), y)
+            check_field_output(dy, y)
+            return dy
         if divergence == "exact":
             dx, div = _exact_divergence(f, x, chunk_size)
         else:
@@ -207,7 +211,8 @@ def log_likelihood(
         raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
     if not t0 < t1:
         raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
-    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm)
+    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
+                          max_steps=max_steps)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
         as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key,
         base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),

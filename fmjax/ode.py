@@ -109,8 +109,10 @@ def _evals_per_step(solver) -> tuple[int, int]:
 
 
 def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
-                      error_norm: str = "rms") -> None:
-    """Validate solver options eagerly with errors that say what was expected."""
+                      error_norm: str = "rms", *, rtol=None, atol=None,
+                      max_steps=None) -> None:
+    """Validate solver options eagerly with errors that say what was expected (rtol, atol and
+    max_steps are checked when given)."""
     if solver not in FIXED_SOLVERS and solver not in ADAPTIVE_SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}.")
     if error_norm not in ERROR_NORMS:
@@ -135,6 +137,16 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
         )
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
+    if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) != max_steps
+                                  or max_steps < 1):
+        raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}.")
+    if solver in ADAPTIVE_SOLVERS:
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if tol is not None and not (math.isfinite(float(tol)) and float(tol) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}.")
+        if rtol is not None and atol is not None and float(rtol) == float(atol) == 0:
+            raise ValueError("rtol and atol cannot both be 0: the adaptive solver could never "
+                             "accept a step.")
 
 
 def check_save_times(save_times, t0: float, t1: float) -> None:
@@ -192,7 +204,8 @@ def solve(
     Returns ``(y1, ys, stats)`` where ``ys`` holds the states at ``save_times`` (or None).
     Pure and traceable: call it under jit. ``throw=False``: check ``stats.success``.
     """
-    check_solver_args(solver, steps, step_size, t0, t1, error_norm)
+    check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
+                      max_steps=max_steps)
     check_save_times(save_times, t0, t1)
     # Time in the state's float precision (at least float32): diffrax promotes the state to
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would

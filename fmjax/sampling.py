@@ -50,6 +50,16 @@ def batch_time(t, x):
     return jnp.full((x.shape[0],), t, dtype=x.dtype)
 
 
+def check_field_output(dx, x):
+    """At trace time: ``v(t, x)`` must return one array of x's shape (a (B, 1) or (B,) output
+    would otherwise broadcast against the state inside the solver, silently wrong)."""
+    if not hasattr(dx, "shape") or dx.shape != x.shape:
+        got = f"shape {dx.shape}" if hasattr(dx, "shape") else type(dx).__name__
+        raise ValueError(f"v(t, x) must return dx/dt with x's shape {x.shape}; got {got}.")
+    if not jnp.issubdtype(dx.dtype, jnp.floating):
+        raise ValueError(f"v(t, x) must return floating-point dx/dt; got dtype {dx.dtype}.")
+
+
 def _check_batch(x, name):
     if jnp.ndim(x) < 2:
         raise ValueError(
@@ -106,7 +116,9 @@ def _sample(v, x0, save_times, *, solver, t0, t1, steps, step_size, rtol, atol, 
             per_example, error_norm):
     def field(t, x, args):
         del args
-        return v(batch_time(t, x), x)
+        dx = v(batch_time(t, x), x)
+        check_field_output(dx, x)
+        return dx
 
     def run(x):
         return ode.solve(field, x, t0=t0, t1=t1, solver=solver, steps=steps,
@@ -171,7 +183,8 @@ def sample(
       under ``jax_enable_x64``; pass float64 points for a float64 solve.
     """
     _check_batch(x0, "x0")
-    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm)
+    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
+                          max_steps=max_steps)
     ode.check_save_times(save_times, t0, t1)
     x1, stats = _sample(
         as_field(v), place_batch(jnp.asarray(x0), mesh, "x0"),

@@ -344,6 +344,47 @@ def test_bad_inputs():
     assert not bool(st.success)
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
+    ({"atol": float("nan")}, "atol must be a finite number >= 0"),
+    ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"),
+    ({"max_steps": 0}, "max_steps must be a positive integer"),
+    ({"max_steps": 2.5}, "max_steps must be a positive integer"),
+])
+def test_bad_tolerances_and_step_budgets(kw, match):
+    v = _gaussian_field()
+    x = _x0(4)
+    with pytest.raises(ValueError, match=match):
+        fmjax.sample(v, x, **kw)
+    with pytest.raises(ValueError, match=match):
+        fmjax.log_likelihood(v, x, **kw)
+    # tolerances do not concern fixed-step solvers; a zero rtol with atol > 0 is fine
+    fmjax.sample(v, x, solver="euler", steps=2, rtol=-1.0)
+    fmjax.sample(v, x, rtol=0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad_v, match", [
+    (lambda t, x: x[:, :1], r"x's shape \(4, 2\); got shape \(4, 1\)"),
+    (lambda t, x: jnp.sum(x, axis=1), r"got shape \(4,\)"),
+    (lambda t, x: (x, x), "got tuple"),
+    (lambda t, x: x.astype(jnp.int32), "floating-point"),
+])
+def test_field_output_must_have_the_state_shape(bad_v, match):
+    # A (B, 1) or (B,) output would broadcast against the state inside the solver and give
+    # a wrong flow without an error.
+    x = _x0(4)
+    with pytest.raises(ValueError, match=match):
+        fmjax.sample(bad_v, x)
+    with pytest.raises(ValueError, match=match):
+        fmjax.sample(bad_v, x, solver="euler", steps=2)
+    with pytest.raises(ValueError, match=match):
+        fmjax.log_likelihood(bad_v, x)
+    with pytest.raises(ValueError, match=match):
+        fmjax.log_likelihood(bad_v, x, divergence="hutchinson", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="x's shape"):  # per example: one row at a time
+        fmjax.sample(lambda t, x: x[:, :1], x, per_example=True)
+
+
 def test_recompiles_once_per_shape_with_partial():
     v = _gaussian_field()
     fmjax.sample(v, _x0(16), solver="euler", steps=3)

@@ -151,7 +151,8 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
         raise ValueError(f"num_probes must be a positive integer; got {o['num_probes']!r}.")
     if o["hutchinson_mode"] not in ("jvp", "vjp"):
         raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {o['hutchinson_mode']!r}.")
-    ode.check_solver_args(o["solver"], o["steps"], o["step_size"], 0.0, 1.0)
+    ode.check_solver_args(o["solver"], o["steps"], o["step_size"], 0.0, 1.0, rtol=o["rtol"],
+                          atol=o["atol"], max_steps=o["max_steps"])
     lo, hi = (float(a) for a in o["value_range"])
     if not hi > lo:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
