@@ -16,7 +16,6 @@ must treat the examples of a batch independently (no batch norm across examples)
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
