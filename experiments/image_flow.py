@@ -175,9 +175,18 @@ def _check_config(config):
         raise ConfigError(f"train.warmup_steps must be >= 0; got {t.warmup_steps}.")
     if not 0.0 <= float(t.ema_decay) < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
-    if t.sample_solver not in _ADAPTIVE:
-        raise ConfigError(f"train.sample_solver must be an adaptive solver {_ADAPTIVE}; got "
-                          f"{t.sample_solver!r}.")
+    e = config.eval
+    for solver_key, solver, tol_keys, rtol, atol in (
+            ("train.sample_solver", t.sample_solver, "train.sample_tol", t.sample_tol,
+             t.sample_tol),
+            ("eval.solver", e.solver, "eval.rtol / eval.atol", e.rtol, e.atol)):
+        if solver not in _ADAPTIVE:
+            raise ConfigError(f"{solver_key} must be an adaptive solver {_ADAPTIVE}; got "
+                              f"{solver!r}.")
+        try:
+            fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{tol_keys}: {err}") from err
     nc = config.model.num_classes
     if nc is not None:
         if int(nc) < 1:

@@ -43,6 +43,13 @@ def _check_config(cfg):
     if t.num_steps % t.steps_per_call:
         raise ValueError(f"train.num_steps ({t.num_steps}) must be a multiple of "
                          f"train.steps_per_call ({t.steps_per_call}).")
+    e = cfg.eval  # checked before training, not after it
+    for keys, rtol, atol in (("eval.rtol / eval.atol", e.rtol, e.atol),
+                             ("eval.grid_rtol", e.grid_rtol, e.grid_rtol)):
+        try:
+            fmjax.ode.check_solver_args("dopri5", None, None, 0.0, 1.0, rtol=rtol, atol=atol)
+        except ValueError as err:
+            raise ValueError(f"{keys}: {err}") from err
 
 
 def _velocity(model):

@@ -307,6 +307,10 @@ def test_default_configs_are_the_papers_recipe():
     ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
     ({"data.global_batch_size": 0}, "global batch size [(]0[)]"),
     ({"model.dtype": "float8"}, "model.dtype"),
+    ({"train.sample_solver": "euler"}, "train.sample_solver must be an adaptive solver"),
+    ({"train.sample_tol": -1e-3}, "train.sample_tol: rtol must be a finite number >= 0"),
+    ({"eval.solver": "rk45"}, "eval.solver must be an adaptive solver"),
+    ({"eval.rtol": 0.0, "eval.atol": 0.0}, "eval.rtol / eval.atol: rtol and atol cannot both"),
 ])
 def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
     # ConfigError is a ValueError; the command line prints it without a traceback

@@ -49,3 +49,11 @@ def test_bad_config_values():
         toy2d.train(cfg, progress=False)
     with pytest.raises(ValueError, match="unknown toy2d preset"):
         toy2d_config.get_config("huge")
+    cfg = toy2d_config.get_config("tiny")
+    cfg.eval.rtol = -1e-5
+    with pytest.raises(ValueError, match="eval.rtol / eval.atol: rtol must be"):
+        toy2d.train(cfg, progress=False)
+    cfg = toy2d_config.get_config("tiny")
+    cfg.eval.grid_rtol = 0.0
+    with pytest.raises(ValueError, match="eval.grid_rtol: rtol and atol cannot both be 0"):
+        toy2d.train(cfg, progress=False)
