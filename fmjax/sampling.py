@@ -1,7 +1,8 @@
 """Sampling: solve ``dx/dt = v(t, x)`` from noise (t=0) to data (t=1) with diffrax.
 
 The vector field is any function ``v(t, x)`` of a batch: ``t`` has shape ``(B,)`` and ``x``
-shape ``(B, *event_shape)``; it returns dx/dt with x's shape. Wrap a model as
+shape ``(B, *event_shape)``; it returns dx/dt with x's shape (checked when the solve is
+traced: a ``(B, 1)`` output would otherwise broadcast against the state). Wrap a model as
 ``jax.tree_util.Partial(model.apply, params)`` (or call :func:`sample` inside your own
 ``jax.jit``): the solve is compiled once per (function, shapes, options) and the parameters
 stay runtime arguments. A fresh ``lambda`` on every call is a new function and recompiles.
