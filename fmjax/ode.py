@@ -161,8 +161,8 @@ def check_save_times(save_times, t0: float, t1: float) -> None:
                              f"{save_times.shape}.")
         return
     ts = np.asarray(save_times)
-    if ts.ndim != 1 or not (np.issubdtype(ts.dtype, np.floating)
-                            or np.issubdtype(ts.dtype, np.integer)):
+    if ts.ndim != 1 or not (jnp.issubdtype(ts.dtype, jnp.floating)  # (bfloat16 too)
+                            or jnp.issubdtype(ts.dtype, jnp.integer)):
         raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
                          f"{ts.shape} and dtype {ts.dtype}.")
     lo, hi = min(t0, t1), max(t0, t1)

@@ -79,6 +79,10 @@ def test_save_times_are_not_rounded_to_low_precision_points():
     x0 = jnp.ones((4, 2), jnp.bfloat16)
     _, stats = fmjax.sample(lambda t, x: -x, x0, rtol=1e-8, atol=1e-8, save_times=[0.3, 0.7])
     np.testing.assert_allclose(stats.trajectory[:, 0, 0], np.exp([-0.3, -0.7]), atol=1e-5)
+    # times given as a bfloat16 array are what they are (0.5 is exact in bfloat16)
+    _, stats = fmjax.sample(lambda t, x: -x, x0, rtol=1e-8, atol=1e-8,
+                            save_times=jnp.array([0.5], jnp.bfloat16))
+    np.testing.assert_allclose(stats.trajectory[0, 0, 0], np.exp(-0.5), atol=1e-5)
 
 
 @pytest.mark.parametrize("save_times, t0, t1, match", [
