@@ -169,8 +169,8 @@ def check_save_times(save_times, t0: float, t1: float) -> None:
     if ts.size and not (np.all(np.isfinite(ts)) and ts.min() >= lo and ts.max() <= hi):
         raise ValueError(f"save_times must lie in [{lo}, {hi}] (between t0={t0} and "
                          f"t1={t1}); got {ts.tolist()}.")
-    steps = np.diff(ts.astype(np.float64)) * (1.0 if t1 > t0 else -1.0)
-    if np.any(steps < 0):
+    gaps = np.diff(ts.astype(np.float64)) * (1.0 if t1 > t0 else -1.0)  # along the solve
+    if np.any(gaps < 0):
         order = "increasing" if t1 > t0 else "decreasing (the solve runs from t0 down to t1)"
         raise ValueError(f"save_times must be {order}; got {ts.tolist()}.")
 
