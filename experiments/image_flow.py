@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 import fmjax
+from fmjax._checks import integer
 from fmjax.data import images as images_lib
 from fmjax.models import unet as unet_lib
 from fmjax.train import NonFiniteLossError, TrainState, make_train_step
@@ -160,6 +161,20 @@ def _field(model):
     return functools.partial(_apply_velocity, model)
 
 
+# integer config fields: (section, name, least allowed value), 0 where the configs document
+# 0 as "off" or "all"; FID needs two samples for a covariance
+_INT_FIELDS = (
+    ("data", "global_batch_size", 1), ("data", "worker_count", 0), ("data", "read_threads", 1),
+    ("train", "num_steps", 1), ("train", "warmup_steps", 0), ("train", "log_every", 1),
+    ("train", "checkpoint_every", 1), ("train", "keep_checkpoints", 1),
+    ("train", "sample_every", 0), ("train", "num_sample_images", 1),
+    ("train", "eval_every", 0), ("eval", "checkpoint_step", 0),
+    ("eval", "global_batch_size", 1), ("eval", "num_batches", 0), ("eval", "num_dequant", 1),
+    ("eval", "nfe_num_samples", 0), ("eval", "sample_batch_size", 1),
+    ("eval", "fid_num_samples", 2), ("model", "num_classes", 1))
+_OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
+
+
 def _check_config(config):
     if config.mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}; got {config.mode!r}.")
@@ -167,12 +182,14 @@ def _check_config(config):
         images_lib._lookup(config.data.source)  # unknown source -> ValueError listing them
     except ValueError as e:
         raise ConfigError(f"data.source: {e}") from e
+    for section, name, minimum in _INT_FIELDS:
+        value = config[section][name]
+        if not (value is None and (section, name) in _OPTIONAL_INT_FIELDS):
+            try:
+                integer(value, f"{section}.{name}", minimum=minimum)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     t = config.train
-    for name in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if int(t[name]) < 1:
-            raise ConfigError(f"train.{name} must be >= 1; got {t[name]!r}.")
-    if int(t.warmup_steps) < 0:
-        raise ConfigError(f"train.warmup_steps must be >= 0; got {t.warmup_steps}.")
     if not 0.0 <= float(t.ema_decay) < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
     e = config.eval
@@ -187,13 +204,10 @@ def _check_config(config):
             fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{tol_keys}: {err}") from err
-    nc = config.model.num_classes
-    if nc is not None:
-        if int(nc) < 1:
-            raise ConfigError(f"model.num_classes must be None or >= 1; got {nc!r}.")
-        if config.data.source == "downsampled_imagenet/32x32":
-            raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
-                              "model (model.num_classes) needs another source.")
+    if (config.model.num_classes is not None
+            and config.data.source == "downsampled_imagenet/32x32"):
+        raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
+                          "model (model.num_classes) needs another source.")
     if not 0.0 <= float(config.model.class_dropout) <= 1.0:
         raise ConfigError(f"model.class_dropout must be in [0, 1]; got "
                           f"{config.model.class_dropout!r}.")

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import fmjax
+from fmjax._checks import integer
 from fmjax.data import toy
 from fmjax.models import MLP
 
@@ -34,12 +35,18 @@ def make_path(cfg):
     return fmjax.paths.get(cfg.path.name, **kwargs)
 
 
+# integer config fields: (section, name, least allowed value)
+_INT_FIELDS = (("train", "num_steps", 1), ("train", "batch_size", 1),
+               ("train", "steps_per_call", 1), ("train", "log_every", 1),
+               ("train", "warmup_steps", 0), ("eval", "num_nll", 1), ("eval", "num_samples", 1),
+               ("eval", "grid_size", 1), ("eval", "num_trajectories", 1))
+
+
 def _check_config(cfg):
     toy._check_name(cfg.dataset)
+    for section, name, minimum in _INT_FIELDS:
+        integer(cfg[section][name], f"{section}.{name}", minimum=minimum)
     t = cfg.train
-    if t.num_steps < 1 or t.batch_size < 1:
-        raise ValueError(f"train.num_steps and train.batch_size must be >= 1; got "
-                         f"{t.num_steps}, {t.batch_size}.")
     if t.num_steps % t.steps_per_call:
         raise ValueError(f"train.num_steps ({t.num_steps}) must be a multiple of "
                          f"train.steps_per_call ({t.steps_per_call}).")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from fmjax._checks import integer
 from fmjax.host_memory import _jax_backends_started
 
 __all__ = ["num_cores", "use_cpu_devices"]
@@ -47,9 +48,7 @@ def use_cpu_devices(n: int | None = None, *, warn_if_late: bool = True) -> int:
 
     if n is None:
         n = num_cores()
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"n must be a positive integer (CPU devices) or None; got {n!r}.")
-    n = int(n)
+    n = integer(n, "n (the number of CPU devices)")
     if _jax_backends_started():
         have = len(jax.devices("cpu"))
         if have != n and warn_if_late:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import _xla, ode
+from fmjax._checks import integer
 from fmjax.sampling import _check_batch, as_field, batch_time, check_field_output, place_batch
 
 __all__ = [
@@ -202,12 +203,10 @@ def log_likelihood(
             raise ValueError("divergence='hutchinson' needs a PRNG key= for its probes.")
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}; got {probe!r}.")
-        if int(num_probes) != num_probes or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive integer; got {num_probes!r}.")
+        num_probes = integer(num_probes, "num_probes")
         if hutchinson_mode not in ("jvp", "vjp"):
             raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {hutchinson_mode!r}.")
-    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size!r}.")
+    chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
     if not t0 < t1:
         raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
     ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
@@ -238,15 +237,15 @@ def bits_per_dim(log_prob, num_dims, *, value_range=(0.0, 1.0), num_levels: int 
     (for ``value_range=(-1, 1)``, 8-bit data: ``-log p / (D ln 2) + 7``, the paper's protocol.)
     ``num_dims`` is D, the number of dimensions per example (an int or an event shape).
     """
-    if isinstance(num_dims, (tuple, list)):
+    if isinstance(num_dims, (tuple, list)):  # an event shape: its entries, then D
+        for size in num_dims:
+            integer(size, f"num_dims={tuple(num_dims)!r}: each size")
         num_dims = math.prod(num_dims)
-    if int(num_dims) != num_dims or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer or shape; got {num_dims!r}.")
+    num_dims = integer(num_dims, "num_dims")
     lo, hi = value_range
     if not hi > lo:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {value_range!r}.")
-    if int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2; got {num_levels!r}.")
+    num_levels = integer(num_levels, "num_levels", minimum=2)
     d = float(num_dims)
     log_prob_unit = log_prob + d * math.log(hi - lo)
     return -(log_prob_unit - d * math.log(num_levels)) / (d * math.log(2.0))

@@ -28,8 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax._checks import integer
+
 __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
-           "max_example_rms_norm", "solve"]
+           "check_derivative", "check_save_times", "check_solver_args", "max_example_rms_norm",
+           "solve"]
 
 ERROR_NORMS = ("rms", "max")
 
@@ -126,8 +129,7 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
                 f"fixed-step solver {solver!r} needs exactly one of steps= or step_size=; got "
                 f"steps={steps!r}, step_size={step_size!r}."
             )
-        if steps is not None and (int(steps) != steps or steps < 1):
-            raise ValueError(f"steps must be a positive integer; got {steps!r}.")
+        integer(steps, "steps", allow_none=True)
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be > 0; got {step_size!r}.")
     elif steps is not None or step_size is not None:
@@ -137,9 +139,7 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
         )
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
-    if max_steps is not None and (isinstance(max_steps, bool) or int(max_steps) != max_steps
-                                  or max_steps < 1):
-        raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}.")
+    integer(max_steps, "max_steps", allow_none=True)
     if solver in ADAPTIVE_SOLVERS:
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not (math.isfinite(float(tol)) and float(tol) >= 0):
@@ -147,6 +147,25 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
         if rtol is not None and atol is not None and float(rtol) == float(atol) == 0:
             raise ValueError("rtol and atol cannot both be 0: the adaptive solver could never "
                              "accept a step.")
+
+
+def check_derivative(dy, y) -> None:
+    """At trace time: ``field(t, y, args)`` must return ``dy/dt`` with ``y``'s tree structure
+    and leaf shapes, in floating point (a ``(B, 1)`` leaf for a ``(B, 2)`` state would
+    otherwise broadcast inside the solver and give a silently wrong solution)."""
+    y_def, dy_def = jax.tree_util.tree_structure(y), jax.tree_util.tree_structure(dy)
+    if y_def != dy_def:
+        raise ValueError(f"field(t, y, args) must return dy/dt with the state's structure "
+                         f"{y_def}; got {dy_def}.")
+    for (where, leaf), d in zip(jax.tree_util.tree_leaves_with_path(y),
+                                jax.tree_util.tree_leaves(dy)):
+        name = "dy/dt" + jax.tree_util.keystr(where)
+        if jnp.shape(d) != jnp.shape(leaf):
+            raise ValueError(f"field(t, y, args) must return {name} with the state's shape "
+                             f"{jnp.shape(leaf)}; got shape {jnp.shape(d)}.")
+        if not jnp.issubdtype(jnp.result_type(d), jnp.floating):
+            raise ValueError(f"field(t, y, args) must return floating-point {name}; got "
+                             f"dtype {jnp.result_type(d)}.")
 
 
 def check_save_times(save_times, t0: float, t1: float) -> None:
@@ -201,12 +220,21 @@ def solve(
 ):
     """Solve ``dy/dt = field(t, y, args)`` from t0 to t1 (either direction) with diffrax.
 
-    Returns ``(y1, ys, stats)`` where ``ys`` holds the states at ``save_times`` (or None).
-    Pure and traceable: call it under jit. ``throw=False``: check ``stats.success``.
+    ``y0`` is any pytree of float arrays; ``field`` must return ``dy/dt`` with the same tree
+    structure and leaf shapes (checked when the solve is traced, see
+    :func:`check_derivative`). Returns ``(y1, ys, stats)`` where ``ys`` holds the states at
+    ``save_times`` (or None). Pure and traceable: call it under jit. ``throw=False``: check
+    ``stats.success``.
     """
     check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
                       max_steps=max_steps)
     check_save_times(save_times, t0, t1)
+
+    def checked_field(t, y, args):  # the check runs while tracing: no cost per step
+        dy = field(t, y, args)
+        check_derivative(dy, y)
+        return dy
+
     # Time in the state's float precision (at least float32): diffrax promotes the state to
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
     # silently turn a float32 solve (and every call of the field) into float64.
@@ -229,7 +257,7 @@ def solve(
     else:
         saveat = diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
+        diffrax.ODETerm(checked_field),
         solver_obj,
         t0=jnp.asarray(t0, time_dtype),
         t1=jnp.asarray(t1, time_dtype),

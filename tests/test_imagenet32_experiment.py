@@ -305,12 +305,17 @@ def test_default_configs_are_the_papers_recipe():
     ({"train.ema_decay": 1.0}, "train.ema_decay"),
     ({"train.warmup_steps": -1}, "train.warmup_steps"),
     ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
-    ({"data.global_batch_size": 0}, "global batch size [(]0[)]"),
+    ({"data.global_batch_size": 0}, "data.global_batch_size must be a positive integer; got 0"),
     ({"model.dtype": "float8"}, "model.dtype"),
     ({"train.sample_solver": "euler"}, "train.sample_solver must be an adaptive solver"),
     ({"train.sample_tol": -1e-3}, "train.sample_tol: rtol must be a finite number >= 0"),
     ({"eval.solver": "rk45"}, "eval.solver must be an adaptive solver"),
     ({"eval.rtol": 0.0, "eval.atol": 0.0}, "eval.rtol / eval.atol: rtol and atol cannot both"),
+    ({"train.sample_every": -1}, "train.sample_every must be a non-negative integer; got -1"),
+    ({"eval.sample_batch_size": 0}, "eval.sample_batch_size must be a positive integer"),
+    ({"eval.fid_num_samples": 1}, "eval.fid_num_samples must be an integer >= 2; got 1"),
+    ({"model.num_classes": 0}, "model.num_classes must be a positive integer; got 0"),
+    ({"eval.checkpoint_step": -5}, "eval.checkpoint_step must be a non-negative integer"),
 ])
 def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
     # ConfigError is a ValueError; the command line prints it without a traceback

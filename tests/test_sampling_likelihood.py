@@ -389,6 +389,36 @@ def test_field_output_must_have_the_state_shape(bad_v, match):
         fmjax.sample(lambda t, x: x[:, :1], x, per_example=True)
 
 
+def _tree_field(t, y, args):  # d/dt (a, b) = (-a, 2 b): a(1) = a0 / e, b(1) = b0 e^2
+    return {"a": -y["a"], "b": 2.0 * y["b"]}
+
+
+def test_ode_solve_of_a_pytree_state():
+    y0 = {"a": jnp.ones((4, 2)), "b": jnp.full((4,), 0.5)}
+    y1, _, stats = jax.jit(lambda y: fmjax.ode.solve(_tree_field, y, t0=0.0, t1=1.0))(y0)
+    np.testing.assert_allclose(y1["a"], np.exp(-1.0), rtol=1e-4)
+    np.testing.assert_allclose(y1["b"], 0.5 * np.exp(2.0), rtol=1e-4)
+    assert bool(stats.success)
+
+
+@pytest.mark.parametrize("bad_field, match", [
+    (lambda t, y, args: {"a": -y["a"], "b": 2.0 * y["b"][:, None]},
+     r"dy/dt\['b'\] with the state's shape \(4,\); got shape \(4, 1\)"),
+    (lambda t, y, args: {"a": -y["a"][:, :1], "b": y["b"]},
+     r"dy/dt\['a'\] with the state's shape \(4, 2\); got shape \(4, 1\)"),
+    (lambda t, y, args: (-y["a"], y["b"]), "with the state's structure"),
+    (lambda t, y, args: {"a": -y["a"], "b": None}, "with the state's structure"),
+    (lambda t, y, args: {"a": y["a"].astype(jnp.int32), "b": y["b"]},
+     r"floating-point dy/dt\['a'\]; got dtype int32"),
+])
+def test_ode_solve_checks_the_fields_output_against_the_state(bad_field, match):
+    # (the check runs while tracing, so these raise before anything is compiled)
+    y0 = {"a": jnp.ones((4, 2)), "b": jnp.full((4,), 0.5)}
+    for kw in ({}, {"solver": "rk4", "steps": 3}):
+        with pytest.raises(ValueError, match=match):
+            jax.jit(lambda y, kw=kw: fmjax.ode.solve(bad_field, y, t0=0.0, t1=1.0, **kw))(y0)
+
+
 def test_recompiles_once_per_shape_with_partial():
     v = _gaussian_field()
     fmjax.sample(v, _x0(16), solver="euler", steps=3)

@@ -57,3 +57,11 @@ def test_bad_config_values():
     cfg.eval.grid_rtol = 0.0
     with pytest.raises(ValueError, match="eval.grid_rtol: rtol and atol cannot both be 0"):
         toy2d.train(cfg, progress=False)
+    cfg = toy2d_config.get_config("tiny")
+    cfg.train.steps_per_call = 0  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="train.steps_per_call must be a positive integer"):
+        toy2d.train(cfg, progress=False)
+    cfg = toy2d_config.get_config("tiny")
+    cfg.eval.grid_size = 0  # was found after training
+    with pytest.raises(ValueError, match="eval.grid_size must be a positive integer; got 0"):
+        toy2d.train(cfg, progress=False)

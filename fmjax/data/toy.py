@@ -45,12 +45,13 @@ have no closed-form density, so :func:`log_prob` raises ``ValueError`` for them.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fmjax._checks import integer
 
 __all__ = [
     "CHECKERBOARD_SCALE",
@@ -80,16 +81,8 @@ _F32 = jnp.float32
 
 
 def _check_n(n) -> int:
-    """Validate the sample count: a positive Python/NumPy integer (bools rejected)."""
-    if isinstance(n, bool):
-        raise ValueError(f"n must be a positive int, got {n!r}")  # noqa: TRY004
-    try:
-        n_int = operator.index(n)
-    except TypeError:
-        raise ValueError(f"n must be a positive int, got {n!r} of type {type(n).__name__}") from None
-    if n_int <= 0:
-        raise ValueError(f"n must be a positive int, got {n_int}")
-    return n_int
+    """The sample count as an int (a positive integer; bools refused)."""
+    return integer(n, "n (the number of samples)")
 
 
 # --------------------------------------------------------------------------------------------

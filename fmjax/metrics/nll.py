@@ -43,6 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
+from fmjax._checks import integer
 from fmjax.likelihood import DIVERGENCES, PROBES, bits_per_dim, log_likelihood
 from fmjax.sampling import _check_batch, as_field, auto_mesh
 
@@ -140,15 +141,12 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of "
                         f"{sorted(_OPTION_DEFAULTS)}.")
     o = {**_OPTION_DEFAULTS, **kw}
-    if isinstance(num_dequant, bool) or int(num_dequant) != num_dequant or num_dequant < 1:
-        raise ValueError(f"num_dequant must be a positive integer; got {num_dequant!r}.")
-    o["num_dequant"] = int(num_dequant)
+    o["num_dequant"] = integer(num_dequant, "num_dequant")
     if o["divergence"] not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}; got {o['divergence']!r}.")
     if o["probe"] not in PROBES:
         raise ValueError(f"probe must be one of {PROBES}; got {o['probe']!r}.")
-    if int(o["num_probes"]) != o["num_probes"] or o["num_probes"] < 1:
-        raise ValueError(f"num_probes must be a positive integer; got {o['num_probes']!r}.")
+    o["num_probes"] = integer(o["num_probes"], "num_probes")
     if o["hutchinson_mode"] not in ("jvp", "vjp"):
         raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {o['hutchinson_mode']!r}.")
     ode.check_solver_args(o["solver"], o["steps"], o["step_size"], 0.0, 1.0, rtol=o["rtol"],

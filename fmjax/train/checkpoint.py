@@ -35,6 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from fmjax._checks import integer
+
 __all__ = ["CheckpointManager", "abstract_like", "with_sharding"]
 
 log = logging.getLogger(__name__)
@@ -121,10 +123,7 @@ class CheckpointManager:
     def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
                  best_metric: str | None = None, best_mode: str = "min",
                  async_save: bool = True, config=None):
-        if int(save_every) != save_every or save_every < 1:
-            raise ValueError(f"save_every must be a positive integer; got {save_every!r}.")
-        if int(keep) != keep or keep < 1:
-            raise ValueError(f"keep must be a positive integer; got {keep!r}.")
+        save_every, keep = integer(save_every, "save_every"), integer(keep, "keep")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}.")
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))

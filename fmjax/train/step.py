@@ -25,6 +25,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fmjax._checks import integer
 from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
@@ -172,8 +173,7 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
     ``fmjax.train.sharding.replicate(state, mesh)``.
     """
     _check_decay(ema_decay)
-    if int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer; got {num_steps!r}.")
+    num_steps = integer(num_steps, "num_steps")
     if predraw not in (None, True, False):
         raise ValueError(f"predraw must be None, True or False; got {predraw!r}.")
     if mesh is not None:
