@@ -51,12 +51,14 @@ def batch_time(t, x):
     return jnp.full((x.shape[0],), t, dtype=x.dtype)
 
 
-def check_field_output(dx, x):
+def check_field_output(dx, x, where=""):
     """At trace time: ``v(t, x)`` must return one array of x's shape (a (B, 1) or (B,) output
-    would otherwise broadcast against the state inside the solver, silently wrong)."""
+    would otherwise broadcast against the state inside the solver, silently wrong).
+    ``where`` is appended to the message (e.g. what x is in this solve)."""
     if not hasattr(dx, "shape") or dx.shape != x.shape:
         got = f"shape {dx.shape}" if hasattr(dx, "shape") else type(dx).__name__
-        raise ValueError(f"v(t, x) must return dx/dt with x's shape {x.shape}; got {got}.")
+        raise ValueError(f"v(t, x) must return dx/dt with x's shape {x.shape}; got {got}"
+                         f"{where}.")
     if not jnp.issubdtype(dx.dtype, jnp.floating):
         raise ValueError(f"v(t, x) must return floating-point dx/dt; got dtype {dx.dtype}.")
 
@@ -118,7 +120,8 @@ def _sample(v, x0, save_times, *, solver, t0, t1, steps, step_size, rtol, atol, 
     def field(t, x, args):
         del args
         dx = v(batch_time(t, x), x)
-        check_field_output(dx, x)
+        check_field_output(dx, x, " (per_example=True: x is one example, a batch of one row)"
+                           if per_example else "")
         return dx
 
     def run(x):

@@ -385,7 +385,8 @@ def test_field_output_must_have_the_state_shape(bad_v, match):
         fmjax.log_likelihood(bad_v, x)
     with pytest.raises(ValueError, match=match):
         fmjax.log_likelihood(bad_v, x, divergence="hutchinson", key=jax.random.key(0))
-    with pytest.raises(ValueError, match="x's shape"):  # per example: one row at a time
+    with pytest.raises(ValueError, match=r"x's shape \(1, 2\); got shape \(1, 1\) "
+                                         r"\(per_example=True: x is one example"):
         fmjax.sample(lambda t, x: x[:, :1], x, per_example=True)
 
 
