@@ -51,15 +51,25 @@ def _sq_cost(x0, x1):
 def _lsa_host(cost):
     from scipy.optimize import linear_sum_assignment
 
-    rows, cols = linear_sum_assignment(np.asarray(cost, dtype=np.float64))
+    cost = np.asarray(cost, dtype=np.float64)
+    if not np.all(np.isfinite(cost)):
+        raise ValueError(
+            "exact OT coupling: the squared-distance cost has non-finite entries, so x0 or x1 "
+            f"holds NaN or inf ({np.sum(~np.isfinite(cost))} of {cost.size} costs); no "
+            "assignment is optimal.")
+    rows, cols = linear_sum_assignment(cost)
     perm = np.empty(cost.shape[1], dtype=np.int32)
     perm[cols] = rows
     return perm
 
 
 def exact_ot_assignment(x0, x1):
-    """Permutation ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2`` (Hungarian)."""
-    cost = _sq_cost(x0, x1)
+    """Permutation ``perm`` minimising ``sum_j ||x0[perm[j]] - x1[j]||^2`` (Hungarian).
+
+    The permutation is piecewise constant in x0 and x1, so it has no gradient: the cost is
+    passed to the host under ``stop_gradient``, and ``grad`` through ``x0[perm]`` holds the
+    pairing fixed."""
+    cost = jax.lax.stop_gradient(_sq_cost(x0, x1))
     out = jax.ShapeDtypeStruct((x1.shape[0],), jnp.int32)
     return jax.pure_callback(_lsa_host, out, cost, vmap_method="sequential")
 
@@ -95,7 +105,9 @@ def minibatch_ot(key, x0, x1, *, method="exact", reg=0.05, num_iters=200):
     if method == "exact":
         return x0[exact_ot_assignment(x0, x1)], x1
     if method == "sinkhorn":
-        plan = sinkhorn_plan(x0, x1, reg=reg, num_iters=num_iters)
+        # only integer indices come out of the plan: no gradient through the iterations
+        plan = sinkhorn_plan(jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1), reg=reg,
+                             num_iters=num_iters)
         idx = jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=1)
         return x0[idx], x1
     raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")

@@ -133,6 +133,9 @@ def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, p
     )
     base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(
         latent)
+    if jnp.shape(base) != jnp.shape(delta):
+        raise ValueError(f"base_log_prob(x0) must return one log-density per example, shape "
+                         f"{jnp.shape(delta)}; got shape {jnp.shape(base)}.")
     return base + delta, LikelihoodStats(*stats, latent=latent, delta_logp=delta)
 
 

@@ -46,6 +46,17 @@ def _check(x1, reduction):
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+    if not jnp.issubdtype(jnp.result_type(x1), jnp.floating):
+        raise ValueError(f"x1 must be floating point (e.g. images scaled to [-1, 1]); got "
+                         f"dtype {jnp.result_type(x1)}.")
+
+
+def _prediction(v, t, xt):
+    pred = v(t, xt)
+    if jnp.shape(pred) != jnp.shape(xt):
+        raise ValueError(f"v(t, x) must return x's shape {jnp.shape(xt)}; got "
+                         f"{jnp.shape(pred)}.")
+    return pred
 
 
 def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
@@ -77,22 +88,20 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
       t: optional times ``(B,)``; otherwise ``time_sampler(key, B)`` or U[path.t_range].
       coupling: ``coupling(key, x0, x1) -> (x0, x1)`` or a name from
         :mod:`fmjax.couplings` ('independent', 'ot', 'ot_sinkhorn'); default independent.
+        'ot' (exact) draws nothing; 'ot_sinkhorn' and a callable get a key split from ``key``.
+        Gradients flow through the re-paired x0 and x1 with the pairing held fixed.
       reduction: 'mean' (MSE over all elements, as the PyTorch references), 'sum' (the
         paper's squared norm, summed over dimensions, averaged over the batch) or 'none'
         (per-example MSE, shape (B,)).
     """
     _check(x1, reduction)
     x0, t, kc = _draw(path, key, x1, x0, t, time_sampler,
-                      need_key=coupling not in (None, "independent"))
+                      need_key=coupling not in (None, "independent", "ot"))
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
         x0, x1 = coupling(kc, x0, x1)
     xt, target = path.interpolate_and_target(x0, x1, t)
-    pred = v(t, xt)
-    if jnp.shape(pred) != jnp.shape(xt):
-        raise ValueError(f"v(t, x) must return x's shape {jnp.shape(xt)}; got "
-                         f"{jnp.shape(pred)}.")
-    return _reduce(jnp.square(pred - target), reduction)
+    return _reduce(jnp.square(_prediction(v, t, xt) - target), reduction)
 
 
 def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None,
@@ -107,4 +116,4 @@ def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None,
     x0, t, _ = _draw(path, key, x1, x0, t, time_sampler)
     xt = path.interpolate(x0, x1, t)
     target = jax.lax.stop_gradient(marginal.velocity(path, xt, t))
-    return _reduce(jnp.square(v(t, xt) - target), reduction)
+    return _reduce(jnp.square(_prediction(v, t, xt) - target), reduction)

@@ -22,11 +22,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 from fmjax.paths import _broadcast_t
 
 __all__ = ["EmpiricalData", "GaussianMixture"]
+
+# what the constructors check; other leaves are pytree internals (placeholders in unflatten)
+_ARRAYS = (jax.Array, np.ndarray)
 
 
 def _pytree_dataclass(cls):
@@ -82,7 +86,7 @@ class EmpiricalData(_Marginal):
 
     def __post_init__(self):
         pts = self.points
-        if isinstance(pts, jax.Array | jnp.ndarray) and jnp.ndim(pts) != 2:
+        if isinstance(pts, _ARRAYS) and jnp.ndim(pts) != 2:
             raise ValueError(f"points must have shape (N, D); got {jnp.shape(pts)}.")
 
     @property
@@ -117,7 +121,7 @@ class GaussianMixture(_Marginal):
 
     def __post_init__(self):
         m, s, w = self.means, self.stds, self.weights
-        if not all(isinstance(a, jax.Array | jnp.ndarray) for a in (m, s, w)):
+        if not all(isinstance(a, _ARRAYS) for a in (m, s, w)):
             return  # pytree internals (tracers, placeholders)
         if jnp.ndim(m) != 2 or jnp.shape(s) != (m.shape[0],) or jnp.shape(w) != (m.shape[0],):
             raise ValueError(

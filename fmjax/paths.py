@@ -362,12 +362,18 @@ def cosine() -> AffinePath:
                       name="cosine")
 
 
-def polynomial(n: float) -> AffinePath:
-    """``alpha_t = t^n``, ``sigma_t = 1 - t^n`` (n > 0)."""
+def polynomial(n: float, eps: float = 1e-5) -> AffinePath:
+    """``alpha_t = t^n``, ``sigma_t = 1 - t^n`` (n > 0).
+
+    For ``n < 1`` the velocity ``n t^(n-1) (x1 - x0)`` is infinite at t = 0, so the path's
+    ``t_range`` (where losses draw t) is ``(eps, 1)``; for ``n >= 1`` it is ``(0, 1)``."""
     if not float(n) > 0:
         raise ValueError(f"polynomial exponent n must be > 0; got {n!r}.")
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"polynomial eps must lie in (0, 1); got {eps!r}.")
+    lo = float(eps) if float(n) < 1.0 else 0.0
     return AffinePath(alpha=schedules.Power(float(n)), sigma=schedules.OneMinusPower(float(n)),
-                      name=f"polynomial({n})")
+                      t_range=(lo, 1.0), name=f"polynomial({n})")
 
 
 _NAMED = {

@@ -128,6 +128,38 @@ def test_ot_coupling_lowers_transport_cost_in_the_loss():
     assert jnp.isfinite(loss)
 
 
+def test_grad_through_the_ot_coupling_matches_finite_differences():
+    # Data through a linear map W: the exact OT pairing is piecewise constant in W, so for a
+    # small step the loss (re-solving the assignment) is smooth and its finite difference is
+    # the gradient with the pairing held fixed (it was: "Pure callbacks do not support JVP").
+    x0, x1, t = _batch(n=8, d=2, seed=4)
+    x0, x1, t = (np.asarray(a, np.float64) for a in (x0, x1, t))
+    path = paths.CondOT()
+
+    def loss(w, coupling):
+        return losses.cfm_loss(lambda s, x: 0.5 * x, path, jax.random.key(0), x1 @ w,
+                               x0=x0, t=t, coupling=coupling)
+
+    with jax.enable_x64():
+        w = jnp.eye(2, dtype=jnp.float64) + 0.1
+        for coupling in ("ot", "ot_sinkhorn", "independent"):
+            g = jax.grad(loss)(w, coupling)
+            eps = 1e-6
+            fd = np.zeros((2, 2))
+            for i, j in itertools.product(range(2), range(2)):
+                dw = jnp.zeros((2, 2), jnp.float64).at[i, j].set(eps)
+                fd[i, j] = (loss(w + dw, coupling) - loss(w - dw, coupling)) / (2 * eps)
+            np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9, err_msg=coupling)
+        # the OT pairing is not the identity here, so the test differs from "independent"
+        assert not np.allclose(jax.grad(loss)(w, "ot"), jax.grad(loss)(w, "independent"))
+
+
+def test_exact_ot_of_non_finite_data_says_so():
+    x0, x1, _ = _batch()
+    with pytest.raises(Exception, match="non-finite entries, so x0 or x1 holds NaN or inf"):
+        jax.block_until_ready(couplings.minibatch_ot(None, x0, x1.at[1, 0].set(jnp.nan)))
+
+
 def test_bad_inputs():
     path = paths.CondOT()
     x0, x1, t = _batch()
@@ -141,6 +173,15 @@ def test_bad_inputs():
         losses.cfm_loss(_field, path, jax.random.key(0), x1, x0=x0[:, :2])
     with pytest.raises(ValueError, match="PRNG key"):
         losses.cfm_loss(_field, path, None, x1)
+    with pytest.raises(ValueError, match="PRNG key"):  # Sinkhorn draws x0 from its plan
+        losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, coupling="ot_sinkhorn")
+    assert jnp.isfinite(losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, coupling="ot"))
+    with pytest.raises(ValueError, match=r"x1 must be floating point .*; got dtype int32"):
+        losses.cfm_loss(_field, path, None, x1.astype(jnp.int32), x0=x0, t=t)
+    with pytest.raises(ValueError, match="must return x's shape"):
+        losses.fm_loss(lambda t, x: x[:, :1], path, None, x1,
+                       fmjax.marginals.GaussianMixture.create(jnp.zeros((1, 3)), 1.0), x0=x0,
+                       t=t)
     with pytest.raises(ValueError, match="must return x's shape"):
         losses.cfm_loss(lambda t, x: x[:, :1], path, None, x1, x0=x0, t=t)
     with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\]"):

@@ -139,6 +139,10 @@ def test_fm_and_cfm_losses_differ_by_a_constant():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="means"):
         marginals.GaussianMixture(jnp.zeros((3, 2)), jnp.ones(2), jnp.ones(3))
+    with pytest.raises(ValueError, match="means"):  # NumPy arrays are checked too
+        marginals.GaussianMixture(np.zeros((2, 2)), np.ones(3), np.ones(2))
+    with pytest.raises(ValueError, match=r"points must have shape \(N, D\); got \(3,\)"):
+        marginals.EmpiricalData(np.zeros(3))
     q = _mixture()
     with pytest.raises(ValueError, match=r"shape \(batch, 2\)"):
         q.velocity(paths.CondOT(), jnp.zeros((4, 3)), 0.5)

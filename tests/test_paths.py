@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fmjax
 from fmjax import paths, schedules
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -205,4 +206,19 @@ def test_bad_inputs():
         paths.get("ot")
     with pytest.raises(ValueError, match="exponent"):
         paths.polynomial(0)
+    with pytest.raises(ValueError, match="eps must lie in"):
+        paths.polynomial(0.5, eps=0.0)
+
+
+def test_polynomial_below_one_excludes_its_singular_start():
+    # d/dt t^n = n t^(n-1) is infinite at t = 0 for n < 1: t_range starts at eps there
+    x0, x1 = jnp.zeros((3, 2)), jnp.ones((3, 2))
+    sqrt_path = paths.polynomial(0.5)
+    assert sqrt_path.t_range == (1e-5, 1.0) and paths.polynomial(2.0).t_range == (0.0, 1.0)
+    t = jnp.full((3,), 1e-5)
+    np.testing.assert_allclose(sqrt_path.target(x0, x1, t), 0.5 / np.sqrt(1e-5), rtol=1e-4)
+    with pytest.raises(ValueError, match=r"t must lie in \[1e-05, 1.0\]"):
+        sqrt_path.target(x0, x1, jnp.zeros(3))
+    loss = fmjax.losses.cfm_loss(lambda t, x: x, sqrt_path, jax.random.key(0), jnp.ones((64, 2)))
+    assert np.isfinite(loss)
     assert paths.get("cond_ot", sigma_min=0.1) == paths.CondOT(sigma_min=0.1)

@@ -302,6 +302,10 @@ def test_custom_base_log_prob_and_interval():
     logp, stats = fmjax.log_likelihood(v, x, base_log_prob=base, solver="euler", steps=1)
     np.testing.assert_allclose(logp, base(x))
     assert int(stats.nfe) == 1
+    with pytest.raises(ValueError, match=r"one log-density per example, shape \(2,\); got "
+                                         r"shape \(2, 2\)"):  # forgot the sum over dims
+        fmjax.log_likelihood(v, x, base_log_prob=lambda z: jax.scipy.stats.norm.logpdf(z),
+                             solver="euler", steps=1)
 
 
 def test_bits_per_dim_known_densities():
