@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 import fmjax
+from experiments import path_config
 from fmjax._checks import integer
 from fmjax.data import images as images_lib
 from fmjax.models import unet as unet_lib
@@ -124,8 +125,19 @@ def make_optimizer(config):
 
 
 def make_path(config):
-    kwargs = {"sigma_min": float(config.path.sigma_min)} if config.path.name == "cond_ot" else {}
-    return fmjax.paths.get(config.path.name, **kwargs)
+    """The configured path (:mod:`experiments.path_config`); the trainer samples from and
+    scores against N(0, I), so paths whose source noise is not (close to) N(0, I) are refused
+    (VE's is N(0, sigma_max^2 I))."""
+    try:
+        path = path_config.make_path(config.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    std = float(path.source_std())
+    if abs(std - 1.0) > 1e-3:
+        raise ConfigError(f"path.name={config.path.name!r} starts from N(0, {std:g}^2 I) noise; "
+                          "the image trainer samples and computes bits/dim from N(0, I), so "
+                          f"it supports the paths {_IMAGE_PATHS}.")
+    return path
 
 
 def make_loss_fn(model, path, config):
@@ -173,6 +185,7 @@ _INT_FIELDS = (
     ("eval", "nfe_num_samples", 0), ("eval", "sample_batch_size", 1),
     ("eval", "fid_num_samples", 2), ("model", "num_classes", 1))
 _OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
+_IMAGE_PATHS = tuple(n for n in fmjax.paths.NAMES if n != "ve")  # N(0, I) sources
 
 
 def _check_config(config):
@@ -204,6 +217,7 @@ def _check_config(config):
             fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{tol_keys}: {err}") from err
+    make_path(config)
     if (config.model.num_classes is not None
             and config.data.source == "downsampled_imagenet/32x32"):
         raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "

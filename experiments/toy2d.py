@@ -23,16 +23,14 @@ import numpy as np
 import optax
 
 import fmjax
+from experiments import path_config
 from fmjax._checks import integer
 from fmjax.data import toy
 from fmjax.models import MLP
 
-PATH_KWARGS = {"cond_ot": ("sigma_min",)}
-
 
 def make_path(cfg):
-    kwargs = {k: cfg.path[k] for k in PATH_KWARGS.get(cfg.path.name, ())}
-    return fmjax.paths.get(cfg.path.name, **kwargs)
+    return path_config.make_path(cfg.path)
 
 
 # integer config fields: (section, name, least allowed value)
@@ -102,6 +100,9 @@ def train(cfg, *, progress=True, log_fn=None):
 def evaluate(cfg, model, params, workdir):
     """Held-out NLL, sample quality, NFE and the three plots; returns the metrics dict."""
     v = jax.tree_util.Partial(_velocity(model), params)
+    # samples start from the path's source noise and likelihoods use its density (VE's is
+    # N(0, sigma_max^2 I), not N(0, I))
+    path = make_path(cfg)
     key = jax.random.key(cfg.seed + 1)
     # (split(key, n)[i] does not depend on n, so the sixth key leaves the first five as
     # they were; fold_in(k_ref, 1) would be the key toy.sample(k_ref) draws its u with)
@@ -113,7 +114,8 @@ def evaluate(cfg, model, params, workdir):
     x_test = toy.sample(cfg.dataset, k_nll, e.num_nll)
     t0 = time.perf_counter()
     logp, lstats = fmjax.log_likelihood(v, x_test, divergence="exact", solver="dopri5",
-                                        rtol=e.rtol, atol=e.atol)
+                                        rtol=e.rtol, atol=e.atol,
+                                        base_log_prob=path.source_log_prob)
     out["nll_seconds"] = time.perf_counter() - t0
     nll = -np.asarray(logp, np.float64)
     out["nll_nats"] = float(nll.mean())
@@ -124,7 +126,7 @@ def evaluate(cfg, model, params, workdir):
         out["kl_upper_gap_nats"] = out["nll_nats"] - out["true_entropy_nats"]
 
     # samples
-    x0 = jax.random.normal(k_x0, (e.num_samples, 2))
+    x0 = path.sample_source(k_x0, (e.num_samples, 2))
     t0 = time.perf_counter()
     samples, sstats = fmjax.sample(v, x0, solver="dopri5", rtol=e.rtol, atol=e.atol)
     samples = jax.block_until_ready(samples)
@@ -144,12 +146,13 @@ def evaluate(cfg, model, params, workdir):
     g = np.linspace(-lim, lim, e.grid_size, dtype=np.float32)
     grid = np.stack(np.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     grid_logp, _ = fmjax.log_likelihood(v, jnp.asarray(grid), solver="dopri5",
-                                        rtol=e.grid_rtol, atol=e.grid_rtol)
+                                        rtol=e.grid_rtol, atol=e.grid_rtol,
+                                        base_log_prob=path.source_log_prob)
     grid_logp = np.asarray(grid_logp).reshape(e.grid_size, e.grid_size)
 
     # trajectories
     ts = jnp.linspace(0.0, 1.0, 33)[1:-1]
-    xt0 = jax.random.normal(k_traj, (e.num_trajectories, 2))
+    xt0 = path.sample_source(k_traj, (e.num_trajectories, 2))
     xt1, tstats = fmjax.sample(v, xt0, solver="dopri5", rtol=e.rtol, atol=e.atol, save_times=ts)
     traj = np.concatenate([np.asarray(xt0)[None], np.asarray(tstats.trajectory),
                            np.asarray(xt1)[None]])

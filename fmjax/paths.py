@@ -154,8 +154,22 @@ class GaussianPath:
 
         For CondOT and VP this is (close to) N(0, I); for VE it is N(0, sigma_max^2 I).
         """
-        _, s0, _, _ = self.coefficients(jnp.asarray(self.t_range[0], dtype))
-        return s0 * jax.random.normal(key, shape, dtype)
+        return self.source_std(dtype) * jax.random.normal(key, shape, dtype)
+
+    def source_std(self, dtype=jnp.float32):
+        """``sigma_{t0}``: the std of :meth:`sample_source` (1 for CondOT, ~1 for VP,
+        sigma_max for VE)."""
+        return self.coefficients(jnp.asarray(self.t_range[0], dtype))[1]
+
+    def source_log_prob(self, x):
+        """Log-density of :meth:`sample_source`, ``N(0, sigma_{t0}^2 I)``, per example of a
+        batch ``(B, *event_shape)``: the ``base_log_prob`` of :func:`fmjax.log_likelihood`
+        that matches the samples' starting noise."""
+        x = jnp.asarray(x)
+        s0 = self.source_std(x.dtype)
+        z = (x / s0).reshape(x.shape[0], -1)
+        d = z.shape[1]
+        return -0.5 * jnp.sum(z * z, axis=1) - d * (jnp.log(s0) + 0.5 * math.log(2 * math.pi))
 
     # -- parameterisations ---------------------------------------------------------------
     def convert(self, pred, x, t, *, src: str, dst: str):
@@ -390,8 +404,11 @@ def get(name: str, **kwargs) -> AffinePath:
     """Build a path by name (``cond_ot``, ``ve``, ``vp``, ``rectified_flow``, ``cosine``,
     ``polynomial``) with keyword hyper-parameters — the hook for config files."""
     if name not in _NAMED:
-        raise ValueError(f"unknown path {name!r}; known paths: {sorted(_NAMED)}.")
+        raise ValueError(f"unknown path {name!r}; known paths: {sorted(NAMES)}.")
     return _NAMED[name](**kwargs)
 
 
-__all__ += ["cosine", "get", "polynomial", "rectified_flow"]
+NAMES = tuple(_NAMED)
+"""The names :func:`get` knows."""
+
+__all__ += ["NAMES", "cosine", "get", "polynomial", "rectified_flow"]

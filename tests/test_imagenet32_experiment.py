@@ -316,6 +316,10 @@ def test_default_configs_are_the_papers_recipe():
     ({"eval.fid_num_samples": 1}, "eval.fid_num_samples must be an integer >= 2; got 1"),
     ({"model.num_classes": 0}, "model.num_classes must be a positive integer; got 0"),
     ({"eval.checkpoint_step": -5}, "eval.checkpoint_step must be a non-negative integer"),
+    ({"path.name": "condot"}, r"path.name must be one of \('cond_ot', "),
+    ({"path.name": "ve"}, r"starts from N\(0, 50\^2 I\) noise; the image trainer"),
+    ({"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
+     "path.polynomial: polynomial exponent n must be > 0"),
 ])
 def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
     # ConfigError is a ValueError; the command line prints it without a traceback

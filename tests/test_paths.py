@@ -222,3 +222,16 @@ def test_polynomial_below_one_excludes_its_singular_start():
     loss = fmjax.losses.cfm_loss(lambda t, x: x, sqrt_path, jax.random.key(0), jnp.ones((64, 2)))
     assert np.isfinite(loss)
     assert paths.get("cond_ot", sigma_min=0.1) == paths.CondOT(sigma_min=0.1)
+
+
+def test_source_noise_and_its_log_density():
+    # the t0 marginal's noise: sigma_{t0} N(0, I): 1 for CondOT, sigma_max for VE,
+    # sqrt(1 - exp(-T(1))) for VP (T(1) = (beta_min + beta_max) / 2)
+    x = jax.random.normal(jax.random.key(0), (5, 3, 2, 2)) * 7.0
+    for path, std in ((paths.CondOT(sigma_min=1e-4), 1.0), (paths.VE(sigma_max=50.0), 50.0),
+                      (paths.VP(), math.sqrt(1 - math.exp(-10.05)))):
+        np.testing.assert_allclose(path.source_std(), std, rtol=1e-6)
+        expected = jnp.sum(jax.scipy.stats.norm.logpdf(x, 0.0, std), axis=(1, 2, 3))
+        np.testing.assert_allclose(path.source_log_prob(x), expected, rtol=1e-5)
+        z = path.sample_source(jax.random.key(1), (20000, 2))
+        np.testing.assert_allclose(jnp.std(z), std, rtol=0.02)

@@ -23,6 +23,8 @@ random horizontal flips (ADM's data loader default), CondOT sigma_min = 1e-5.
 import ml_collections
 from ml_collections import config_dict
 
+from experiments import path_config
+
 
 def base_config():
     """All fields, set to the paper's ImageNet-32 recipe."""
@@ -56,8 +58,9 @@ def base_config():
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     c.path = ml_collections.ConfigDict()
-    c.path.name = "cond_ot"
+    c.path.name = "cond_ot"  # or vp, rectified_flow, cosine, polynomial (ve: toy2d only)
     c.path.sigma_min = 1e-5
+    path_config.add_fields(c.path)  # path.name=vp (etc.) reads path.vp.*; see path_config
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 250_000

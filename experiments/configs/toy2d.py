@@ -7,6 +7,8 @@ Override any field with ``--config.key=value``.
 
 import ml_collections
 
+from experiments import path_config
+
 
 def get_config(preset: str = "default"):
     c = ml_collections.ConfigDict()
@@ -16,6 +18,7 @@ def get_config(preset: str = "default"):
     c.path = ml_collections.ConfigDict()
     c.path.name = "cond_ot"  # cond_ot | ve | vp | rectified_flow | cosine | polynomial
     c.path.sigma_min = 1e-4  # used by cond_ot only
+    path_config.add_fields(c.path)  # path.ve.*, path.vp.*, path.polynomial.*: their parameters
     c.coupling = "independent"  # independent | ot | ot_sinkhorn
 
     c.model = ml_collections.ConfigDict()
