@@ -211,6 +211,18 @@ def test_evaluate_counts_every_example_once(images):
     assert res["nfe_mean"] > 0
 
 
+@pytest.mark.parametrize("sizes", [(4, 2, 1), (3, 3, 1), (7,)])
+def test_evaluate_numbers_unpadded_ragged_batches_consecutively(images, sizes):
+    # batches of any sizes without "index": positions 0..6 in order, so every example gets
+    # its own key (a short last batch once reused the positions of the batch before)
+    key = jax.random.key(5)
+    starts = np.cumsum((0,) + sizes[:-1])
+    batches = [{"image": images[a:a + n]} for a, n in zip(starts, sizes)]
+    res = nll.evaluate_bpd(zero_field, lambda: iter(batches), key)
+    assert res["num_examples"] == 7
+    assert res["bpd"] == pytest.approx(expected_mean(images, key, 1).mean(), rel=1e-6)
+
+
 def test_evaluate_resume_gives_identical_totals(images, tmp_path):
     key = jax.random.key(1)
     full = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key)

@@ -364,9 +364,11 @@ def evaluate_bpd(
         global_batch_size=G)``.  Batches are dicts with ``"image"`` (quantized levels in model
         space, ``(B, *event)``), optionally ``"mask"`` (bool (B,), False for padding rows,
         which then count zero) and optionally ``"index"`` (int (B,), the examples' global
-        positions).  Without ``"index"``, batch ``b`` is taken to hold positions
-        ``b * G + process_index * B + j`` (``G = B * process_count``): the layout of
-        :func:`fmjax.data.images.make_eval_iterator`.  With ``state_file`` the iterator must
+        positions).  Without ``"index"``, a batch of ``B`` rows per process is taken to hold
+        positions ``R * process_count + process_index * B + j``, where ``R`` counts this
+        process's rows in the batches before (every process reads equal batches): the layout
+        of :func:`fmjax.data.images.make_eval_iterator`, and consecutive positions for a
+        single process whatever its batch sizes.  With ``state_file`` the iterator must
         have JSON-able ``get_state()`` / ``set_state()`` (grain's do).
       key: one PRNG key; example ``i`` uses ``fold_in(key, i)`` (see the module docstring), so
         results do not depend on the batch size, the device count or resumption.
@@ -424,7 +426,7 @@ def evaluate_bpd(
 def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, callback):
     static_opts = tuple(sorted(opts.items()))
     totals = {"sum_bpd": 0.0, "sum_sq_bpd": 0.0, "count": 0, "sum_nfe": 0.0,
-              "batches_done": 0, "rows_seen": 0}
+              "batches_done": 0, "rows_seen": 0, "local_rows_done": 0}
     complete = False
     resumed = False
     path = None
@@ -473,8 +475,10 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
         if "index" in batch:
             index = np.asarray(batch["index"], np.int64)
         else:
-            g = b * jax.process_count()
-            index = totals["batches_done"] * g + jax.process_index() * b + np.arange(b)
+            # the rows before this batch, over all processes (equal local batches), so a short
+            # last batch continues the numbering (a batch-size-based offset reused positions)
+            done = totals.get("local_rows_done", totals["batches_done"] * b)
+            index = done * jax.process_count() + jax.process_index() * b + np.arange(b)
         if mask.shape != (b,) or index.shape != (b,):
             raise ValueError(f"batch 'mask'/'index' must have shape ({b},); got {mask.shape} "
                              f"and {index.shape}.")
@@ -499,6 +503,7 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             "count": totals["count"] + int(sel.size),
             "sum_nfe": totals["sum_nfe"] + float(np.sum(nfe[gmask].astype(np.float64))),
             "batches_done": totals["batches_done"] + 1,
+            "local_rows_done": totals.get("local_rows_done", totals["batches_done"] * b) + b,
             "rows_seen": totals["rows_seen"] + int(gmask.size),
         }
         if path is not None:
