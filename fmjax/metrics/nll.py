@@ -155,10 +155,7 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
     if not hi > lo:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
     o["value_range"] = (lo, hi)
-    if int(o["num_levels"]) != o["num_levels"] or o["num_levels"] < 2:
-        raise ValueError(f"num_levels must be an integer >= 2; got {o['num_levels']!r}.")
-    o["num_levels"] = int(o["num_levels"])
-    o["num_probes"] = int(o["num_probes"])
+    o["num_levels"] = integer(o["num_levels"], "num_levels", minimum=2)
     o["max_steps"] = int(o["max_steps"])
     o["rtol"], o["atol"] = float(o["rtol"]), float(o["atol"])
     return o
@@ -472,13 +469,15 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
                              f"{x.dtype} {x.shape}.")
         b = x.shape[0]
         mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones((b,), bool)
+        # this process's rows in the batches before (state files from before this total
+        # was kept had equal batches)
+        rows_done = totals.get("local_rows_done", totals["batches_done"] * b)
         if "index" in batch:
             index = np.asarray(batch["index"], np.int64)
         else:
-            # the rows before this batch, over all processes (equal local batches), so a short
-            # last batch continues the numbering (a batch-size-based offset reused positions)
-            done = totals.get("local_rows_done", totals["batches_done"] * b)
-            index = done * jax.process_count() + jax.process_index() * b + np.arange(b)
+            # positions continue from the rows before, over all processes (equal local
+            # batches), so a short last batch does not reuse the positions of the one before
+            index = rows_done * jax.process_count() + jax.process_index() * b + np.arange(b)
         if mask.shape != (b,) or index.shape != (b,):
             raise ValueError(f"batch 'mask'/'index' must have shape ({b},); got {mask.shape} "
                              f"and {index.shape}.")
@@ -503,7 +502,7 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             "count": totals["count"] + int(sel.size),
             "sum_nfe": totals["sum_nfe"] + float(np.sum(nfe[gmask].astype(np.float64))),
             "batches_done": totals["batches_done"] + 1,
-            "local_rows_done": totals.get("local_rows_done", totals["batches_done"] * b) + b,
+            "local_rows_done": rows_done + b,
             "rows_seen": totals["rows_seen"] + int(gmask.size),
         }
         if path is not None:
