@@ -66,6 +66,7 @@ __all__ = [
     "make_path",
     "make_schedule",
     "sample_images",
+    "source_std",
     "train",
     "train_and_evaluate",
 ]
@@ -125,19 +126,19 @@ def make_optimizer(config):
 
 
 def make_path(config):
-    """The configured path (:mod:`experiments.path_config`); the trainer samples from and
-    scores against N(0, I), so paths whose source noise is not (close to) N(0, I) are refused
-    (VE's is N(0, sigma_max^2 I))."""
+    """The configured path (:mod:`experiments.path_config`), as a ConfigError when invalid.
+
+    Sampling and bits/dim start from the path's own source noise, ``N(0, s^2 I)`` with
+    ``s = path.source_std()`` (1 for CondOT, ~1 for VP, ``sigma_max`` for VE)."""
     try:
-        path = path_config.make_path(config.path)
+        return path_config.make_path(config.path)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    std = float(path.source_std())
-    if abs(std - 1.0) > 1e-3:
-        raise ConfigError(f"path.name={config.path.name!r} starts from N(0, {std:g}^2 I) noise; "
-                          "the image trainer samples and computes bits/dim from N(0, I), so "
-                          f"it supports the paths {_IMAGE_PATHS}.")
-    return path
+
+
+def source_std(config) -> float:
+    """The std of the configured path's source noise (see :func:`make_path`)."""
+    return float(make_path(config).source_std())
 
 
 def make_loss_fn(model, path, config):
@@ -185,7 +186,6 @@ _INT_FIELDS = (
     ("eval", "nfe_num_samples", 0), ("eval", "sample_batch_size", 1),
     ("eval", "fid_num_samples", 2), ("model", "num_classes", 1))
 _OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
-_IMAGE_PATHS = tuple(n for n in fmjax.paths.NAMES if n != "ve")  # N(0, I) sources
 
 
 def _check_config(config):
@@ -277,8 +277,9 @@ def _rounded_up(n, mesh):
 
 
 def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="dopri5",
-                  rtol=1e-5, atol=1e-5, field=None):
-    """``num`` images from N(0, I) noise by the flow of the UNet, data parallel over the mesh.
+                  rtol=1e-5, atol=1e-5, field=None, source_std=1.0):
+    """``num`` images from ``N(0, source_std^2 I)`` noise (the path's source: see
+    :func:`source_std`) by the flow of the UNet, data parallel over the mesh.
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes). Returns
     ``(images (num, 32, 32, 3) numpy in [-1, 1]-ish, stats)``; the solve does not raise on
@@ -287,7 +288,9 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
     field = field or _field(model)
     n = _rounded_up(num, mesh)
     data = sharding_lib.data_sharding(mesh)
-    x0 = jax.jit(lambda k: jax.random.normal(k, (n, *IMAGE_SHAPE)), out_shardings=data)(key)
+    s0 = float(source_std)
+    x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
+                 out_shardings=data)(key)
     y = None
     if num_classes is not None:
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
@@ -431,7 +434,8 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
             imgs, stats = sample_images(
                 model, state.ema_params, sample_key, int(t.num_sample_images),
                 mesh, num_classes=config.model.num_classes, solver=t.sample_solver,
-                rtol=float(t.sample_tol), atol=float(t.sample_tol), field=field)
+                rtol=float(t.sample_tol), atol=float(t.sample_tol), field=field,
+                source_std=float(path.source_std()))
             writer.write_images(step, "samples_ema", imgs)
             writer.write_scalars(step, {"sample_nfe": float(np.asarray(stats.nfe))})
         paused += time.perf_counter() - t_other
@@ -493,7 +497,7 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
             num_dequant=int(e.num_dequant), mesh=mesh, state_file=state_file,
             max_batches=int(e.num_batches) or None, callback=callback,
             divergence="hutchinson", solver=e.solver, rtol=float(e.rtol), atol=float(e.atol),
-            probe=e.probe)
+            probe=e.probe, source_std=source_std(config))
     finally:
         bar.close()
     return {"value": float(res["bpd"]), **res}
@@ -507,13 +511,15 @@ def _nfe(config, model, params, mesh):
     field = _field(model)
     per = _rounded_up(min(int(e.sample_batch_size), total), mesh)
     key = jax.random.key(int(config.seed) + 2)
+    s0 = source_std(config)
     nfes, counts, ok = [], [], True
     done, i = 0, 0
     t0 = time.perf_counter()
     while done < total:
         _, stats = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                  num_classes=config.model.num_classes, solver=e.solver,
-                                 rtol=float(e.rtol), atol=float(e.atol), field=field)
+                                 rtol=float(e.rtol), atol=float(e.atol), field=field,
+                                 source_std=s0)
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
         counts.append(min(per, total - done))
@@ -555,11 +561,13 @@ def _fid(config, model, params, mesh, workdir):
     num = int(e.fid_num_samples)
     per = _rounded_up(min(int(e.sample_batch_size), num), mesh)
     key = jax.random.key(int(config.seed) + 3)
+    s0 = source_std(config)
 
     def sample_fn(i):
         imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                 num_classes=config.model.num_classes, solver=e.solver,
-                                rtol=float(e.rtol), atol=float(e.atol), field=field)
+                                rtol=float(e.rtol), atol=float(e.atol), field=field,
+                                source_std=s0)
         return imgs
 
     ref_stats = e.fid_reference_stats or None

@@ -172,6 +172,26 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     assert calls["weights"] == str(weights)
 
 
+def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
+    # VE starts from N(0, sigma_max^2 I). A fresh UNet's output layer is zero, so v = 0: the
+    # samples are the source noise, and the bits/dim of data in [-1, 1] are the source's,
+    # 7 + (log(2 pi) / 2 + log 50) / ln 2 = 13.9696 (the data's |y|^2 / (2 * 50^2) adds < 1e-4)
+    config = _config(**{"path.name": "ve", "mode": "eval"})
+    assert image_flow.source_std(config) == pytest.approx(50.0)
+    model = image_flow.build_model(config)
+    tx, _ = image_flow.make_optimizer(config)
+    state = image_flow._init_fn(config, model, tx)()
+    mesh = image_flow.sharding_lib.make_mesh()
+    imgs, _ = image_flow.sample_images(model, state.params, jax.random.key(0), 4, mesh,
+                                       source_std=image_flow.source_std(config))
+    assert imgs.shape == (4, 32, 32, 3) and np.std(imgs) == pytest.approx(50.0, rel=0.03)
+    with tfds.testing.mock_data(num_examples=16):
+        m = image_flow.evaluate(config, str(tmp_path / "run"), state=state)
+    expected = 7 + (0.5 * math.log(2 * math.pi) + math.log(50.0)) / math.log(2.0)
+    assert m["results"]["bpd"]["value"] == pytest.approx(expected, abs=2e-4)
+    assert m["results"]["nfe"]["value"] > 0
+
+
 def test_cifar10_trains_on_mock_data(tmp_path):
     c = cifar10_config.get_config("tiny")
     for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0}.items():
@@ -317,7 +337,7 @@ def test_default_configs_are_the_papers_recipe():
     ({"model.num_classes": 0}, "model.num_classes must be a positive integer; got 0"),
     ({"eval.checkpoint_step": -5}, "eval.checkpoint_step must be a non-negative integer"),
     ({"path.name": "condot"}, r"path.name must be one of \('cond_ot', "),
-    ({"path.name": "ve"}, r"starts from N\(0, 50\^2 I\) noise; the image trainer"),
+    ({"path.name": "ve", "path.ve": {"sigma_min": 0.01, "sigma_max": 0.001}}, "path.ve: "),
     ({"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
      "path.polynomial: polynomial exponent n must be > 0"),
 ])

@@ -98,6 +98,24 @@ def test_zero_and_linear_fields_match_closed_form(divergence):
     np.testing.assert_allclose(np.asarray(bpd), expected, rtol=1e-4)
 
 
+@pytest.mark.parametrize("s0", [0.5, 3.0])
+def test_source_std_scores_against_the_scaled_gaussian(s0):
+    # A flow from N(0, s0^2 I): log p(y) = log N(y / s0) - D log s0 for v = 0, and with
+    # v = a x the latent y e^{-a} gives log N(y e^{-a} / s0) - D (a + log s0).
+    rng = np.random.default_rng(2)
+    x = quantized(rng, (3, 4, 4, 3))
+    key = jax.random.key(7)
+    d = x[0].size
+    u = nll.dequantization_noise(nll.example_keys(key, jnp.arange(3)), x.shape[1:], K, BIN)
+    bpd, _ = nll.image_bpd(zero_field, x, key, num_dequant=K, source_std=s0)
+    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
+        x, u, scale=1 / s0, div=d * math.log(s0)), rtol=1e-5)
+    bpd, _ = nll.image_bpd(linear_field, x, key, num_dequant=K, source_std=s0,
+                           divergence="exact")
+    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
+        x, u, scale=math.exp(-A) / s0, div=d * (A + math.log(s0))), rtol=1e-4)
+
+
 def test_bound_equals_direct_log_likelihood_per_sample():
     """Each of the K samples is fmjax.log_likelihood at x + u_k with probes from its key."""
     rng = np.random.default_rng(1)
@@ -146,6 +164,9 @@ def test_image_bpd_bad_input():
         nll.image_bpd(zero_field, x, jax.random.key(0), divergence="trace")
     with pytest.raises(ValueError, match="unknown solver"):
         nll.image_bpd(zero_field, x, jax.random.key(0), solver="rk45")
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "abc", True):
+        with pytest.raises(ValueError, match="source_std must be a finite number > 0"):
+            nll.image_bpd(zero_field, x, jax.random.key(0), source_std=bad)
 
 
 # ----------------------------------------------------------------------------- evaluate_bpd
@@ -254,6 +275,11 @@ def test_evaluate_resume_gives_identical_totals(images, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), jax.random.key(2),
                          state_file=state2)
+    with pytest.raises(ValueError, match=r"differ: \['source_std'\]"):
+        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
+                         state_file=state2, source_std=2.0)
+    # source_std=1 (the default) is what state files written before the option hold
+    assert "source_std" not in json.loads(state2.read_text())["fingerprint"]
 
 
 def test_evaluate_mesh_matches_no_mesh(images):

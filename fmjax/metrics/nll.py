@@ -44,7 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
 from fmjax._checks import integer
-from fmjax.likelihood import DIVERGENCES, PROBES, bits_per_dim, log_likelihood
+from fmjax.likelihood import (DIVERGENCES, PROBES, bits_per_dim, log_likelihood,
+                              standard_normal_log_prob)
 from fmjax.sampling import _check_batch, as_field, auto_mesh
 
 __all__ = [
@@ -130,7 +131,7 @@ _OPTION_DEFAULTS = {
     "divergence": "hutchinson", "num_probes": 1, "probe": "rademacher",
     "hutchinson_mode": "jvp", "solver": "dopri5", "steps": None, "step_size": None,
     "rtol": 1e-5, "atol": 1e-5, "max_steps": 4096, "value_range": (-1.0, 1.0),
-    "num_levels": 256,
+    "num_levels": 256, "source_std": 1.0,
 }
 
 
@@ -156,6 +157,14 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
     o["value_range"] = (lo, hi)
     o["num_levels"] = integer(o["num_levels"], "num_levels", minimum=2)
+    try:
+        s0 = float("nan") if isinstance(o["source_std"], bool) else float(o["source_std"])
+    except (TypeError, ValueError):
+        s0 = float("nan")
+    if not (math.isfinite(s0) and s0 > 0):
+        raise ValueError(f"source_std must be a finite number > 0 (the std of the N(0, "
+                         f"source_std^2 I) source); got {o['source_std']!r}.")
+    o["source_std"] = s0
     o["max_steps"] = int(o["max_steps"])
     o["rtol"], o["atol"] = float(o["rtol"]), float(o["atol"])
     return o
@@ -169,10 +178,15 @@ def _bpd_core(v, x, keys, mask, *, opts, mesh):
     lo, hi = o["value_range"]
     bin_width = (hi - lo) / o["num_levels"]
     hutch = o["divergence"] == "hutchinson"
+    s0 = o["source_std"]
+
+    def source_log_prob(z):  # N(0, s0^2 I)
+        return standard_normal_log_prob(z / s0) - math.prod(z.shape[1:]) * math.log(s0)
 
     def one_solve(y, pk):
         logp, stats = log_likelihood(
-            v, y[None], divergence=o["divergence"], key=pk if hutch else None,
+            v, y[None], base_log_prob=None if s0 == 1.0 else source_log_prob,
+            divergence=o["divergence"], key=pk if hutch else None,
             num_probes=o["num_probes"], probe=o["probe"], hutchinson_mode=o["hutchinson_mode"],
             solver=o["solver"], steps=o["steps"], step_size=o["step_size"], rtol=o["rtol"],
             atol=o["atol"], max_steps=o["max_steps"], throw=False,
@@ -215,6 +229,7 @@ def image_bpd(
     steps: int | None = None,
     step_size: float | None = None,
     max_steps: int = 4096,
+    source_std: float = 1.0,
     throw: bool = True,
 ):
     """Bits/dim of quantized images under K-sample uniform dequantization.
@@ -234,6 +249,8 @@ def image_bpd(
       solver, rtol, atol, steps, step_size, max_steps: the ODE solver (paper: dopri5, 1e-5).
       value_range, num_levels: the model-space range of the data and the number of levels;
         ``bin = (hi - lo) / num_levels`` and the range's log-determinant is corrected for.
+      source_std: the flow starts from ``N(0, source_std^2 I)`` (a path's
+        ``source_std()``: 1 for CondOT, ``sigma_max`` for VE).
       throw: raise if any ODE solve failed (e.g. ``max_steps`` reached); not under ``jit``.
 
     Returns:
@@ -244,7 +261,7 @@ def image_bpd(
     opts = _options(num_dequant, divergence=divergence, solver=solver, rtol=rtol, atol=atol,
                     value_range=tuple(value_range), num_levels=num_levels, num_probes=num_probes,
                     probe=probe, hutchinson_mode=hutchinson_mode, steps=steps,
-                    step_size=step_size, max_steps=max_steps)
+                    step_size=step_size, max_steps=max_steps, source_std=source_std)
     x = jnp.asarray(x)
     b = x.shape[0]
     key = _typed_key(key)
@@ -315,6 +332,8 @@ def _fingerprint(key, opts) -> dict[str, Any]:
     fp = {k: opts[k] for k in ("num_dequant", "divergence", "num_probes", "probe", "solver",
                                "steps", "step_size", "rtol", "atol", "num_levels")}
     fp["value_range"] = list(opts["value_range"])
+    if opts["source_std"] != 1.0:  # absent for N(0, I): state files from before stay valid
+        fp["source_std"] = opts["source_std"]
     fp["key"] = np.asarray(jax.random.key_data(key)).ravel().tolist()
     fp["key_impl"] = str(jax.random.key_impl(key))
     return fp
@@ -384,8 +403,8 @@ def evaluate_bpd(
       callback: called with the running summary after every batch (e.g. for logging).
       **solver_kw: ``divergence``, ``solver``, ``rtol``, ``atol``, ``value_range``,
         ``num_levels``, ``num_probes``, ``probe``, ``hutchinson_mode``, ``steps``,
-        ``step_size``, ``max_steps`` as in :func:`image_bpd` (changing ``max_steps`` keeps a
-        state file valid: raise it and rerun when a solve failed).
+        ``step_size``, ``max_steps``, ``source_std`` as in :func:`image_bpd` (changing
+        ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
 
     Returns:
       ``{"bpd": mean, "bpd_stderr": standard error of the mean over examples,
