@@ -100,9 +100,33 @@ def test_fit_logs_and_stops_on_non_finite_loss():
     def nan_loss(p, k, b):
         return jnp.sum(p["w"]) * jnp.nan
 
-    with pytest.raises(train.NonFiniteLossError, match="non-finite loss nan at step 2"):
+    # the state has made 10 steps: the NaN of the 2nd step here is step 12
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss nan at step 12"):
         train.fit(state, train.make_train_step(nan_loss, tx), iter([jnp.ones(2)] * 4), 4,
                   log_every=2, progress=False)
+
+
+def test_fit_counts_steps_from_the_state_and_logs_at_each_multiple():
+    _, tx, state = _setup()
+    step = train.make_train_step(_quadratic_loss, tx)
+    state, hist = train.fit(state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5,
+                            progress=False)
+    assert int(state.step) == 10
+    # a restored state continues the uninterrupted run's step numbers
+    state, hist = train.fit(state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5,
+                            progress=False)
+    assert [h["step"] for h in hist] == [15, 20] and int(state.step) == 20
+
+    # log_every not a multiple of steps_per_call: the first call at or past each multiple
+    def fused(st):
+        for _ in range(5):
+            st, m = step(st, jnp.ones((4, 2)))
+        return st, m
+
+    _, hist = train.fit(state, fused, None, 40, log_every=12, steps_per_call=5, progress=False)
+    assert [h["step"] for h in hist] == [25, 40, 50, 60]  # 24, 36, 48, 60 and the last call
+    with pytest.raises(ValueError, match="log_every must be a positive integer"):
+        train.fit(state, fused, None, 40, log_every=0, steps_per_call=5)
 
 
 def test_fused_steps_predraw_only_small_vmappable_batches(monkeypatch):
