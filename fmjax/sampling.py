@@ -73,16 +73,22 @@ def _check_batch(x, name):
         raise ValueError(f"{name} must be floating point; got dtype {jnp.asarray(x).dtype}.")
 
 
-def auto_mesh(mesh: Mesh) -> Mesh:
+def auto_axes(mesh: Mesh) -> Mesh:
     """The same devices and axis names with Auto axis types (global-view jit + GSPMD)."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}.")
-    if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"mesh must have a {DATA_AXIS!r} axis to shard the batch over; got "
-                         f"axes {mesh.axis_names}.")
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """:func:`auto_axes` of a mesh that has the ``"data"`` axis (else a ValueError)."""
+    mesh = auto_axes(mesh)
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh must have a {DATA_AXIS!r} axis to shard the batch over; got "
+                         f"axes {mesh.axis_names}.")
+    return mesh
 
 
 def place_batch(x, mesh: Mesh | None, name: str = "x"):

@@ -119,6 +119,24 @@ res["per_step"] = {
                                           shard_loss=True).lower(rep, xs).compile()
                     .as_text().splitlines() if " all-reduce(" in ln],
 }
+
+# a mesh from jax.make_mesh (JAX's default Explicit axes), the state placed with
+# sharding.replicate or by hand: the same steps as on sharding.make_mesh()'s Auto axes
+emesh = jax.make_mesh((4,), ("data",))
+P = jax.sharding.PartitionSpec
+by_hand = lambda: jax.device_put(state, jax.sharding.NamedSharding(emesh, P()))
+fused_e = train.make_fused_train_steps(loss_fn, tx, data_fn, 3, donate=False, mesh=emesh)
+xe = jax.device_put(x, jax.sharding.NamedSharding(emesh, P("data")))
+res["explicit_mesh"] = {
+    "axis_types": str(emesh.axis_types),
+    "fused": [np.asarray(fused_e(st)[0].params["w"]).tolist()
+              for st in (sharding.replicate(state, emesh), by_hand())],
+    "fused_auto": np.asarray(s4.params["w"]).tolist(),
+    "shard_loss": np.asarray(train.make_train_step(
+        loss_fn, tx, donate=False, mesh=emesh, shard_loss=True)(by_hand(), xe)[0]
+        .params["w"]).tolist(),
+    "shard_loss_auto": np.asarray(ss.params["w"]).tolist(),
+}
 print("RESULT " + json.dumps(res))
 """
 
@@ -162,6 +180,14 @@ def test_fused_steps_on_a_mesh(worker):
     assert abs(f["row0"] - f["row0_expected"]) < 1e-5  # rows 0, 2, 4, 6 start the shards
     assert f["replicated"] and f["devices"] == 4
     assert "divisible by the 4 devices" in worker["fused_indivisible"]
+
+
+def test_steps_accept_a_mesh_with_explicit_axes(worker):
+    r = worker["explicit_mesh"]
+    assert "Explicit" in r["axis_types"]
+    for w in r["fused"]:
+        np.testing.assert_array_equal(w, r["fused_auto"])
+    np.testing.assert_array_equal(r["shard_loss"], r["shard_loss_auto"])
 
 
 def test_per_step_training_on_a_mesh(worker):

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fmjax.sampling import DATA_AXIS
+from fmjax.sampling import DATA_AXIS, auto_axes
 
 __all__ = [
     "DATA_AXIS",
@@ -55,13 +55,15 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading axis split over ``"data"``, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading axis split over ``"data"``, the rest replicated, on ``mesh``'s devices with
+    Auto axes whatever its axis types (the train steps are global-view jits on such a mesh;
+    arrays on ``jax.make_mesh``'s default Explicit axes would not match them)."""
+    return NamedSharding(auto_axes(mesh), PartitionSpec(DATA_AXIS))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
-    """A full copy on every device of the mesh."""
-    return NamedSharding(mesh, PartitionSpec())
+    """A full copy on every device of the mesh (Auto axes, as :func:`data_sharding`)."""
+    return NamedSharding(auto_axes(mesh), PartitionSpec())
 
 
 def _num_data_shards(mesh: Mesh) -> int:

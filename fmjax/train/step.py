@@ -117,8 +117,24 @@ def _jit_step(fn, mesh, donate, *, batch_arg):
         return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = NamedSharding(mesh, PartitionSpec())
     in_shardings = (replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-    return jax.jit(fn, in_shardings=in_shardings[:2 if batch_arg else 1],
-                   out_shardings=(replicated, replicated), donate_argnums=donate_argnums)
+    in_shardings = in_shardings[:2 if batch_arg else 1]
+    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=(replicated, replicated),
+                     donate_argnums=donate_argnums)
+
+    @functools.wraps(fn)
+    def step(*args):
+        try:
+            return jitted(*args)
+        except ValueError as e:
+            # arrays placed on the same devices with another mesh's axis types (e.g. the
+            # Explicit axes of jax.make_mesh): move them onto the step's mesh and retry (the
+            # error is raised while tracing, before anything is donated)
+            if "Mesh for all inputs should be equal" not in str(e):
+                raise
+        return jitted(*jax.device_put(args, in_shardings))
+
+    step.lower = jitted.lower
+    return step
 
 
 def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
