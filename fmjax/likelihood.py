@@ -210,10 +210,10 @@ def log_likelihood(
         if hutchinson_mode not in ("jvp", "vjp"):
             raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {hutchinson_mode!r}.")
     chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
-    if not t0 < t1:
-        raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
     ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
                           max_steps=max_steps)
+    if not t0 < t1:
+        raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
         as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key,
         base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),

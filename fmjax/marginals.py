@@ -111,6 +111,17 @@ class EmpiricalData(_Marginal):
         return log_joint, means
 
 
+def _check_mixture_values(means, stds, weights):
+    m, s, w = (np.asarray(a) for a in (means, stds, weights))
+    if not np.all(np.isfinite(m)):
+        raise ValueError("GaussianMixture means must be finite; got non-finite entries.")
+    if not (np.all(np.isfinite(s)) and np.all(s >= 0)):
+        raise ValueError(f"GaussianMixture stds must be finite and >= 0; got {s.tolist()}.")
+    if not (np.all(np.isfinite(w)) and np.all(w >= 0) and np.sum(w) > 0):
+        raise ValueError("GaussianMixture weights must be finite, >= 0 and not all 0; got "
+                         f"{w.tolist()}.")
+
+
 @_pytree_dataclass
 class GaussianMixture(_Marginal):
     """``q = sum_k w_k N(means_k, stds_k^2 I)``: means (K, D), stds (K,), weights (K,)."""
@@ -137,6 +148,8 @@ class GaussianMixture(_Marginal):
         stds = jnp.broadcast_to(jnp.asarray(stds, dtype), (k,))
         weights = (jnp.full((k,), 1.0 / k, dtype) if weights is None
                    else jnp.asarray(weights, dtype))
+        if not any(isinstance(a, jax.core.Tracer) for a in (means, stds, weights)):
+            _check_mixture_values(means, stds, weights)
         return cls(means, stds, weights / jnp.sum(weights))
 
     @property

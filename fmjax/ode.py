@@ -2,7 +2,9 @@
 :func:`fmjax.sample` and :func:`fmjax.log_likelihood`.
 
 Fixed-step solvers (``euler``, ``midpoint``, ``heun``, ``rk4``) take ``steps`` or
-``step_size``; adaptive solvers (``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``) take
+``step_size``; ``step_size=h`` makes ``ceil(|t1 - t0| / h)`` equal steps that end exactly at
+``t1`` (h = 0.3 on [0, 1]: four steps of 0.25; torchdiffeq would step 0.3, 0.3, 0.3, 0.1;
+the two agree whenever h divides the interval, as 0.05 does); adaptive solvers (``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``) take
 ``rtol``/``atol`` and always get an explicit :class:`diffrax.PIDController` (diffrax's default
 controller is a constant step, which would silently make dopri5 fixed-step).
 
@@ -111,6 +113,16 @@ def _evals_per_step(solver) -> tuple[int, int]:
     return tab.num_stages, 0
 
 
+def _finite(value) -> bool:
+    """``value`` is a finite real number (a traced value passes: it is checked nowhere)."""
+    if isinstance(value, jax.core.Tracer):
+        return True
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
                       error_norm: str = "rms", *, rtol=None, atol=None,
                       max_steps=None) -> None:
@@ -130,13 +142,16 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
                 f"steps={steps!r}, step_size={step_size!r}."
             )
         integer(steps, "steps", allow_none=True)
-        if step_size is not None and not step_size > 0:
-            raise ValueError(f"step_size must be > 0; got {step_size!r}.")
+        if step_size is not None and not (_finite(step_size) and step_size > 0):
+            raise ValueError(f"step_size must be a finite number > 0; got {step_size!r}.")
     elif steps is not None or step_size is not None:
         raise ValueError(
             f"adaptive solver {solver!r} chooses its own steps from rtol/atol; do not pass "
             f"steps= or step_size= (got steps={steps!r}, step_size={step_size!r})."
         )
+    for name, t in (("t0", t0), ("t1", t1)):
+        if not _finite(t):
+            raise ValueError(f"{name} must be a finite time; got {t!r}.")
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
     integer(max_steps, "max_steps", allow_none=True)

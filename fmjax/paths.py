@@ -306,9 +306,9 @@ class VE(GaussianPath):
 
     def __post_init__(self):
         lo, hi = float(self.sigma_min), float(self.sigma_max)
-        if not 0.0 < lo < hi:
+        if not (0.0 < lo < hi and math.isfinite(hi)):
             raise ValueError(
-                f"VE needs 0 < sigma_min < sigma_max; got sigma_min={self.sigma_min!r}, "
+                f"VE needs 0 < sigma_min < sigma_max < inf; got sigma_min={self.sigma_min!r}, "
                 f"sigma_max={self.sigma_max!r}."
             )
         object.__setattr__(self, "sigma_min", lo)
@@ -336,9 +336,9 @@ class VP(GaussianPath):
 
     def __post_init__(self):
         bmin, bmax, eps = float(self.beta_min), float(self.beta_max), float(self.eps)
-        if not 0.0 < bmin <= bmax:
+        if not (0.0 < bmin <= bmax and math.isfinite(bmax)):
             raise ValueError(
-                f"VP needs 0 < beta_min <= beta_max; got beta_min={self.beta_min!r}, "
+                f"VP needs 0 < beta_min <= beta_max < inf; got beta_min={self.beta_min!r}, "
                 f"beta_max={self.beta_max!r}."
             )
         if not 0.0 < eps < 1.0:
@@ -387,7 +387,7 @@ def polynomial(n: float, eps: float = 1e-5) -> AffinePath:
         raise ValueError(f"polynomial eps must lie in (0, 1); got {eps!r}.")
     lo = float(eps) if float(n) < 1.0 else 0.0
     return AffinePath(alpha=schedules.Power(float(n)), sigma=schedules.OneMinusPower(float(n)),
-                      t_range=(lo, 1.0), name=f"polynomial({n})")
+                      t_range=(lo, 1.0), name=f"polynomial({float(n)})")
 
 
 _NAMED = {

@@ -69,6 +69,9 @@ def _check_batch(x, name):
             f"{name} must be a batch of shape (batch, *event_shape) with at least 2 dims; got "
             f"shape {jnp.shape(x)}. For one example use {name}[None]."
         )
+    if jnp.shape(x)[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {jnp.shape(x)}); pass at least one "
+                         "example.")
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
         raise ValueError(f"{name} must be floating point; got dtype {jnp.asarray(x).dtype}.")
 
@@ -98,8 +101,16 @@ def place_batch(x, mesh: Mesh | None, name: str = "x"):
     parallel: each device integrates its rows, and an adaptive solver's batch-wide error norm
     costs one scalar all-reduce per step, so the steps, NFE and results are those of the
     unsharded solve. With several processes pass global arrays (already sharded).
+
+    ``mesh=None`` keeps an already sharded ``x`` where it is, on Auto mesh axes (an array on
+    ``jax.make_mesh``'s default Explicit axes is moved onto the same devices with Auto axes,
+    where the solver's global-view reductions are defined).
     """
     if mesh is None:
+        sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+        if (isinstance(sharding, NamedSharding) and not isinstance(x, jax.core.Tracer)
+                and any(t != AxisType.Auto for t in sharding.mesh.axis_types)):
+            x = jax.device_put(x, NamedSharding(auto_axes(sharding.mesh), sharding.spec))
         return x
     mesh = auto_mesh(mesh)
     check_rows_divisible(x, mesh, name)
@@ -169,7 +180,7 @@ def sample(
       v: the vector field ``v(t, x)`` on a batch (see the module docstring).
       x0: ``(B, *event_shape)`` floating-point starting points, e.g. ``N(0, I)`` draws.
       solver: 'euler', 'midpoint', 'heun', 'rk4' (fixed step: give ``steps`` or
-        ``step_size``) or 'bosh3', 'dopri5', 'tsit5', 'dopri8' (adaptive: ``rtol``/``atol``).
+        ``step_size``, which makes ``ceil(|t1 - t0| / step_size)`` equal steps) or 'bosh3', 'dopri5', 'tsit5', 'dopri8' (adaptive: ``rtol``/``atol``).
       t0, t1: integration interval; ``t1 < t0`` integrates backwards (data -> noise).
       save_times: optional 1-D times in [t0, t1], ordered from t0 towards t1, at which to
         also return the states (``stats.trajectory``, shape ``(len(save_times), *x0.shape)``).

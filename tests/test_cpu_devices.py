@@ -137,6 +137,17 @@ res["explicit_mesh"] = {
         .params["w"]).tolist(),
     "shard_loss_auto": np.asarray(ss.params["w"]).tolist(),
 }
+# an x0 / x1 already sharded on those Explicit axes, no mesh= (adaptive solves crashed in
+# the error norm's reduction)
+xe0 = jax.device_put(x0, jax.sharding.NamedSharding(emesh, P("data")))
+pre = {"sample": lambda x: fmjax.sample(v, x, solver="dopri5", rtol=1e-6, atol=1e-6),
+       "sample_max": lambda x: fmjax.sample(v, x, solver="dopri5", error_norm="max"),
+       "lik": lambda x: fmjax.log_likelihood(v, x, solver="dopri5")}
+res["explicit_presharded"] = {
+    name: {"maxdiff": float(np.max(np.abs(np.asarray(fn(x0)[0]) - np.asarray(fn(xe0)[0])))),
+           "nfe": [int(fn(x0)[1].nfe), int(fn(xe0)[1].nfe)],
+           "devices": len(fn(xe0)[0].sharding.device_set)}
+    for name, fn in pre.items()}
 print("RESULT " + json.dumps(res))
 """
 
@@ -182,12 +193,15 @@ def test_fused_steps_on_a_mesh(worker):
     assert "divisible by the 4 devices" in worker["fused_indivisible"]
 
 
-def test_steps_accept_a_mesh_with_explicit_axes(worker):
+def test_steps_and_solves_accept_arrays_on_explicit_mesh_axes(worker):
     r = worker["explicit_mesh"]
     assert "Explicit" in r["axis_types"]
     for w in r["fused"]:
         np.testing.assert_array_equal(w, r["fused_auto"])
     np.testing.assert_array_equal(r["shard_loss"], r["shard_loss_auto"])
+    for name, p in worker["explicit_presharded"].items():
+        assert p["maxdiff"] < 1e-5 and p["nfe"][0] == p["nfe"][1], name
+        assert p["devices"] == 4, name
 
 
 def test_per_step_training_on_a_mesh(worker):

@@ -143,6 +143,15 @@ def test_bad_inputs():
         marginals.GaussianMixture(np.zeros((2, 2)), np.ones(3), np.ones(2))
     with pytest.raises(ValueError, match=r"points must have shape \(N, D\); got \(3,\)"):
         marginals.EmpiricalData(np.zeros(3))
+    # silently NaN (negative or NaN weights) or a different model (negative std) before
+    for kw, match in [({"weights": [-1.0, 2.0]}, "weights must be finite, >= 0"),
+                      ({"weights": [float("nan"), 1.0]}, "weights must be finite"),
+                      ({"weights": [0.0, 0.0]}, "not all 0"),
+                      ({"stds": -0.5}, "stds must be finite and >= 0"),
+                      ({"means": [[0.0, float("inf")], [1.0, 1.0]]}, "means must be finite")]:
+        args = {"means": [[0.0, 0.0], [1.0, 1.0]], "stds": 0.5, **kw}
+        with pytest.raises(ValueError, match=match):
+            marginals.GaussianMixture.create(**args)
     q = _mixture()
     with pytest.raises(ValueError, match=r"shape \(batch, 2\)"):
         q.velocity(paths.CondOT(), jnp.zeros((4, 3)), 0.5)

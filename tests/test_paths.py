@@ -192,6 +192,11 @@ def test_bad_inputs():
         paths.VE(sigma_min=2.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="beta_min"):
         paths.VP(beta_min=-1.0)
+    # infinite parameters (0 < lo < inf held): interpolate gave inf, VP's coefficients NaN
+    with pytest.raises(ValueError, match="sigma_max < inf"):
+        paths.VE(sigma_min=0.01, sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="beta_max < inf"):
+        paths.VP(beta_min=0.1, beta_max=float("inf"))
     with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\]"):
         path.interpolate(x0, x1, t + 1.0)
     with pytest.raises(ValueError, match=r"t must lie in \[0.0, 0.99999\]"):
@@ -208,6 +213,14 @@ def test_bad_inputs():
         paths.polynomial(0)
     with pytest.raises(ValueError, match="eps must lie in"):
         paths.polynomial(0.5, eps=0.0)
+
+
+def test_equal_parameters_make_equal_paths():
+    # equal paths share a jit cache entry; polynomial(2) and polynomial(2.0) once differed in
+    # their names
+    assert paths.polynomial(2) == paths.polynomial(2.0)
+    assert hash(paths.polynomial(2)) == hash(paths.polynomial(np.float32(2.0)))
+    assert paths.polynomial(2) != paths.polynomial(3)
 
 
 def test_polynomial_below_one_excludes_its_singular_start():

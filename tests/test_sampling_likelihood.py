@@ -334,6 +334,9 @@ def test_bad_inputs():
         fmjax.sample(v, x0, solver="dopri5", steps=10)
     with pytest.raises(ValueError, match=r"\(batch, \*event_shape\)"):
         fmjax.sample(v, x0[0])
+    for fn in (fmjax.sample, fmjax.log_likelihood):  # was a ZeroDivisionError
+        with pytest.raises(ValueError, match=r"empty batch \(shape \(0, 2\)\)"):
+            fn(v, x0[:0])
     with pytest.raises(ValueError, match="divergence must be one of"):
         fmjax.log_likelihood(v, x0, divergence="trace")
     with pytest.raises(ValueError, match="needs a PRNG key"):
@@ -358,6 +361,10 @@ def test_bad_inputs():
     ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"),
     ({"max_steps": 0}, "max_steps must be a positive integer"),
     ({"max_steps": 2.5}, "max_steps must be a positive integer"),
+    # non-finite times: returned x0 unchanged with success=True (t0 == t1 never held)
+    ({"t0": float("nan")}, "t0 must be a finite time; got nan"),
+    ({"t1": float("inf"), "solver": "euler", "steps": 2}, "t1 must be a finite time; got inf"),
+    ({"solver": "euler", "step_size": float("inf")}, "step_size must be a finite number > 0"),
 ])
 def test_bad_tolerances_and_step_budgets(kw, match):
     v = _gaussian_field()
