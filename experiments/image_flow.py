@@ -34,6 +34,7 @@ What a run does (``config.mode``: ``train``, ``eval`` or ``train_and_eval``):
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -470,10 +471,37 @@ def _eval_iterator_factory(config, mesh):
     return make_iterator
 
 
+@jax.jit
+def _params_sample(params):
+    """The first and last 4 values of every parameter array (one small transfer)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return jnp.concatenate([jnp.concatenate([x.ravel()[:4], x.ravel()[-4:]]).astype(
+        jnp.float32) for x in leaves])
+
+
+def _bpd_id(config, params) -> str:
+    """A short digest of the bits/dim evaluation's inputs: the parameters (shapes and a
+    sample of values), EMA or raw, the dataset, the solver settings and the source noise."""
+    e, d = config.eval, config.data
+    shapes = [list(x.shape) for x in jax.tree_util.tree_leaves(params)]
+    values = np.asarray(sharding_lib.to_host(_params_sample(params)), np.float32)
+    about = {"shapes": shapes, "values": hashlib.sha256(values.tobytes()).hexdigest(),
+             "params": "ema" if e.use_ema else "raw", "source": d.source,
+             "split": _dataset_name(config, e.split), "data_dir": str(d.data_dir),
+             "num_dequant": int(e.num_dequant), "solver": e.solver, "rtol": float(e.rtol),
+             "atol": float(e.atol), "probe": e.probe, "seed": int(config.seed),
+             "source_std": source_std(config)}
+    return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
     """Bits/dim on the eval split by the paper's protocol (:func:`fmjax.metrics.nll.evaluate_bpd`).
 
-    Resumable: the running totals are kept in ``workdir/eval/bpd_step<step>.json``.
+    Resumable: the running totals are kept in ``workdir/eval/bpd_step<step>_<id>.json``,
+    where ``<id>`` digests what the number depends on beyond the solver settings (which
+    parameters, a sample of their values, the dataset, the source noise), so another
+    setting, or a model retrained in the same workdir, starts its own file instead of
+    returning a stale result.
     """
     from tqdm.auto import tqdm
 
@@ -481,7 +509,7 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
 
     e = config.eval
     v = jax.tree_util.Partial(_field(model), params, None)  # conditional models: null class
-    state_file = os.path.join(workdir, "eval", f"bpd_step{step}.json")
+    state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params)}.json")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(state_file), exist_ok=True)
     bar = tqdm(desc=f"eval bpd (step {step})", unit="batch", total=int(e.num_batches) or None,
@@ -637,7 +665,7 @@ def evaluate(config, workdir, *, state=None, mesh=None, progress: bool | None = 
     results["bpd"] = {**bpd, "dataset": dataset, "num_dequant": int(e.num_dequant),
                       "divergence": "hutchinson", "probe": e.probe, "solver": e.solver,
                       "rtol": float(e.rtol), "atol": float(e.atol),
-                      "num_batches": int(e.num_batches) or "all"}
+                      "requested_batches": int(e.num_batches) or "all"}
     nfe = _nfe(config, model, params, mesh)
     if nfe is not None:
         results["nfe"] = {**nfe, "dataset": f"{config.data.source} (model trained on)"}

@@ -170,6 +170,15 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     assert calls["samples"].shape == (4, 32, 32, 3) and calls["num"] == 4
     assert calls["ref"]["image"].shape == (4, 32, 32, 3)
     assert calls["weights"] == str(weights)
+    # the raw (not EMA) parameters are another evaluation: its own totals file, not the EMA
+    # number under the "raw" label (the file was once keyed by the step alone)
+    with tfds.testing.mock_data(num_examples=16):
+        raw = image_flow.train_and_evaluate(_config(**{"mode": "eval", "eval.use_ema": False}),
+                                            workdir)["eval"]
+    assert raw["params"] == "raw" and not raw["results"]["bpd"]["resumed"]
+    assert raw["results"]["bpd"]["value"] != again["results"]["bpd"]["value"]
+    assert len([f for f in os.listdir(os.path.join(workdir, "eval"))
+                if f.startswith("bpd_step4_")]) == 2
 
 
 def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
