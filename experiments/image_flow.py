@@ -48,7 +48,7 @@ import optax
 
 import fmjax
 from experiments import path_config
-from fmjax._checks import integer
+from fmjax._checks import integer, real
 from fmjax.data import images as images_lib
 from fmjax.models import unet as unet_lib
 from fmjax.train import NonFiniteLossError, TrainState, make_train_step
@@ -187,6 +187,17 @@ _INT_FIELDS = (
     ("eval", "nfe_num_samples", 0), ("eval", "sample_batch_size", 1),
     ("eval", "fid_num_samples", 2), ("model", "num_classes", 1))
 _OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
+# real config fields: (section, name, keyword bounds of fmjax._checks.real)
+_REAL_FIELDS = (
+    ("train", "learning_rate", {"low": 0.0, "low_open": True}),
+    ("train", "end_learning_rate", {"low": 0.0}),
+    ("train", "decay_power", {"low": 0.0, "low_open": True}),
+    ("train", "adam_b1", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("train", "adam_b2", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("train", "adam_eps", {"low": 0.0}),
+    ("train", "grad_clip_norm", {"low": 0.0}),  # 0: off
+    ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}))
+_LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 
 
 def _check_config(config):
@@ -203,10 +214,24 @@ def _check_config(config):
                 integer(value, f"{section}.{name}", minimum=minimum)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    for section, name, bounds in _REAL_FIELDS:
+        try:
+            real(config[section][name], f"{section}.{name}", **bounds)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     t = config.train
     if not 0.0 <= float(t.ema_decay) < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
+    if t.loss_reduction not in _LOSS_REDUCTIONS:
+        raise ConfigError(f"train.loss_reduction must be one of {_LOSS_REDUCTIONS}; got "
+                          f"{t.loss_reduction!r}.")
     e = config.eval
+    if e.probe not in fmjax.likelihood.PROBES:
+        raise ConfigError(f"eval.probe must be one of {fmjax.likelihood.PROBES}; got "
+                          f"{e.probe!r}.")
+    if e.fid_reference_stats and not os.path.isfile(e.fid_reference_stats):
+        raise ConfigError(f"eval.fid_reference_stats: no file {e.fid_reference_stats!r} (set "
+                          "it to '' to compute the statistics from the train split).")
     for solver_key, solver, tol_keys, rtol, atol in (
             ("train.sample_solver", t.sample_solver, "train.sample_tol", t.sample_tol,
              t.sample_tol),
@@ -226,6 +251,7 @@ def _check_config(config):
     if not 0.0 <= float(config.model.class_dropout) <= 1.0:
         raise ConfigError(f"model.class_dropout must be in [0, 1]; got "
                           f"{config.model.class_dropout!r}.")
+    build_model(config)  # model.dtype
 
 
 def _check_divisible(global_batch_size, mesh, what):
@@ -362,6 +388,16 @@ def train(config, workdir, *, progress: bool | None = None, stop_at: int | None 
             iterator.close()
 
 
+def _check_labels(labels, num_classes, source):
+    """Labels outside [0, num_classes) index past the class embedding (NaN, not an error)."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(
+            f"model.num_classes={num_classes}, but {source} has labels in "
+            f"[{labels.min()}, {labels.max()}] in this batch; set model.num_classes to the "
+            "dataset's number of classes (1000 for ImageNet, 10 for CIFAR-10).")
+
+
 def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, iterator,
                 ckpt, writer, mesh, progress):
     from tqdm.auto import tqdm
@@ -391,8 +427,12 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
             f"step {good} in {ckpt.directory} (nothing non-finite was saved). Lower "
             "train.learning_rate or set train.grad_clip_norm, then rerun to resume from it.")
 
+    num_classes = config.model.num_classes
     for step in range(start + 1, end + 1):
-        batch = sharding_lib.shard_batch(next(iterator), mesh)
+        host_batch = next(iterator)
+        if num_classes is not None:
+            _check_labels(host_batch["label"], num_classes, config.data.source)
+        batch = sharding_lib.shard_batch(host_batch, mesh)
         state, metrics = step_fn(state, batch)
         pending.append(metrics)
 
@@ -691,9 +731,15 @@ def evaluate(config, workdir, *, state=None, mesh=None, progress: bool | None = 
 def train_and_evaluate(config, workdir, *, progress: bool | None = None) -> dict:
     """Run ``config.mode`` in ``workdir``; returns the summary (and eval metrics)."""
     _check_config(config)
-    if config.mode != "train":
-        _fid_weights(config)  # fail before training, not after it
     mesh = sharding_lib.make_mesh()
+    if config.mode != "eval":
+        _check_divisible(int(config.data.global_batch_size), mesh, "global batch")
+    if config.mode != "train":  # what evaluation needs fails before training, not after it
+        _fid_weights(config)
+        _check_divisible(int(config.eval.global_batch_size), mesh, "eval global batch")
+    if config.mode == "train_and_eval":  # (mode eval finds a missing checkpoint first)
+        split = _dataset_name(config, config.eval.split).split(":", 1)[1]
+        images_lib.num_examples(config.data.source, split, data_dir=config.data.data_dir)
     out = {"mode": config.mode, "workdir": os.path.abspath(os.fspath(workdir))}
     state = None
     if config.mode in ("train", "train_and_eval"):

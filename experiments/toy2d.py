@@ -24,7 +24,7 @@ import optax
 
 import fmjax
 from experiments import path_config
-from fmjax._checks import integer
+from fmjax._checks import integer, real
 from fmjax.data import toy
 from fmjax.models import MLP
 
@@ -45,6 +45,11 @@ def _check_config(cfg):
     for section, name, minimum in _INT_FIELDS:
         integer(cfg[section][name], f"{section}.{name}", minimum=minimum)
     t = cfg.train
+    real(t.learning_rate, "train.learning_rate", low=0.0, low_open=True)
+    real(cfg.eval.plot_lim, "eval.plot_lim", low=0.0, low_open=True)
+    if t.warmup_steps >= t.num_steps:
+        raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be below "
+                         f"train.num_steps ({t.num_steps}).")
     if t.num_steps % t.steps_per_call:
         raise ValueError(f"train.num_steps ({t.num_steps}) must be a multiple of "
                          f"train.steps_per_call ({t.steps_per_call}).")

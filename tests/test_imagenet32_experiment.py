@@ -249,6 +249,11 @@ def test_cli_missing_dataset_and_indivisible_batch(tmp_path):
     assert out.returncode != 0
     assert "bad config" in out.stderr and "global batch size (6)" in out.stderr
     assert "divisible by 4" in out.stderr and "Traceback" not in out.stderr
+    # the eval batch too, before training (it was found after training and checkpointing)
+    out = _run(base + ["--config.data.global_batch_size=8", "--config.eval.global_batch_size=6"],
+               timeout=120, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert out.returncode != 0 and "eval global batch size (6)" in out.stderr
+    assert not os.path.exists(os.path.join(str(tmp_path), "run", "checkpoints"))
     out = _run(base + ["--config.train.ema_decay=1.5"], timeout=120, env=_env())
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "error: bad config: train.ema_decay must be in [0, 1); got 1.5" in out.stderr
@@ -349,11 +354,43 @@ def test_default_configs_are_the_papers_recipe():
     ({"path.name": "ve", "path.ve": {"sigma_min": 0.01, "sigma_max": 0.001}}, "path.ve: "),
     ({"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
      "path.polynomial: polynomial exponent n must be > 0"),
+    # these trained without complaint (a negative rate ascends) or failed after training
+    ({"train.learning_rate": -1e-3}, r"train.learning_rate must be a finite number in \(0,"),
+    ({"train.adam_b1": 1.5}, r"train.adam_b1 must be a finite number in \[0, 1\)"),
+    ({"model.dropout": 1.5}, r"model.dropout must be a finite number in \[0, 1\)"),
+    ({"train.grad_clip_norm": -1.0}, r"train.grad_clip_norm must be a finite number in \[0,"),
+    ({"train.loss_reduction": "avg"}, r"train.loss_reduction must be one of \('mean', 'sum'\)"),
+    ({"eval.probe": "gauss"}, r"eval.probe must be one of \('rademacher', 'gaussian'\)"),
+    ({"eval.fid_reference_stats": "/nonexistent/ref.npz"},
+     "eval.fid_reference_stats: no file '/nonexistent/ref.npz'"),
 ])
 def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
     # ConfigError is a ValueError; the command line prints it without a traceback
     with pytest.raises(image_flow.ConfigError, match=match):
         image_flow.train_and_evaluate(_config(**extra), str(tmp_path / "run"))
+
+
+def test_eval_settings_fail_before_training(tmp_path):
+    # an eval split that does not exist: found before any training step (it was found
+    # after training and checkpointing)
+    data = str(tmp_path / "npz")
+    _write_npz_dataset(data)
+    c = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
+                   "eval.split": "valdation"})
+    with pytest.raises(DatasetNotFoundError, match="valdation"):
+        image_flow.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_labels_outside_num_classes_stop_training_with_a_config_error(tmp_path):
+    # ImageNet labels (0..999) with model.num_classes=10: NaN class embeddings, reported as
+    # a non-finite loss "lower the learning rate"
+    data = str(tmp_path / "npz")
+    _write_npz_dataset(data)
+    c = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
+                   "model.num_classes": 10, "mode": "train"})
+    with pytest.raises(image_flow.ConfigError, match="model.num_classes=10, but imagenet32_npz"):
+        image_flow.train_and_evaluate(c, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -85,6 +85,14 @@ def test_bad_config_values():
     cfg.eval.grid_size = 0  # was found after training
     with pytest.raises(ValueError, match="eval.grid_size must be a positive integer; got 0"):
         toy2d.train(cfg, progress=False)
+    # trained with gradient ascent, or failed with optax's own message
+    for field, value, match in [
+            ("learning_rate", -1e-3, r"train.learning_rate must be a finite number in \(0, inf\)"),
+            ("warmup_steps", 30, r"train.warmup_steps \(30\) must be below train.num_steps")]:
+        cfg = toy2d_config.get_config("tiny")
+        cfg.train[field] = value
+        with pytest.raises(ValueError, match=match):
+            toy2d.train(cfg, progress=False)
 
 
 class _ExactField:

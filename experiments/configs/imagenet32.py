@@ -58,7 +58,7 @@ def base_config():
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     c.path = ml_collections.ConfigDict()
-    c.path.name = "cond_ot"  # or vp, rectified_flow, cosine, polynomial (ve: toy2d only)
+    c.path.name = "cond_ot"  # or ve, vp, rectified_flow, cosine, polynomial
     c.path.sigma_min = 1e-5
     path_config.add_fields(c.path)  # path.name=vp (etc.) reads path.vp.*; see path_config
 
