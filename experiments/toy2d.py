@@ -1,4 +1,4 @@
-"""2-D flow matching on a toy density, trained for real on a CPU in about a minute.
+"""2-D flow matching on a toy density, trained for real on a CPU in 2-3 minutes (2 cores).
 
     python -m experiments.toy2d [--config=experiments/configs/toy2d.py[:tiny]]
                                 [--config.dataset=eight_gaussians] [--workdir=out/toy2d]

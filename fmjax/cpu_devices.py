@@ -8,9 +8,9 @@ side. For a small model (the W2D-small MLP, 8,706 parameters) every core but one
 JAX can instead expose the host as several CPU devices (``jax_num_cpu_devices``). A batch
 sharded over them (``fmjax.sample(..., mesh=mesh)``, ``fmjax.log_likelihood(..., mesh=mesh)``,
 ``fmjax.train.make_fused_train_steps(..., mesh=mesh)``) then runs one shard per core. On
-2 cores (docs/benchmarks.md, W2D-small): exact log-likelihood of 1,000 points with dopri5
-333 -> 172 ms and Euler sampling of 1,000 points 33 -> 21 ms, with the same NFE and values;
-fused training 2,590 -> 3,130 steps/s. Large work gains little (the W2D model's 4096 x 512
+2 cores (docs/benchmarks.md, W2D-small, the 2026-11-23 23:16 run): exact log-likelihood of
+1,000 points with dopri5 241 -> 160 ms and Euler sampling of 1,000 points 27 -> 17 ms, with
+the same NFE and values; fused training 3,852 -> 4,945 steps/s. Large work gains little (the W2D model's 4096 x 512
 matmuls already use every core). Unsharded arrays stay on device 0, so the rest of a program
 behaves as with one device.
 

@@ -5,8 +5,9 @@ Integrates the augmented ODE from t1 (data, default 1) to t0 (noise, default 0):
     d/dt [x_t, L_t] = [v(t, x_t), div v(t, x_t)],   L_{t1} = 0,
     log p_{t1}(x) = log p_{t0}(x_{t0}) + L_{t0}      (L_{t0} = -int_{t0}^{t1} div v dt)
 
-The divergence is exact (the trace of the Jacobian, from one linearisation and one
-Jacobian-vector product per input dimension, for any event shape) or Hutchinson's estimate
+The divergence is exact (the trace of the Jacobian, from one Jacobian-vector product per
+input dimension, vmapped, or with ``chunk_size`` one linearisation and chunks of them, for
+any event shape) or Hutchinson's estimate
 ``eps^T (dv/dx) eps`` with Gaussian or Rademacher probes drawn once per solve and held fixed
 over it: one Jacobian-vector product per probe per evaluation.
 

@@ -400,7 +400,7 @@ _NAMED = {
 }
 
 
-def get(name: str, **kwargs) -> AffinePath:
+def get(name: str, **kwargs) -> GaussianPath:
     """Build a path by name (``cond_ot``, ``ve``, ``vp``, ``rectified_flow``, ``cosine``,
     ``polynomial``) with keyword hyper-parameters — the hook for config files."""
     if name not in _NAMED:

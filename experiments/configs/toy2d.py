@@ -1,7 +1,7 @@
 """Config for ``python -m experiments.toy2d`` (2-D flow matching on a toy density).
 
 Presets: ``--config=experiments/configs/toy2d.py`` (default: checkerboard, CondOT, 4x512 MLP,
-about a minute or two on 2 CPU cores) and ``...toy2d.py:tiny`` (a few steps, for tests).
+2-3 minutes on 2 CPU cores) and ``...toy2d.py:tiny`` (a few steps, for tests).
 Override any field with ``--config.key=value``.
 """
 
