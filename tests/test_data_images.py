@@ -221,6 +221,8 @@ def test_npz_official_format_train_and_val(tmp_path, pickled):
     assert di.num_examples("imagenet32_npz", "val_data", tmp_path) == 3
     assert di.num_examples("imagenet32_npz", "train_data_batch_2", tmp_path) == 4
     src = di.open_source("imagenet32_npz", "train", tmp_path)
+    # opening counts the examples but holds no file in memory (pickled batches were kept)
+    assert src._arrays == [None, None, None]
     assert [f.name for f in src.files] == [
         f"train_data_batch_{k}" + ("" if pickled else ".npz") for k in (1, 2, 10)
     ]

@@ -187,6 +187,18 @@ def test_preprocess_quantizes_like_an_8bit_file():
     np.testing.assert_allclose(fid.preprocess(np.array([-3.0, 3.0])), [-1.0, 1.0])
 
 
+
+def test_preprocess_takes_integer_levels_and_warns_about_other_float_ranges():
+    k = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    # 8-bit levels as integers are the image-file convention (they were clipped to ~1.0)
+    np.testing.assert_array_equal(fid.preprocess(k), fid.preprocess(2 * (k / 256.0) - 1.0))
+    with pytest.raises(ValueError, match=r"8-bit levels in \[0, 255\]; got values in \[0, 300\]"):
+        fid.preprocess(np.array([[0, 300]], np.int32))
+    for bad in (k / 255.0, k.astype(np.float32)):  # [0, 1] and [0, 255] floats
+        with pytest.warns(UserWarning, match=r"expects model-space images in \[-1, 1\]"):
+            fid.preprocess(bad)
+
+
 # ----------------------------------------------------------------------------- vs PyTorch
 
 

@@ -406,3 +406,30 @@ def test_bad_inputs_raise(tiny_init):
         cond.init(jax.random.key(0), t, x, jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="num_classes"):
         count_params(tiny(), with_labels=True)
+
+
+def test_attention_placement_cannot_silently_change_with_the_input_size():
+    # attn_resolutions are read off the input: an entry that never occurs, or params made at
+    # another size (attention at other blocks), ran without error and without attention
+    t16, x16 = _inputs(h=16, w=16)
+    t32, x32 = _inputs(h=32, w=32)
+    with pytest.raises(ValueError, match=r"\[16\] never occur for an input of height 28"):
+        jax.eval_shape(lambda: tiny().init(jax.random.key(0), t32, x32[:, :28, :28]))
+    model = UNet(ch=16, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(8,),
+                 num_head_channels=8)
+    params = _random_params(model, x16)
+    assert {k for k in params["params"] if "_attn_" in k} == {"down_1_attn_0", "up_1_attn_0",
+                                                             "up_1_attn_1"}
+    jax.eval_shape(lambda p: model.apply(p, t16, x16), params)  # its own size: fine
+    with pytest.raises(ValueError, match="initialised at another input size"):
+        jax.eval_shape(lambda p: model.apply(p, t32, x32), params)  # attention at level 2
+
+
+def test_labels_outside_the_table_give_nan_negative_ones_included():
+    # -1 once read the null class (K) and -2 class K - 1: a silently other conditioning
+    model = UNet(**_MICRO, num_classes=NUM_CLASSES)
+    _, x = _inputs(b=4, h=8, w=8)
+    y = jnp.array([-1, -2, NUM_CLASSES, 0], jnp.int32)
+    params = _random_params(model, x, y, seed=3)
+    out = np.asarray(_run(lambda p: model.apply(p, jnp.full((4,), 0.5), x, y), params))
+    assert np.isnan(out[:2]).all() and np.isfinite(out[2:]).all()

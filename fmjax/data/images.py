@@ -249,13 +249,14 @@ def _read_batch_file(path: epath.Path) -> tuple[np.ndarray, np.ndarray]:
     return data, (labels.astype(np.int64) - 1).astype(np.int32)
 
 
-def _count_batch_file(path: epath.Path) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
-    """Number of examples in a batch file (and the arrays if they had to be loaded)."""
+def _count_batch_file(path: epath.Path) -> int:
+    """Number of examples in a batch file: an npz's labels only; a pickled batch has no
+    index, so it is loaded and dropped again (opening the ~3.9 GB train split must not keep
+    it in memory; the files are read again one at a time when their examples are)."""
     if path.name.endswith(".npz"):
         with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-            return int(np.asarray(z["labels"]).reshape(-1).shape[0]), None
-    arrays = _read_batch_file(path)
-    return int(arrays[1].shape[0]), arrays
+            return int(np.asarray(z["labels"]).reshape(-1).shape[0])
+    return int(_read_batch_file(path)[1].shape[0])
 
 
 class NpzImageSource:
@@ -270,13 +271,8 @@ class NpzImageSource:
         self._files = [epath.Path(f) for f in files]
         if not self._files:
             raise ValueError("NpzImageSource needs at least one file")
-        self._arrays: list[tuple[np.ndarray, np.ndarray] | None] = []
-        lengths = []
-        for f in self._files:
-            n, arrays = _count_batch_file(f)
-            lengths.append(n)
-            self._arrays.append(arrays)
-        self._offsets = np.cumsum([0, *lengths])
+        self._arrays: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self._files)
+        self._offsets = np.cumsum([0, *(_count_batch_file(f) for f in self._files)])
         self._lock = threading.Lock()
 
     @property
@@ -452,7 +448,8 @@ def open_source(source: str, split: str, data_dir: str | os.PathLike | None = No
 
 
 def num_examples(source: str, split: str, data_dir: str | os.PathLike | None = None) -> int:
-    """Number of examples in ``source``/``split`` (reads metadata / labels only)."""
+    """Number of examples in ``source``/``split`` (reads metadata or labels; a pickled batch
+    file is read once and dropped)."""
     return len(open_source(source, split, data_dir))
 
 

@@ -537,8 +537,23 @@ def preprocess(images, *, quantize: bool = True) -> np.ndarray:
     data pipeline's inverse map ``k = clip(floor((y + 1) * 128), 0, 255)`` (so the eval
     split's levels ``2k/256 - 1`` give back k exactly), then feeds ``2 k / 255 - 1``, what
     pytorch-fid feeds for an 8-bit image file.  ``quantize=False``: clip to ``[-1, 1]`` only.
+
+    Integer arrays are taken as 8-bit levels ``k`` in ``[0, 255]`` (image files) and fed as
+    ``2 k / 255 - 1``.  A float batch that looks like another convention (all values >= 0,
+    as ``[0, 1]`` or ``[0, 255]`` images; or values beyond 10) gets a warning: such images
+    would be clipped into ``[-1, 1]`` and give a meaningless FID.
     """
-    y = np.asarray(images, np.float32)
+    raw = np.asarray(images)
+    if np.issubdtype(raw.dtype, np.integer):
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise ValueError(f"integer images are 8-bit levels in [0, 255]; got values in "
+                             f"[{raw.min()}, {raw.max()}].")
+        return (raw.astype(np.float32) * (2.0 / 255.0) - 1.0).astype(np.float32)
+    y = raw.astype(np.float32)
+    if y.size > 1 and np.all(np.isfinite(y)) and (y.min() >= 0.0 or y.max() > 10.0):
+        warnings.warn(f"FID expects model-space images in [-1, 1]; got a batch with values in "
+                      f"[{y.min():g}, {y.max():g}] ([0, 1] or [0, 255] images?). Pass 8-bit "
+                      "levels as an integer array, or map to [-1, 1].", stacklevel=2)
     if not quantize:
         return np.clip(y, -1.0, 1.0)
     k = np.clip(np.floor((y + 1.0) * 128.0), 0, 255)

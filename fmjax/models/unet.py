@@ -44,7 +44,9 @@ Conventions
 * ``attn_resolutions`` are *pixel* resolutions of the feature maps (e.g. ``(16, 8)`` on a
   32x32 input means "after one and after two downsamplings"). ADM's command line takes the
   same numbers and converts them to downsampling factors with the image size; here the
-  resolution is read off the actual input at call time.
+  resolution is read off the actual input's height at call time, and an entry that never
+  occurs, or parameters initialised at a size whose attention blocks differ, is a
+  ValueError (not a model that silently leaves its attention out).
 * Time: ``t`` is in ``[0, 1]`` with shape ``(B,)`` or scalar (broadcast to the batch). It is
   multiplied by 1000 before the sinusoidal embedding so that the sinusoid frequencies
   (``max_period = 10000``, as in ADM) see the same range as a diffusion model's integer
@@ -52,7 +54,8 @@ Conventions
 * Classes: with ``num_classes = K`` the embedding table has ``K + 1`` rows; label ``K`` is the
   null ("unconditional") class used for classifier-free guidance. ``y=None`` on a
   class-conditional model means "all null class". Labels must be integers in ``[0, K]``
-  (this cannot be checked under ``jit``; an out-of-range label yields NaNs).
+  (this cannot be checked under ``jit``; a label outside it, negative ones included, yields
+  NaNs).
 * Zero initialisation as in ADM: the last conv of every ResBlock, the attention output
   projection and the output conv, so a freshly initialised model outputs exactly 0.
 * GroupNorm uses 32 groups; for layers with fewer than 32 channels (small presets) the number
@@ -273,6 +276,25 @@ class UNet(nn.Module):
             )
         if c < 1:
             raise ValueError(f"x must have at least one channel; got shape {x_shape}")
+        resolutions = [hgt // 2**level for level in range(len(self.ch_mult))]
+        missing = [r for r in self.attn_resolutions if r not in resolutions]
+        if missing:
+            raise ValueError(
+                f"attn_resolutions={tuple(self.attn_resolutions)}: {missing} never occur for an "
+                f"input of height {hgt} (the feature maps are {resolutions} pixels high); "
+                "attention there would silently be left out")
+        if self.has_variable("params", "conv_in"):
+            have = {k for k in self.variables["params"] if "_attn_" in k}
+            want = {f"{side}_{level}_attn_{i}"
+                    for level, r in enumerate(resolutions) if r in self.attn_resolutions
+                    for side, n in (("down", self.num_res_blocks),
+                                    ("up", self.num_res_blocks + 1)) for i in range(n)}
+            if have != want:
+                raise ValueError(
+                    f"UNet parameters were initialised at another input size: their attention "
+                    f"blocks are {sorted(have)}, an input of shape {x_shape} would use "
+                    f"{sorted(want)} (attn_resolutions are pixel heights of the feature maps); "
+                    "apply the model at the size it was initialised for")
         if self.has_variable("params", "conv_in"):
             expected_c = self.variables["params"]["conv_in"]["kernel"].shape[-2]
             if c != expected_c:
@@ -327,6 +349,9 @@ class UNet(nn.Module):
                 param_dtype=jnp.float32,
                 name="label_emb",
             )
+            # labels outside [0, K] (negative ones would index from the end of the table,
+            # -1 being the null class) are sent past it, where the lookup gives NaN
+            y = jnp.where((y < 0) | (y > self.num_classes), self.num_classes + 1, y)
             emb = emb + label_emb(y)
 
         def res(out_c, name, up=False, down=False):
