@@ -188,8 +188,9 @@ def log_likelihood(
       base_log_prob: log-density of the source at t0 on a batch, ``(B, *event) -> (B,)``;
         default standard normal (hashable callables only: it is a static argument).
       solver, steps, step_size, rtol, atol, max_steps, error_norm: as in
-        :func:`fmjax.sample` (``error_norm='max'`` holds every example's state, its points
-        and its log-density change, to rtol/atol).
+        :func:`fmjax.sample`; both norms hold the log-density change to rtol/atol on its own,
+        apart from the points (as torchdiffeq does for its tuple state), and ``'max'`` every
+        example's.
       t0, t1: the noise and data ends; the solve runs from t1 down to t0.
       mesh: a mesh with a ``"data"`` axis: ``x1`` is split over it and the solve runs data
         parallel with the unsharded solve's steps and NFE (see :func:`fmjax.sample`).

@@ -9,11 +9,14 @@ the two agree whenever h divides the interval, as 0.05 does); adaptive solvers (
 controller is a constant step, which would silently make dopri5 fixed-step).
 
 The adaptive step-size control measures the error estimate with ``error_norm``: ``"rms"``
-(default) is the root mean square over the whole batch state, as diffrax, torchdiffeq and
-``flow_matching`` do, so one example's error can exceed the tolerance while the batch's mean
-square stays within it; ``"max"`` takes each example's RMS (over its own entries, in every leaf
-of the state) and the largest over the batch, so every example meets ``rtol``/``atol`` while the
-batch still shares one step sequence.
+(default) is the root mean square over the whole batch, taken per leaf of the state and the
+largest over the leaves (:func:`leaf_rms_norm`), as torchdiffeq and ``flow_matching`` do: a
+likelihood solve's log-density is held to the tolerance on its own, not diluted among the D
+entries of the points (diffrax's default RMS over all entries at once lets it drift: on the
+W2D-small model 355 instead of 505 evaluations, with twice the log-density error). One
+example's error can still exceed the tolerance while the batch's mean square stays within it;
+``"max"`` takes each example's RMS (per leaf) and the largest over the batch, so every example
+meets ``rtol``/``atol`` while the batch still shares one step sequence.
 
 NFE (number of function evaluations of the vector field) is computed from diffrax's step
 counts and each solver's Butcher tableau — rejected steps count — and the test suite checks
@@ -33,23 +36,35 @@ import numpy as np
 from fmjax._checks import integer
 
 __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
-           "check_derivative", "check_save_times", "check_solver_args", "max_example_rms_norm",
-           "solve"]
+           "check_derivative", "check_save_times", "check_solver_args", "leaf_rms_norm",
+           "max_example_rms_norm", "solve"]
 
 ERROR_NORMS = ("rms", "max")
 
 
-def max_example_rms_norm(tree) -> jax.Array:
-    """The largest per-example RMS of a batch pytree (every leaf with the batch axis first).
-
-    The square root is guarded so that its derivative at an all-zero error is 0, not NaN
-    (the controller is differentiated through when a solve is)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    b = leaves[0].shape[0]
-    sq = sum(jnp.sum(jnp.square(jnp.abs(x).reshape(b, -1)), axis=1) for x in leaves)
-    mean_sq = jnp.max(sq) / sum(x.size // b for x in leaves)
+def _sqrt_guarded(mean_sq):
+    """``sqrt`` whose derivative at 0 is 0, not NaN (the controller is differentiated through
+    when a solve is)."""
     positive = mean_sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, mean_sq, 1.0)), 0.0)
+
+
+def leaf_rms_norm(tree) -> jax.Array:
+    """The largest, over the leaves of the state, of each leaf's RMS over the whole batch:
+    torchdiffeq's norm for a tuple state (``_mixed_norm``). For one leaf it is the plain RMS;
+    for the likelihood's ``(x, delta log p)`` it holds the log-density to the tolerance on
+    its own instead of diluting its error among the D entries of ``x``."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return _sqrt_guarded(jnp.max(jnp.stack([jnp.mean(jnp.square(jnp.abs(x))) for x in leaves])))
+
+
+def max_example_rms_norm(tree) -> jax.Array:
+    """The largest per-example, per-leaf RMS of a batch pytree (every leaf with the batch
+    axis first): every example, and each part of its state, is held to the tolerance."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    b = leaves[0].shape[0]
+    per = [jnp.mean(jnp.square(jnp.abs(x)).reshape(b, -1), axis=1) for x in leaves]
+    return _sqrt_guarded(jnp.max(jnp.stack(per)))
 
 
 class RK4(diffrax.AbstractERK):
@@ -264,8 +279,8 @@ def solve(
         solver_obj = FIXED_SOLVERS[solver]()
     else:
         dt0 = None
-        norm = {} if error_norm == "rms" else {"norm": max_example_rms_norm}
-        controller = diffrax.PIDController(rtol=rtol, atol=atol, **norm)
+        norm = leaf_rms_norm if error_norm == "rms" else max_example_rms_norm
+        controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
         solver_obj = ADAPTIVE_SOLVERS[solver]()
     if save_times is not None:
         saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times, time_dtype))

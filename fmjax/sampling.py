@@ -189,9 +189,9 @@ def sample(
         step sequence for the whole batch with a batch-wide RMS error norm. Per-example
         stats are then arrays of shape (B,).
       error_norm: how an adaptive solver measures its error estimate: 'rms' over the whole
-        batch (default; what torchdiffeq and ``flow_matching`` do) or 'max', the largest of
-        the examples' own RMS errors, so that every example meets rtol/atol while the batch
-        keeps one step sequence (see :mod:`fmjax.ode`).
+        batch, per leaf of the state (default; what torchdiffeq and ``flow_matching`` do) or
+        'max', the largest of the examples' own RMS errors, so that every example meets
+        rtol/atol while the batch keeps one step sequence (see :mod:`fmjax.ode`).
       mesh: a mesh with a ``"data"`` axis (``fmjax.train.sharding.make_mesh()``): ``x0`` is
         split over it (see :func:`place_batch`; B must be divisible by its size) and the
         result stays sharded. On a CPU host see :func:`fmjax.use_cpu_devices`. An ``x0``
