@@ -4,9 +4,10 @@
 Fixed-step solvers (``euler``, ``midpoint``, ``heun``, ``rk4``) take ``steps`` or
 ``step_size``; ``step_size=h`` makes ``ceil(|t1 - t0| / h)`` equal steps that end exactly at
 ``t1`` (h = 0.3 on [0, 1]: four steps of 0.25; torchdiffeq would step 0.3, 0.3, 0.3, 0.1;
-the two agree whenever h divides the interval, as 0.05 does); adaptive solvers (``bosh3``, ``dopri5``, ``tsit5``, ``dopri8``) take
-``rtol``/``atol`` and always get an explicit :class:`diffrax.PIDController` (diffrax's default
-controller is a constant step, which would silently make dopri5 fixed-step).
+the two agree whenever h divides the interval, as 0.05 does); adaptive solvers (``bosh3``,
+``dopri5``, ``tsit5``, ``dopri8``) take ``rtol``/``atol`` and always get an explicit
+:class:`diffrax.PIDController` (diffrax's default controller is a constant step, which would
+silently make dopri5 fixed-step).
 
 The adaptive step-size control measures the error estimate with ``error_norm``: ``"rms"``
 (default) is the root mean square over the whole batch, taken per leaf of the state and the

@@ -44,8 +44,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
 from fmjax._checks import integer
-from fmjax.likelihood import (DIVERGENCES, PROBES, bits_per_dim, log_likelihood,
-                              standard_normal_log_prob)
+from fmjax.likelihood import (
+    DIVERGENCES,
+    PROBES,
+    bits_per_dim,
+    log_likelihood,
+    standard_normal_log_prob,
+)
 from fmjax.sampling import _check_batch, as_field, auto_mesh
 
 __all__ = [
