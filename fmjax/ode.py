@@ -14,8 +14,8 @@ The adaptive step-size control measures the error estimate with ``error_norm``: 
 largest over the leaves (:func:`leaf_rms_norm`), as torchdiffeq and ``flow_matching`` do: a
 likelihood solve's log-density is held to the tolerance on its own, not diluted among the D
 entries of the points (diffrax's default RMS over all entries at once lets it drift: on the
-W2D-small model 355 instead of 505 evaluations, with twice the log-density error). One
-example's error can still exceed the tolerance while the batch's mean square stays within it;
+W2D-small model 355 instead of 505 evaluations, with 1.7x the peers' largest log-density
+error). One example's error can still exceed the tolerance while the batch's mean square stays within it;
 ``"max"`` takes each example's RMS (per leaf) and the largest over the batch, so every example
 meets ``rtol``/``atol`` while the batch still shares one step sequence.
 
