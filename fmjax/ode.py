@@ -15,9 +15,10 @@ largest over the leaves (:func:`leaf_rms_norm`), as torchdiffeq and ``flow_match
 likelihood solve's log-density is held to the tolerance on its own, not diluted among the D
 entries of the points (diffrax's default RMS over all entries at once lets it drift: on the
 W2D-small model 355 instead of 505 evaluations, with 1.7x the peers' largest log-density
-error). One example's error can still exceed the tolerance while the batch's mean square stays within it;
-``"max"`` takes each example's RMS (per leaf) and the largest over the batch, so every example
-meets ``rtol``/``atol`` while the batch still shares one step sequence.
+error). One example's error can still exceed the tolerance while the batch's mean square
+stays within it; ``"max"`` takes each example's RMS (per leaf) and the largest over the
+batch, so every example meets ``rtol``/``atol`` while the batch still shares one step
+sequence.
 
 NFE (number of function evaluations of the vector field) is computed from diffrax's step
 counts and each solver's Butcher tableau — rejected steps count — and the test suite checks
