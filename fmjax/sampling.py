@@ -180,7 +180,8 @@ def sample(
       v: the vector field ``v(t, x)`` on a batch (see the module docstring).
       x0: ``(B, *event_shape)`` floating-point starting points, e.g. ``N(0, I)`` draws.
       solver: 'euler', 'midpoint', 'heun', 'rk4' (fixed step: give ``steps`` or
-        ``step_size``, which makes ``ceil(|t1 - t0| / step_size)`` equal steps) or 'bosh3', 'dopri5', 'tsit5', 'dopri8' (adaptive: ``rtol``/``atol``).
+        ``step_size``, which makes ``ceil(|t1 - t0| / step_size)`` equal steps) or 'bosh3',
+        'dopri5', 'tsit5', 'dopri8' (adaptive: ``rtol``/``atol``).
       t0, t1: integration interval; ``t1 < t0`` integrates backwards (data -> noise).
       save_times: optional 1-D times in [t0, t1], ordered from t0 towards t1, at which to
         also return the states (``stats.trajectory``, shape ``(len(save_times), *x0.shape)``).
