@@ -11,8 +11,8 @@ sharded over them (``fmjax.sample(..., mesh=mesh)``, ``fmjax.log_likelihood(...,
 2 cores (docs/benchmarks.md, W2D-small, the 2026-11-23 23:16 run): exact log-likelihood of
 1,000 points with dopri5 241 -> 160 ms and Euler sampling of 1,000 points 27 -> 17 ms, with
 the same NFE and values; fused training 3,852 -> 4,945 steps/s. Large work gains little
-(the W2D model's 4096 x 512 matmuls already use every core). Unsharded arrays stay on device 0, so the rest of a program
-behaves as with one device.
+(the W2D model's 4096 x 512 matmuls already use every core). Unsharded arrays stay on
+device 0, so the rest of a program behaves as with one device.
 
 Call :func:`use_cpu_devices` first thing in a script, before any JAX computation.
 """
