@@ -519,7 +519,7 @@ def _params_sample(params):
         jnp.float32) for x in leaves])
 
 
-def _bpd_id(config, params) -> str:
+def _bpd_id(config, params, s0) -> str:
     """A short digest of the bits/dim evaluation's inputs: the parameters (shapes and a
     sample of values), EMA or raw, the dataset, the solver settings and the source noise."""
     e, d = config.eval, config.data
@@ -530,7 +530,7 @@ def _bpd_id(config, params) -> str:
              "split": _dataset_name(config, e.split), "data_dir": str(d.data_dir),
              "num_dequant": int(e.num_dequant), "solver": e.solver, "rtol": float(e.rtol),
              "atol": float(e.atol), "probe": e.probe, "seed": int(config.seed),
-             "source_std": source_std(config)}
+             "source_std": s0}
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -549,7 +549,8 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
 
     e = config.eval
     v = jax.tree_util.Partial(_field(model), params, None)  # conditional models: null class
-    state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params)}.json")
+    s0 = source_std(config)
+    state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params, s0)}.json")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(state_file), exist_ok=True)
     bar = tqdm(desc=f"eval bpd (step {step})", unit="batch", total=int(e.num_batches) or None,
@@ -565,7 +566,7 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
             num_dequant=int(e.num_dequant), mesh=mesh, state_file=state_file,
             max_batches=int(e.num_batches) or None, callback=callback,
             divergence="hutchinson", solver=e.solver, rtol=float(e.rtol), atol=float(e.atol),
-            probe=e.probe, source_std=source_std(config))
+            probe=e.probe, source_std=s0)
     finally:
         bar.close()
     return {"value": float(res["bpd"]), **res}

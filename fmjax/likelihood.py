@@ -33,6 +33,7 @@ __all__ = [
     "LikelihoodStats",
     "bits_per_dim",
     "log_likelihood",
+    "normal_log_prob",
     "standard_normal_log_prob",
 ]
 
@@ -59,6 +60,12 @@ def standard_normal_log_prob(x):
     return -0.5 * jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) - 0.5 * d * math.log(
         2 * math.pi
     )
+
+
+def normal_log_prob(x, std):
+    """log N(x; 0, std^2 I) per example for a batch ``(B, *event_shape)``."""
+    x = jnp.asarray(x)
+    return standard_normal_log_prob(x / std) - math.prod(x.shape[1:]) * jnp.log(std)
 
 
 def _exact_divergence(f, x, chunk_size):

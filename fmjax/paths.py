@@ -165,11 +165,10 @@ class GaussianPath:
         """Log-density of :meth:`sample_source`, ``N(0, sigma_{t0}^2 I)``, per example of a
         batch ``(B, *event_shape)``: the ``base_log_prob`` of :func:`fmjax.log_likelihood`
         that matches the samples' starting noise."""
-        from fmjax.likelihood import standard_normal_log_prob  # local: paths stays below it
+        from fmjax.likelihood import normal_log_prob  # local: paths stays below it
 
         x = jnp.asarray(x)
-        s0 = self.source_std(x.dtype)
-        return standard_normal_log_prob(x / s0) - math.prod(x.shape[1:]) * jnp.log(s0)
+        return normal_log_prob(x, self.source_std(x.dtype))
 
     # -- parameterisations ---------------------------------------------------------------
     def convert(self, pred, x, t, *, src: str, dst: str):

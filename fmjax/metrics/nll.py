@@ -49,7 +49,7 @@ from fmjax.likelihood import (
     PROBES,
     bits_per_dim,
     log_likelihood,
-    standard_normal_log_prob,
+    normal_log_prob,
 )
 from fmjax.sampling import _check_batch, as_field, auto_mesh
 
@@ -184,13 +184,11 @@ def _bpd_core(v, x, keys, mask, *, opts, mesh):
     bin_width = (hi - lo) / o["num_levels"]
     hutch = o["divergence"] == "hutchinson"
     s0 = o["source_std"]
-
-    def source_log_prob(z):  # N(0, s0^2 I)
-        return standard_normal_log_prob(z / s0) - math.prod(z.shape[1:]) * math.log(s0)
+    source_log_prob = None if s0 == 1.0 else functools.partial(normal_log_prob, std=s0)
 
     def one_solve(y, pk):
         logp, stats = log_likelihood(
-            v, y[None], base_log_prob=None if s0 == 1.0 else source_log_prob,
+            v, y[None], base_log_prob=source_log_prob,
             divergence=o["divergence"], key=pk if hutch else None,
             num_probes=o["num_probes"], probe=o["probe"], hutchinson_mode=o["hutchinson_mode"],
             solver=o["solver"], steps=o["steps"], step_size=o["step_size"], rtol=o["rtol"],
