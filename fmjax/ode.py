@@ -233,6 +233,57 @@ def num_fixed_steps(steps, step_size, t0, t1) -> int:
     return max(1, math.ceil(abs(t1 - t0) / step_size - 1e-6))
 
 
+def initial_step_size(field, y0, *, t0, t1, error_order, rtol, atol, norm):
+    """The starting step of an adaptive solve: Hairer, Norsett & Wanner's algorithm (Solving
+    Ordinary Differential Equations I, II.4), as torchdiffeq (and so ``flow_matching`` and
+    ``torchcfm``) use it.
+
+    Two evaluations of ``field(t, y)``: at ``(t0, y0)`` and one explicit Euler probe. Returns
+    ``(h, f0)``, the step's magnitude (the solve runs from t0 towards t1) and
+    ``field(t0, y0)`` for the solver to reuse. The probe step is capped at ``|t1 - t0|`` so
+    the field is never evaluated outside the interval; with ``y0`` or ``f0`` near zero (``d0``
+    or ``d1`` below 1e-5) it is 1e-6, and the step then grows by the controller's factors.
+    diffrax 0.7 selects no starting step for a time-reversed or wrapped term (every
+    ``diffeqsolve`` wraps its terms) and starts at 0.01 instead: on the W2D likelihood that
+    cost 85 evaluations against torchdiffeq's 74 at the same tolerance, 74 with this step.
+    """
+    tree_map = jax.tree_util.tree_map
+    f0 = field(t0, y0)
+    scale = tree_map(lambda y: atol + rtol * jnp.abs(y), y0)
+    d0 = norm(tree_map(jnp.divide, y0, scale))
+    d1 = norm(tree_map(jnp.divide, f0, scale))
+    tiny = (d0 < 1e-5) | (d1 < 1e-5)
+    span = jnp.abs(t1 - t0)
+    h0 = jnp.minimum(jnp.where(tiny, 1e-6, 0.01 * d0 / jnp.where(tiny, 1.0, d1)), span)
+    sign = jnp.sign(t1 - t0)
+    y1 = tree_map(lambda y, f: y + (sign * h0).astype(y.dtype) * f, y0, f0)
+    f1 = field(t0 + (sign * h0).astype(jnp.result_type(t0)), y1)
+    d2 = norm(tree_map(lambda a, b, c: (a - b) / c, f1, f0, scale)) / h0
+    dmax = jnp.maximum(d1, d2)
+    flat = dmax <= 1e-15
+    h1 = jnp.where(flat, jnp.maximum(1e-6, 1e-3 * h0),
+                   (0.01 / jnp.where(flat, 1.0, dmax)) ** (1.0 / error_order))
+    return jnp.minimum(100.0 * h0, h1), f0
+
+
+def _fsal_state(solver, term, t0, t1, y0, args, f0):
+    """diffrax's state for an FSAL Runge-Kutta solver with ``field(t0, y0)`` already known,
+    ``(first_step=False, f0)``, so that the first step does not evaluate it again; None (the
+    solver evaluates it itself) for a solver without FSAL or if diffrax's state has another
+    form than this (checked against ``solver.init``)."""
+    tableau = getattr(solver, "tableau", None)
+    if tableau is None or not tableau.fsal:
+        return None
+    state = (jnp.array(False), f0)
+    want = jax.eval_shape(lambda: solver.init(term, t0, t1, y0, args))
+    got = jax.eval_shape(lambda: state)
+    if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or any(
+            (w.shape, w.dtype) != (g.shape, g.dtype) for w, g in
+            zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got))):
+        return None
+    return state
+
+
 def solve(
     field,
     y0,
@@ -273,6 +324,13 @@ def solve(
     state_dtypes = [jnp.result_type(y) for y in jax.tree_util.tree_leaves(y0)]
     time_dtype = jnp.result_type(jnp.float32, *[
         d for d in state_dtypes if jnp.issubdtype(d, jnp.floating)])
+    t0_, t1_ = jnp.asarray(t0, time_dtype), jnp.asarray(t1, time_dtype)
+    # the state promoted as diffeqsolve promotes it (a bfloat16 state solves in float32), so
+    # the starting step's evaluations see what the solver's do
+    y0 = jax.tree_util.tree_map(
+        lambda y: jnp.asarray(y, jnp.promote_types(jnp.result_type(y), time_dtype)), y0)
+    term = diffrax.ODETerm(checked_field)
+    solver_state = None
     if solver in FIXED_SOLVERS:
         n = num_fixed_steps(steps, step_size, t0, t1)
         dt0 = (t1 - t0) / n
@@ -280,20 +338,24 @@ def solve(
         max_steps = n
         solver_obj = FIXED_SOLVERS[solver]()
     else:
-        dt0 = None
         norm = leaf_rms_norm if error_norm == "rms" else max_example_rms_norm
         controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
         solver_obj = ADAPTIVE_SOLVERS[solver]()
+        h, f0 = initial_step_size(lambda t, y: checked_field(t, y, args), y0, t0=t0_, t1=t1_,
+                                  error_order=solver_obj.error_order(term), rtol=rtol,
+                                  atol=atol, norm=norm)
+        dt0 = jnp.sign(t1_ - t0_) * jax.lax.stop_gradient(h).astype(time_dtype)
+        solver_state = _fsal_state(solver_obj, term, t0_, t1_, y0, args, f0)
     if save_times is not None:
         saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times, time_dtype))
     else:
         saveat = diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(checked_field),
+        term,
         solver_obj,
-        t0=jnp.asarray(t0, time_dtype),
-        t1=jnp.asarray(t1, time_dtype),
-        dt0=None if dt0 is None else jnp.asarray(dt0, time_dtype),
+        t0=t0_,
+        t1=t1_,
+        dt0=jnp.asarray(dt0, time_dtype),
         y0=y0,
         args=args,
         saveat=saveat,
@@ -301,8 +363,11 @@ def solve(
         max_steps=max_steps,
         throw=False,
         adjoint=adjoint if adjoint is not None else diffrax.RecursiveCheckpointAdjoint(),
+        solver_state=solver_state,
     )
     per_step, init = _evals_per_step(solver_obj)
+    if solver in ADAPTIVE_SOLVERS:  # the starting step's two; f0 replaces the FSAL solver's
+        init = 2 + (init if solver_state is None else 0)
     num_steps = sol.stats["num_steps"]
     stats = SolveStats(
         nfe=init + per_step * num_steps,

@@ -141,10 +141,10 @@ def test_solves_keep_the_input_precision_under_x64(dtype):
 
 def test_max_error_norm_holds_every_example_to_the_tolerance():
     # v = -k_i x per example: x(1) = e^{-k_i} x0, log p_1(x(1)) = log N(x0) + D k_i. One fast
-    # example among 63 slow ones: the batch RMS norm dilutes its error (by ~sqrt(64)); the
+    # example among 255 slow ones: the batch RMS norm dilutes its error (by ~sqrt(256)); the
     # max-over-examples norm takes smaller steps for it, and the batch keeps one sequence.
-    k = jnp.concatenate([jnp.full((63,), 0.1), jnp.array([8.0])])
-    x0 = jax.random.normal(jax.random.key(0), (64, 2))
+    k = jnp.concatenate([jnp.full((255,), 0.1), jnp.array([8.0])])
+    x0 = jax.random.normal(jax.random.key(0), (256, 2)).at[-1].set(jnp.array([1.5, -1.0]))
 
     def v(t, x):
         return -k[:, None] * x
@@ -176,17 +176,17 @@ def test_max_error_norm_holds_every_example_to_the_tolerance():
 
 
 def test_a_leaf_is_held_to_the_tolerance_however_large_the_others():
-    # State (x, l): x constant (zero error estimate), l' = 5 cos(20 t). Per leaf, the norm is
-    # l's own RMS, so the solve takes exactly the steps of l alone and l meets the tolerance;
-    # one RMS over all 260 entries (diffrax's default) divided l's error estimate by ~8 and
-    # took longer steps: 49 instead of 73 evaluations, l off by 1.3e-3 at tolerance 1e-4.
+    # State (x, l): x constant at 0 (zero error estimate), l' = 5 cos(20 t). Per leaf, the norm
+    # is l's own RMS, so the solve (its starting step included) takes exactly the steps of l
+    # alone and l meets the tolerance; one RMS over all 260 entries (diffrax's default) would
+    # divide l's error estimate by ~8 and take longer steps, missing the tolerance.
     def dl(t, l, args):
         return 5.0 * jnp.cos(20.0 * t) * jnp.ones_like(l)
 
     def field(t, y, args):
         return jnp.zeros_like(y[0]), dl(t, y[1], args)
 
-    y0 = (jnp.ones((4, 64)), jnp.zeros((4,)))
+    y0 = (jnp.zeros((4, 64)), jnp.zeros((4,)))
     (x1, l1), _, pair = fmjax.ode.solve(field, y0, t0=0.0, t1=1.0, rtol=1e-4, atol=1e-4)
     l_alone, _, alone = fmjax.ode.solve(dl, y0[1], t0=0.0, t1=1.0, rtol=1e-4, atol=1e-4)
     assert int(pair.nfe) == int(alone.nfe)
@@ -214,7 +214,7 @@ def test_per_example_stepping_and_nfe_accounting():
     x1, stats = fmjax.sample(v, x0, solver="dopri5", per_example=True)
     np.testing.assert_allclose(x1, M + STD1 * x0, atol=5e-4)
     assert stats.nfe.shape == (4,)
-    np.testing.assert_array_equal(stats.nfe, 1 + 6 * stats.num_steps)
+    np.testing.assert_array_equal(stats.nfe, 2 + 6 * stats.num_steps)  # (the start: 2)
     _, st = fmjax.sample(v, x0, solver="midpoint", step_size=0.05)
     assert int(st.nfe) == 40 and int(st.num_steps) == 20
     _, st = fmjax.sample(v, x0, solver="euler", steps=7)
@@ -225,7 +225,8 @@ def test_per_example_stepping_and_nfe_accounting():
                                        ("heun", dict(steps=3)), ("rk4", dict(steps=3)),
                                        ("dopri5", dict(rtol=1e-6, atol=1e-6)),
                                        ("tsit5", dict(rtol=1e-3, atol=1e-3)),
-                                       ("bosh3", dict(rtol=1e-3, atol=1e-3))])
+                                       ("bosh3", dict(rtol=1e-3, atol=1e-3)),
+                                       ("dopri8", dict(rtol=1e-6, atol=1e-6))])
 def test_reported_nfe_equals_counted_calls(solver, kw):
     """stats.nfe must equal the number of times the vector field really ran."""
     calls = []
@@ -238,6 +239,57 @@ def test_reported_nfe_equals_counted_calls(solver, kw):
     _, stats = fmjax.sample(counting_field, x0, solver=solver, **kw)
     jax.effects_barrier()
     assert len(calls) == int(stats.nfe), (solver, len(calls), stats)
+
+
+def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monkeypatch):
+    # _fsal_state falls back to None when diffrax's FSAL state has another form (another
+    # diffrax version): the solver then evaluates field(t0, y0) itself, one more call.
+    calls = []
+
+    def counting_field(t, x):
+        jax.debug.callback(lambda: calls.append(1))
+        return -x * (1.0 + jnp.sin(5 * t[:, None]))
+
+    monkeypatch.setattr(fmjax.ode, "_fsal_state", lambda *args: None)
+    x, stats = fmjax.sample(counting_field, _x0(3), solver="dopri5", rtol=1e-6, atol=1e-6)
+    jax.effects_barrier()
+    assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
+
+
+@pytest.mark.parametrize("t0,t1", [(0.0, 1.0), (1.0, 0.0)])
+def test_adaptive_solves_start_with_hairers_step(t0, t1):
+    # y' = lam * y: Hairer, Norsett & Wanner's starting step in closed form. d0 = |y0| / s,
+    # d1 = |lam| d0, so h0 = 0.01 / |lam|; the Euler probe gives |f1 - f0| = lam^2 h0 |y0|, so
+    # d2 = lam^2 d0; h = min(100 h0, (0.01 / max(d1, d2))^(1/5)) for dopri5 (error order 5).
+    lam, y0, tol = 3.0, 2.0, 1e-5
+    d0 = y0 / (tol + tol * y0)
+    h0 = 0.01 / lam
+    want = min(100 * h0, (0.01 / max(lam * d0, lam**2 * d0)) ** 0.2)
+    h, f0 = fmjax.ode.initial_step_size(
+        lambda t, y: lam * y, jnp.full((1,), y0), t0=jnp.asarray(t0), t1=jnp.asarray(t1),
+        error_order=5, rtol=tol, atol=tol, norm=fmjax.ode.leaf_rms_norm)
+    np.testing.assert_allclose(h, want, rtol=1e-5)
+    np.testing.assert_allclose(f0, [lam * y0])
+    # the solve evaluates at t0, at the probe t0 + h0 and then at the first step's stages
+    # t0 + c_i h (dopri5: c_1 = 1/5), in the direction of the solve
+    times = []
+
+    def field(t, y, args):
+        jax.debug.callback(lambda s: times.append(float(s)), t)
+        return lam * y
+
+    _, _, stats = fmjax.ode.solve(field, jnp.full((1,), y0), t0=t0, t1=t1, rtol=tol,
+                                  atol=tol)
+    jax.effects_barrier()
+    sign = 1.0 if t1 > t0 else -1.0
+    np.testing.assert_allclose(times[:3], [t0, t0 + sign * h0, t0 + sign * want / 5],
+                               rtol=1e-6, atol=1e-9)
+    assert len(times) == int(stats.nfe) == 2 + 6 * int(stats.num_steps)
+    # y0 = 0 and a field vanishing there: probe h0 = 1e-6, then max(1e-6, 1e-3 h0)
+    h, _ = fmjax.ode.initial_step_size(
+        lambda t, y: 0.0 * y, jnp.zeros((2,)), t0=jnp.asarray(t0), t1=jnp.asarray(t1),
+        error_order=5, rtol=tol, atol=tol, norm=fmjax.ode.leaf_rms_norm)
+    np.testing.assert_allclose(h, 1e-6, rtol=1e-5)
 
 
 def test_log_likelihood_exact_matches_gaussian_density():
