@@ -20,9 +20,17 @@ stays within it; ``"max"`` takes each example's RMS (per leaf) and the largest o
 batch, so every example meets ``rtol``/``atol`` while the batch still shares one step
 sequence.
 
+An adaptive solve starts with Hairer, Norsett & Wanner's step (:func:`initial_step_size`,
+two evaluations, the first reused by the FSAL solvers' first step), as torchdiffeq does: with
+the same controller (I-control, safety 0.9, factors 0.2-10, error exponent 1/5 for dopri5) the
+solves then take torchdiffeq's step sequence. diffrax's own selection never runs in
+``diffeqsolve`` (it wraps every term, and its selection only accepts a bare ``ODETerm``), which
+started every solve at 0.01.
+
 NFE (number of function evaluations of the vector field) is computed from diffrax's step
-counts and each solver's Butcher tableau — rejected steps count — and the test suite checks
-the formula against a vector field that counts its own calls.
+counts and each solver's Butcher tableau — rejected steps and the starting step's two
+evaluations count — and the test suite checks the formula against a vector field that counts
+its own calls.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ import numpy as np
 from fmjax._checks import integer
 
 __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
-           "check_derivative", "check_save_times", "check_solver_args", "leaf_rms_norm",
-           "max_example_rms_norm", "solve"]
+           "check_derivative", "check_save_times", "check_solver_args", "initial_step_size",
+           "leaf_rms_norm", "max_example_rms_norm", "solve"]
 
 ERROR_NORMS = ("rms", "max")
 
@@ -345,7 +353,10 @@ def solve(
                                   error_order=solver_obj.error_order(term), rtol=rtol,
                                   atol=atol, norm=norm)
         dt0 = jnp.sign(t1_ - t0_) * jax.lax.stop_gradient(h).astype(time_dtype)
-        solver_state = _fsal_state(solver_obj, term, t0_, t1_, y0, args, f0)
+        if adjoint is None or isinstance(adjoint, (diffrax.RecursiveCheckpointAdjoint,
+                                                   diffrax.DirectAdjoint)):
+            # (the other adjoints refuse to differentiate through a passed solver state)
+            solver_state = _fsal_state(solver_obj, term, t0_, t1_, y0, args, f0)
     if save_times is not None:
         saveat = diffrax.SaveAt(t1=True, ts=jnp.asarray(save_times, time_dtype))
     else:
