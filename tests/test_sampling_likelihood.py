@@ -252,7 +252,7 @@ def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monke
         return -x * (1.0 + jnp.sin(5 * t[:, None]))
 
     monkeypatch.setattr(fmjax.ode, "_fsal_state", lambda *args: None)
-    x, stats = fmjax.sample(counting_field, _x0(3), solver="dopri5", rtol=1e-6, atol=1e-6)
+    _, stats = fmjax.sample(counting_field, _x0(3), solver="dopri5", rtol=1e-6, atol=1e-6)
     jax.effects_barrier()
     assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
 
