@@ -257,24 +257,28 @@ def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monke
     assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
 
 
-@pytest.mark.parametrize("adjoint", [None, "backsolve"])
+@pytest.mark.parametrize("adjoint", [None, "backsolve", "forward"])
 def test_gradients_through_an_adaptive_solve_with_either_adjoint(adjoint):
-    # y' = -a y: y(1) = y0 exp(-a), d y(1) / da = -y0 exp(-a). BacksolveAdjoint refuses to
+    # y' = -a y: y(1) = y0 exp(-a), d y(1) / da = -y0 exp(-a) (reverse mode, or forward
+    # mode with ForwardMode). BacksolveAdjoint refuses to
     # differentiate through a solver state passed in, so with it the solver evaluates
     # field(t0, y0) itself (one more evaluation, counted). (Backsolve differentiates with
     # respect to args, not closed-over values.)
     y0 = jnp.array([1.5, -0.5])
-    adj = diffrax.BacksolveAdjoint() if adjoint else None
+    adj = {None: None, "backsolve": diffrax.BacksolveAdjoint(),
+           "forward": diffrax.ForwardMode()}[adjoint]
+    grad_fn = jax.jacfwd if adjoint == "forward" else jax.grad
 
     def y1(a):
         y, _, stats = fmjax.ode.solve(lambda t, y, args: -args * y, y0, t0=0.0, t1=1.0,
                                       rtol=1e-8, atol=1e-8, args=a, adjoint=adj)
         return jnp.sum(y), stats
 
-    (value, stats), grad = jax.value_and_grad(y1, has_aux=True)(0.7)
+    value, stats = y1(0.7)
+    grad = grad_fn(lambda a: y1(a)[0])(0.7)
     np.testing.assert_allclose(value, jnp.sum(y0) * np.exp(-0.7), rtol=1e-7)
     np.testing.assert_allclose(grad, -jnp.sum(y0) * np.exp(-0.7), rtol=1e-6)
-    assert int(stats.nfe) == (3 if adjoint else 2) + 6 * int(stats.num_steps)
+    assert int(stats.nfe) == (3 if adjoint == "backsolve" else 2) + 6 * int(stats.num_steps)
 
 
 @pytest.mark.parametrize("t0,t1", [(0.0, 1.0), (1.0, 0.0)])
@@ -306,6 +310,20 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
     np.testing.assert_allclose(times[:3], [t0, t0 + sign * h0, t0 + sign * want / 5],
                                rtol=1e-6, atol=1e-9)
     assert len(times) == int(stats.nfe) == 2 + 6 * int(stats.num_steps)
+    # a probe longer than the interval is capped and evaluates at t1 itself, not one ulp
+    # past it (t0 + |t1 - t0| rounds past t1 for these float32 times)
+    a, b = np.float32(0.00033813505), np.float32(0.0046515143)
+    lo, hi = (a, b) if t1 > t0 else (b, a)
+    probes = []
+
+    def slow(t, y):
+        probes.append(t)
+        return 1e-3 * y
+
+    fmjax.ode.initial_step_size(slow, jnp.ones((1,), jnp.float32), t0=jnp.asarray(lo),
+                                t1=jnp.asarray(hi), error_order=5, rtol=tol, atol=tol,
+                                norm=fmjax.ode.leaf_rms_norm)
+    assert float(probes[1]) == float(hi)
     # y0 = 0 and a field vanishing there: probe h0 = 1e-6, then max(1e-6, 1e-3 h0)
     h, _ = fmjax.ode.initial_step_size(
         lambda t, y: 0.0 * y, jnp.zeros((2,)), t0=jnp.asarray(t0), t1=jnp.asarray(t1),
