@@ -177,7 +177,12 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
     for name, t in (("t0", t0), ("t1", t1)):
         if not _finite(t):
             raise ValueError(f"{name} must be a finite time; got {t!r}.")
-    if t0 == t1:
+    traced = any(isinstance(t, jax.core.Tracer) for t in (t0, t1))
+    if traced and solver in FIXED_SOLVERS and steps is None:
+        raise ValueError(f"step_size= needs concrete t0 and t1 (the number of steps is "
+                         f"static); with traced times give steps= or use an adaptive solver "
+                         f"(got step_size={step_size!r}).")
+    if not traced and t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
     integer(max_steps, "max_steps", allow_none=True)
     if solver in ADAPTIVE_SOLVERS:
@@ -319,7 +324,8 @@ def solve(
     ``y0`` is any pytree of float arrays; ``field`` must return ``dy/dt`` with the same tree
     structure and leaf shapes (checked when the solve is traced, see
     :func:`check_derivative`). Returns ``(y1, ys, stats)`` where ``ys`` holds the states at
-    ``save_times`` (or None). Pure and traceable: call it under jit. ``throw=False``: check
+    ``save_times`` (or None). Pure and traceable: call it under jit; ``t0`` and ``t1`` may be
+    traced (not with ``step_size=``, whose number of steps is static). ``throw=False``: check
     ``stats.success``.
     """
     check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,

@@ -257,6 +257,22 @@ def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monke
     assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
 
 
+def test_ode_solve_takes_traced_end_times():
+    # y' = -y: y(t1) = exp(-(t1 - t0)) y0 with t0, t1 traced under jit (one compile for all)
+    def solve(t0, t1, **kw):
+        return fmjax.ode.solve(lambda t, y, args: -y, jnp.ones((2, 1)), t0=t0, t1=t1, **kw)[0]
+
+    adaptive = jax.jit(lambda t0, t1: solve(t0, t1, rtol=1e-8, atol=1e-8))
+    fixed = jax.jit(lambda t0, t1: solve(t0, t1, solver="rk4", steps=50))
+    for t0, t1 in ((0.0, 1.0), (0.25, 0.75), (1.0, 0.0)):
+        np.testing.assert_allclose(adaptive(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)),
+                                   rtol=1e-7)
+        np.testing.assert_allclose(fixed(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)),
+                                   rtol=1e-7)
+    with pytest.raises(ValueError, match="step_size= needs concrete t0 and t1"):
+        jax.jit(lambda t1: solve(0.0, t1, solver="rk4", step_size=0.1))(1.0)
+
+
 @pytest.mark.parametrize("adjoint", [None, "backsolve", "forward"])
 def test_gradients_through_an_adaptive_solve_with_either_adjoint(adjoint):
     # y' = -a y: y(1) = y0 exp(-a), d y(1) / da = -y0 exp(-a) (reverse mode, or forward
