@@ -31,7 +31,9 @@ Rows (``--rows``):
 * ``quality``: each framework trains its own model for 3,000 steps, then the held-out NLL
   (exact divergence, dopri5 1e-5) of 20,000 points and an MMD^2 (sum of RBF kernels with
   fixed bandwidths, unbiased estimator, computed by the same jax code for all) between 20,000
-  dopri5 samples and 20,000 fresh data points.
+  dopri5 samples and 20,000 fresh data points. ``--quality-seeds N`` trains N models per
+  framework (different initializations and data streams) and adds their mean and standard
+  deviation, so a ranking can be read against the spread between training runs.
 * ``small``: W2D-small, Linear(3,64)-SELU-Linear(64,64)-SELU-Linear(64,64)-SELU-Linear(64,2)
   (8,706 parameters, torchcfm's example MLP), batch 256: training steps/s; 1,000 samples with
   Euler (100 steps) and with dopri5 1e-5; ONE sample with dopri5 1e-5 (latency); exact
@@ -1071,10 +1073,16 @@ class Runner:
         self.record(row="quality", case="reference: data vs data", framework="-",
                     unit="", mmd2=floor, mmd_s=mmd_s, nll=checkerboard_entropy(),
                     note="true entropy and the MMD^2 of two independent data sets")
+        n_seeds = c["quality_seeds"]
         for fw in self.frameworks:
-            def go(fw=fw):
+            case = f"after {c['quality_steps']} steps"
+            per_seed = []
+
+            def go(fw=fw, seed_i=0, case=case):
                 side = self.side(fw, "W2D")
-                params, tr = side.train(c["train_batch"], c["quality_steps"], seed=SEED + 11)
+                # seed_i = 0 is the seed of every earlier single-seed run
+                params, tr = side.train(c["train_batch"], c["quality_steps"],
+                                        seed=SEED + 11 + 100 * seed_i)
                 self.quality_models.setdefault(fw, params)
                 t1 = time.perf_counter()
                 logp, nfe_l = side.log_likelihood(params, held_out, "exact", "dopri5", tol=tol)
@@ -1084,12 +1092,26 @@ class Runner:
                 sample_s = time.perf_counter() - t1
                 logp = np.asarray(logp.detach().numpy() if hasattr(logp, "detach") else logp)
                 xs = np.asarray(xs.detach().numpy() if hasattr(xs, "detach") else xs)
-                self.record(row="quality", case=f"after {c['quality_steps']} steps",
-                            framework=fw, unit="", nll=float(-np.mean(logp)),
-                            nll_sem=float(np.std(logp) / math.sqrt(len(logp))),
-                            nll_nfe=nfe_l, nll_s=nll_s, mmd2=mmd2_unbiased(xs, data_a),
-                            sample_nfe=nfe_s, sample_s=sample_s, **tr)
-            self.guarded("quality", f"after {c['quality_steps']} steps", fw, go)
+                rec = dict(nll=float(-np.mean(logp)),
+                           nll_sem=float(np.std(logp) / math.sqrt(len(logp))),
+                           nll_nfe=nfe_l, nll_s=nll_s, mmd2=mmd2_unbiased(xs, data_a),
+                           sample_nfe=nfe_s, sample_s=sample_s, **tr)
+                per_seed.append(rec)
+                label = case if n_seeds == 1 else f"{case}, training seed {seed_i}"
+                self.record(row="quality", case=label, framework=fw, unit="", **rec)
+            for i in range(n_seeds):
+                self.guarded("quality", case, fw, functools.partial(go, seed_i=i))
+            if n_seeds > 1 and per_seed:
+                nll = np.array([r["nll"] for r in per_seed])
+                mmd = np.array([r["mmd2"] for r in per_seed])
+                self.record(row="quality", case=f"{case}, mean of {len(per_seed)} training "
+                            "seeds", framework=fw, unit="", nll=float(nll.mean()),
+                            nll_seed_sd=float(nll.std(ddof=1)) if len(nll) > 1 else None,
+                            mmd2=float(mmd.mean()),
+                            mmd2_seed_sd=float(mmd.std(ddof=1)) if len(mmd) > 1 else None,
+                            nll_nfe=float(np.mean([r["nll_nfe"] for r in per_seed])),
+                            sample_nfe=float(np.mean([r["sample_nfe"] for r in per_seed])),
+                            note="+- between seeds is the sample standard deviation")
 
     def run_matmul(self):
         n, reps = self.cfg["matmul_n"], self.cfg["matmul_repeats"]
@@ -1188,7 +1210,8 @@ def markdown(records, meta):
                          ("max_abs_diff_logp_vs_first", "max|dlogp|"),
                          ("gflops", "GFLOP/s"), ("fraction_of_matmul", "of matmul"),
                          ("loss", "loss"), ("nll", "NLL"), ("nll_sem", "+-"),
-                         ("mmd2", "MMD^2"), ("nll_nfe", "NLL NFE"),
+                         ("nll_seed_sd", "seed sd"), ("mmd2", "MMD^2"),
+                         ("mmd2_seed_sd", "seed sd"), ("nll_nfe", "NLL NFE"),
                          ("sample_nfe", "sample NFE"), ("steps_per_s", "train steps/s"),
                          ("train_s", "train s"), ("final_loss", "final loss"),
                          ("note", "")):
@@ -1233,6 +1256,9 @@ def main(argv=None):
                     help="W2D shared weights .npz: loaded if it exists, else written there")
     ap.add_argument("--weights-small", default=None, help="the same for W2D-small")
     ap.add_argument("--quality-steps", type=int, default=None, help="override (3000)")
+    ap.add_argument("--quality-seeds", type=int, default=1,
+                    help="training runs (seeds) per framework in the quality row; with more "
+                    "than one, a line per seed and their mean and standard deviation")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--no-fused", action="store_true",
                     help="skip the extra fmjax row with make_fused_train_steps (lax.scan)")
@@ -1262,6 +1288,9 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.quality_steps is not None:
         cfg["quality_steps"] = args.quality_steps
+    if args.quality_seeds < 1:
+        ap.error(f"--quality-seeds must be >= 1; got {args.quality_seeds}")
+    cfg["quality_seeds"] = args.quality_seeds
     if args.out is None:
         args.out = (os.path.join(tempfile.gettempdir(), "benchmarks_w2d_quick.json")
                     if args.quick else os.path.join(os.path.dirname(__file__), os.pardir,

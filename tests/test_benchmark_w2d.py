@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -119,3 +120,25 @@ def test_quick_run_of_the_fmjax_side(tmp_path):
         assert "ratio_median" not in r  # no peer ran
     solves = [r for r in records if r["unit"] == "s"]
     assert all(r["nfe"] == r["nfe_counted"] for r in solves)
+
+
+def test_quality_row_over_several_training_seeds(tmp_path):
+    """--quality-seeds 2: one line per training seed (different models) and their mean / sd."""
+    out = tmp_path / "raw.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "w2d.py"), "--quick", "--only",
+         "fmjax", "--rows", "quality", "--quality-steps", "5", "--quality-seeds", "2",
+         "--cpu-devices", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [r for r in json.loads(out.read_text())["records"] if r["framework"] == "fmjax"]
+    assert all("error" not in r for r in records)
+    seeds = [r for r in records if "training seed " in r["case"]]
+    (mean,) = [r for r in records if "mean of 2 training seeds" in r["case"]]
+    assert len(seeds) == 2 and seeds[0]["nll"] != seeds[1]["nll"]
+    nll = np.array([r["nll"] for r in seeds])
+    mmd = np.array([r["mmd2"] for r in seeds])
+    assert mean["nll"] == pytest.approx(nll.mean())
+    assert mean["nll_seed_sd"] == pytest.approx(abs(nll[0] - nll[1]) / np.sqrt(2))
+    assert mean["mmd2"] == pytest.approx(mmd.mean())
+    assert mean["mmd2_seed_sd"] == pytest.approx(abs(mmd[0] - mmd[1]) / np.sqrt(2))
