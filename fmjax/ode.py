@@ -213,22 +213,23 @@ def check_derivative(dy, y) -> None:
                              f"dtype {jnp.result_type(d)}.")
 
 
-def check_save_times(save_times, t0: float, t1: float) -> None:
+def check_save_times(save_times, t0, t1) -> None:
     """Validate ``save_times``: a 1-D sequence of times in [t0, t1], ordered in the direction
     of integration (increasing for t1 > t0, decreasing for t1 < t0). Values are checked when
-    they are concrete; under tracing only the shape (diffrax checks the values at run time)."""
+    they and t0, t1 are concrete; under tracing only the shape and dtype (diffrax checks the
+    values at run time)."""
     if save_times is None:
         return
-    if isinstance(save_times, jax.core.Tracer):
-        if save_times.ndim != 1:
-            raise ValueError(f"save_times must be a 1-D sequence of times; got shape "
-                             f"{save_times.shape}.")
-        return
-    ts = np.asarray(save_times)
-    if ts.ndim != 1 or not (jnp.issubdtype(ts.dtype, jnp.floating)  # (bfloat16 too)
-                            or jnp.issubdtype(ts.dtype, jnp.integer)):
+    traced = isinstance(save_times, jax.core.Tracer)
+    ts = save_times if traced else np.asarray(save_times)
+    shape, dtype = ts.shape, ts.dtype
+    if len(shape) != 1 or not (jnp.issubdtype(dtype, jnp.floating)  # (bfloat16 too)
+                               or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
-                         f"{ts.shape} and dtype {ts.dtype}.")
+                         f"{shape} and dtype {dtype}.")
+    if traced or any(isinstance(t, jax.core.Tracer) for t in (t0, t1)):
+        return
+    t0, t1 = float(t0), float(t1)
     lo, hi = min(t0, t1), max(t0, t1)
     if ts.size and not (np.all(np.isfinite(ts)) and ts.min() >= lo and ts.max() <= hi):
         raise ValueError(f"save_times must lie in [{lo}, {hi}] (between t0={t0} and "

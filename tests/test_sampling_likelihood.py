@@ -271,6 +271,13 @@ def test_ode_solve_takes_traced_end_times():
                                    rtol=1e-7)
     with pytest.raises(ValueError, match="step_size= needs concrete t0 and t1"):
         jax.jit(lambda t1: solve(0.0, t1, solver="rk4", step_size=0.1))(1.0)
+    # concrete save times with a traced end time: values checked by diffrax at run time
+    saved = jax.jit(lambda t1: fmjax.ode.solve(
+        lambda t, y, args: -y, jnp.ones((2, 1)), t0=0.0, t1=t1, save_times=[0.25, 0.5],
+        rtol=1e-8, atol=1e-8)[1])(1.0)
+    np.testing.assert_allclose(saved[:, :, 0], np.exp([[-0.25] * 2, [-0.5] * 2]), rtol=1e-7)
+    with pytest.raises(ValueError, match="1-D sequence of real times"):
+        jax.jit(lambda t1: solve(0.0, t1, save_times=[[0.5]], rtol=1e-6, atol=1e-6))(1.0)
 
 
 @pytest.mark.parametrize("adjoint", [None, "backsolve", "forward"])
