@@ -1078,7 +1078,7 @@ class Runner:
             case = f"after {c['quality_steps']} steps"
             per_seed = []
 
-            def go(fw=fw, seed_i=0, case=case):
+            def go(fw=fw, seed_i=0, case=case, per_seed=per_seed):
                 side = self.side(fw, "W2D")
                 # seed_i = 0 is the seed of every earlier single-seed run
                 params, tr = side.train(c["train_batch"], c["quality_steps"],

@@ -196,7 +196,9 @@ _REAL_FIELDS = (
     ("train", "adam_b2", {"low": 0.0, "high": 1.0, "high_open": True}),
     ("train", "adam_eps", {"low": 0.0}),
     ("train", "grad_clip_norm", {"low": 0.0}),  # 0: off
-    ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}))
+    ("train", "ema_decay", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}),
+    ("model", "class_dropout", {"low": 0.0, "high": 1.0}))  # label -> null class
 _LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 
 
@@ -220,8 +222,6 @@ def _check_config(config):
         except ValueError as e:
             raise ConfigError(str(e)) from None
     t = config.train
-    if not 0.0 <= float(t.ema_decay) < 1.0:
-        raise ConfigError(f"train.ema_decay must be in [0, 1); got {t.ema_decay!r}.")
     if t.loss_reduction not in _LOSS_REDUCTIONS:
         raise ConfigError(f"train.loss_reduction must be one of {_LOSS_REDUCTIONS}; got "
                           f"{t.loss_reduction!r}.")
@@ -248,9 +248,6 @@ def _check_config(config):
             and config.data.source == "downsampled_imagenet/32x32"):
         raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
                           "model (model.num_classes) needs another source.")
-    if not 0.0 <= float(config.model.class_dropout) <= 1.0:
-        raise ConfigError(f"model.class_dropout must be in [0, 1]; got "
-                          f"{config.model.class_dropout!r}.")
     build_model(config)  # model.dtype
 
 

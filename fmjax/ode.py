@@ -194,23 +194,34 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
                              "accept a step.")
 
 
-def check_derivative(dy, y) -> None:
+def check_derivative(dy, y, *, fn: str = "field(t, y, args)", out: str = "dy/dt",
+                     state: str = "the state", where: str = "") -> None:
     """At trace time: ``field(t, y, args)`` must return ``dy/dt`` with ``y``'s tree structure
     and leaf shapes, in floating point (a ``(B, 1)`` leaf for a ``(B, 2)`` state would
-    otherwise broadcast inside the solver and give a silently wrong solution)."""
+    otherwise broadcast inside the solver and give a silently wrong solution). ``fn``,
+    ``out`` and ``state`` name the function, its output and ``y`` in the messages; ``where``
+    is appended to them (e.g. what ``y`` is in this solve)."""
     y_def, dy_def = jax.tree_util.tree_structure(y), jax.tree_util.tree_structure(dy)
     if y_def != dy_def:
-        raise ValueError(f"field(t, y, args) must return dy/dt with the state's structure "
-                         f"{y_def}; got {dy_def}.")
-    for (where, leaf), d in zip(jax.tree_util.tree_leaves_with_path(y),
-                                jax.tree_util.tree_leaves(dy)):
-        name = "dy/dt" + jax.tree_util.keystr(where)
-        if jnp.shape(d) != jnp.shape(leaf):
-            raise ValueError(f"field(t, y, args) must return {name} with the state's shape "
-                             f"{jnp.shape(leaf)}; got shape {jnp.shape(d)}.")
-        if not jnp.issubdtype(jnp.result_type(d), jnp.floating):
-            raise ValueError(f"field(t, y, args) must return floating-point {name}; got "
-                             f"dtype {jnp.result_type(d)}.")
+        if jax.tree_util.treedef_is_leaf(y_def):  # one array: say what came back instead
+            raise ValueError(f"{fn} must return {out}, one array of {state}'s shape "
+                             f"{jnp.shape(y)}; got {type(dy).__name__}{where}.")
+        raise ValueError(f"{fn} must return {out} with {state}'s structure {y_def}; got "
+                         f"{dy_def}{where}.")
+    for (path, leaf), d in zip(jax.tree_util.tree_leaves_with_path(y),
+                               jax.tree_util.tree_leaves(dy)):
+        name = out + jax.tree_util.keystr(path)
+        try:
+            shape, dtype = jnp.shape(d), jnp.result_type(d)
+        except (TypeError, ValueError):
+            shape = dtype = None
+        if shape is None or shape != jnp.shape(leaf):
+            got = type(d).__name__ if shape is None else f"shape {shape}"
+            raise ValueError(f"{fn} must return {name} with {state}'s shape "
+                             f"{jnp.shape(leaf)}; got {got}{where}.")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{fn} must return floating-point {name}; got dtype "
+                             f"{dtype}{where}.")
 
 
 def check_save_times(save_times, t0, t1) -> None:

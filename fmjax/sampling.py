@@ -52,15 +52,10 @@ def batch_time(t, x):
 
 
 def check_field_output(dx, x, where=""):
-    """At trace time: ``v(t, x)`` must return one array of x's shape (a (B, 1) or (B,) output
-    would otherwise broadcast against the state inside the solver, silently wrong).
-    ``where`` is appended to the message (e.g. what x is in this solve)."""
-    if not hasattr(dx, "shape") or dx.shape != x.shape:
-        got = f"shape {dx.shape}" if hasattr(dx, "shape") else type(dx).__name__
-        raise ValueError(f"v(t, x) must return dx/dt with x's shape {x.shape}; got {got}"
-                         f"{where}.")
-    if not jnp.issubdtype(dx.dtype, jnp.floating):
-        raise ValueError(f"v(t, x) must return floating-point dx/dt; got dtype {dx.dtype}.")
+    """At trace time: ``v(t, x)`` must return one array of x's shape, in floating point (a
+    (B, 1) or (B,) output would otherwise broadcast against the state inside the solver,
+    silently wrong). ``where`` is appended to the message (e.g. what x is in this solve)."""
+    ode.check_derivative(dx, x, fn="v(t, x)", out="dx/dt", state="x", where=where)
 
 
 def _check_batch(x, name):

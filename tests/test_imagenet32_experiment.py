@@ -256,7 +256,7 @@ def test_cli_missing_dataset_and_indivisible_batch(tmp_path):
     assert not os.path.exists(os.path.join(str(tmp_path), "run", "checkpoints"))
     out = _run(base + ["--config.train.ema_decay=1.5"], timeout=120, env=_env())
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "error: bad config: train.ema_decay must be in [0, 1); got 1.5" in out.stderr
+    assert "error: bad config: train.ema_decay must be a finite number in [0, 1); got 1.5" in out.stderr
 
 
 def test_missing_dataset_in_process(tmp_path):

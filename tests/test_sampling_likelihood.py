@@ -577,3 +577,13 @@ def test_recompiles_once_per_shape_with_partial():
     v2 = _gaussian_field()  # new Partial of the same function, new arrays
     fmjax.sample(v2, _x0(16, seed=2), solver="euler", steps=3)
     assert fmjax.sampling._sample._cache_size() == before
+
+
+def test_check_derivative_accepts_python_scalars_and_names_what_came_back():
+    # a scalar state may get a Python float back (shape (), floating); a string may not
+    fmjax.ode.check_derivative(1.0, jnp.zeros(()))
+    with pytest.raises(ValueError, match=r"dy/dt with the state's shape \(\); got str"):
+        fmjax.ode.check_derivative("a", jnp.zeros(()))
+    with pytest.raises(ValueError, match=r"v\(t, x\) must return dx/dt\['a'\] with x's shape"):
+        fmjax.ode.check_derivative({"a": jnp.zeros(3)}, {"a": jnp.zeros(2)}, fn="v(t, x)",
+                                   out="dx/dt", state="x")

@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
-from fmjax._checks import integer
+from fmjax._checks import integer, real
 from fmjax.likelihood import (
     DIVERGENCES,
     PROBES,
@@ -162,14 +162,8 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
     o["value_range"] = (lo, hi)
     o["num_levels"] = integer(o["num_levels"], "num_levels", minimum=2)
-    try:
-        s0 = float("nan") if isinstance(o["source_std"], bool) else float(o["source_std"])
-    except (TypeError, ValueError):
-        s0 = float("nan")
-    if not (math.isfinite(s0) and s0 > 0):
-        raise ValueError(f"source_std must be a finite number > 0 (the std of the N(0, "
-                         f"source_std^2 I) source); got {o['source_std']!r}.")
-    o["source_std"] = s0
+    o["source_std"] = real(o["source_std"], "source_std (the std of the N(0, source_std^2 I) "
+                           "source)", low=0.0, low_open=True)
     o["max_steps"] = int(o["max_steps"])
     o["rtol"], o["atol"] = float(o["rtol"]), float(o["atol"])
     return o

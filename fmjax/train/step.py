@@ -25,7 +25,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fmjax._checks import integer
+from fmjax._checks import integer, real
 from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
@@ -105,8 +105,8 @@ def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
 
 
 def _check_decay(ema_decay):
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be None or in [0, 1); got {ema_decay!r}.")
+    if ema_decay is not None:
+        real(ema_decay, "ema_decay (None: no EMA)", low=0.0, high=1.0, high_open=True)
 
 
 def _jit_step(fn, mesh, donate, *, batch_arg):
