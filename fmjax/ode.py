@@ -138,9 +138,14 @@ def _evals_per_step(solver) -> tuple[int, int]:
     return tab.num_stages, 0
 
 
+def _traced(*values) -> bool:
+    """Any of ``values`` is a tracer (its value is unknown until run time)."""
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
 def _finite(value) -> bool:
     """``value`` is a finite real number (a traced value passes: it is checked nowhere)."""
-    if isinstance(value, jax.core.Tracer):
+    if _traced(value):
         return True
     try:
         return math.isfinite(float(value))
@@ -177,7 +182,7 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
     for name, t in (("t0", t0), ("t1", t1)):
         if not _finite(t):
             raise ValueError(f"{name} must be a finite time; got {t!r}.")
-    traced = any(isinstance(t, jax.core.Tracer) for t in (t0, t1))
+    traced = _traced(t0, t1)
     if traced and solver in FIXED_SOLVERS and steps is None:
         raise ValueError(f"step_size= needs concrete t0 and t1 (the number of steps is "
                          f"static); with traced times give steps= or use an adaptive solver "
@@ -231,14 +236,14 @@ def check_save_times(save_times, t0, t1) -> None:
     values at run time)."""
     if save_times is None:
         return
-    traced = isinstance(save_times, jax.core.Tracer)
+    traced = _traced(save_times)
     ts = save_times if traced else np.asarray(save_times)
     shape, dtype = ts.shape, ts.dtype
     if len(shape) != 1 or not (jnp.issubdtype(dtype, jnp.floating)  # (bfloat16 too)
                                or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
                          f"{shape} and dtype {dtype}.")
-    if traced or any(isinstance(t, jax.core.Tracer) for t in (t0, t1)):
+    if _traced(save_times, t0, t1):
         return
     t0, t1 = float(t0), float(t1)
     lo, hi = min(t0, t1), max(t0, t1)
@@ -420,7 +425,7 @@ def solve(
 
 def raise_if_failed(stats: SolveStats, what: str) -> None:
     """Eager-mode check of ``stats.success`` (no-op under tracing)."""
-    if isinstance(stats.success, jax.core.Tracer):
+    if _traced(stats.success):
         return
     if not bool(np.all(np.asarray(stats.success))):
         raise RuntimeError(
