@@ -48,15 +48,21 @@ def _sq_cost(x0, x1):
     return (jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T)
 
 
+def _check_finite_cost(cost, method: str) -> None:
+    """Raise if a concrete (host or eager) cost matrix holds NaN or inf."""
+    cost = np.asarray(cost)
+    if not np.all(np.isfinite(cost)):
+        raise ValueError(
+            f"{method} OT coupling: the squared-distance cost has non-finite entries, so x0 "
+            f"or x1 holds NaN or inf ({np.sum(~np.isfinite(cost))} of {cost.size} costs); no "
+            "pairing is optimal.")
+
+
 def _lsa_host(cost):
     from scipy.optimize import linear_sum_assignment
 
     cost = np.asarray(cost, dtype=np.float64)
-    if not np.all(np.isfinite(cost)):
-        raise ValueError(
-            "exact OT coupling: the squared-distance cost has non-finite entries, so x0 or x1 "
-            f"holds NaN or inf ({np.sum(~np.isfinite(cost))} of {cost.size} costs); no "
-            "assignment is optimal.")
+    _check_finite_cost(cost, "exact")
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(cost.shape[1], dtype=np.int32)
     perm[cols] = rows
@@ -68,8 +74,12 @@ def exact_ot_assignment(x0, x1):
 
     The permutation is piecewise constant in x0 and x1, so it has no gradient: the cost is
     passed to the host under ``stop_gradient``, and ``grad`` through ``x0[perm]`` holds the
-    pairing fixed."""
+    pairing fixed. Called eagerly on concrete arrays, the assignment runs directly on the host
+    (no callback) and non-finite data raise a plain ``ValueError``; under a transformation the
+    same message arrives inside JAX's callback error."""
     cost = jax.lax.stop_gradient(_sq_cost(x0, x1))
+    if not isinstance(cost, jax.core.Tracer):
+        return jnp.asarray(_lsa_host(cost))
     out = jax.ShapeDtypeStruct((x1.shape[0],), jnp.int32)
     return jax.pure_callback(_lsa_host, out, cost, vmap_method="sequential")
 
@@ -100,16 +110,22 @@ def minibatch_ot(key, x0, x1, *, method="exact", reg=0.05, num_iters=200):
 
     method='exact' returns a permutation of x0 (each x0 used once); method='sinkhorn' draws,
     for every x1, one x0 from the row of the entropic plan (with replacement, as OT-CFM).
+    NaN or inf in x0 or x1 raise a ``ValueError`` when called eagerly; under ``jit`` the exact
+    method raises the same message from its host callback and Sinkhorn returns NaN pairs.
     """
     _check_pair(x0, x1)
     if method == "exact":
         return x0[exact_ot_assignment(x0, x1)], x1
     if method == "sinkhorn":
         # only integer indices come out of the plan: no gradient through the iterations
-        plan = sinkhorn_plan(jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1), reg=reg,
-                             num_iters=num_iters)
+        x0_, x1_ = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
+        if not isinstance(x0_, jax.core.Tracer) and not isinstance(x1_, jax.core.Tracer):
+            _check_finite_cost(_sq_cost(x0_, x1_), "Sinkhorn")
+        plan = sinkhorn_plan(x0_, x1_, reg=reg, num_iters=num_iters)
         idx = jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=1)
-        return x0[idx], x1
+        # a NaN plan (non-finite data under jit) would give one arbitrary x0 for every x1:
+        # pass the NaN on to the pairs, and so to the loss, instead
+        return jnp.where(jnp.all(jnp.isfinite(plan)), x0[idx], jnp.nan), x1
     raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")
 
 

@@ -1,5 +1,6 @@
 """CFM loss against its definition; couplings against brute-force optimal transport."""
 
+import functools
 import itertools
 
 import jax
@@ -93,9 +94,11 @@ def _cost(x0, x1):
     return float(jnp.sum((x0 - x1) ** 2))
 
 
-def test_exact_ot_is_optimal_against_all_permutations():
+@pytest.mark.parametrize("jit", [False, True], ids=["eager_host", "jit_callback"])
+def test_exact_ot_is_optimal_against_all_permutations(jit):
     x0, x1, _ = _batch(n=6, d=2, seed=3)
-    p0, _ = couplings.minibatch_ot(None, x0, x1, method="exact")
+    ot = functools.partial(couplings.minibatch_ot, method="exact")
+    p0, _ = (jax.jit(ot) if jit else ot)(None, x0, x1)
     best = min(_cost(x0[np.array(p)], x1) for p in itertools.permutations(range(6)))
     np.testing.assert_allclose(_cost(p0, x1), best, rtol=1e-5)
     # it is a permutation: each x0 used once
@@ -154,10 +157,24 @@ def test_grad_through_the_ot_coupling_matches_finite_differences():
         assert not np.allclose(jax.grad(loss)(w, "ot"), jax.grad(loss)(w, "independent"))
 
 
-def test_exact_ot_of_non_finite_data_says_so():
+@pytest.mark.parametrize("method", ["exact", "sinkhorn"])
+def test_ot_of_non_finite_data_says_so_or_gives_nan(method):
     x0, x1, _ = _batch()
-    with pytest.raises(Exception, match="non-finite entries, so x0 or x1 holds NaN or inf"):
-        jax.block_until_ready(couplings.minibatch_ot(None, x0, x1.at[1, 0].set(jnp.nan)))
+    key = jax.random.key(0)
+    msg = "OT coupling: the squared-distance cost has non-finite entries, so x0 or x1 holds"
+    for bad in ((x0, x1.at[1, 0].set(jnp.nan)), (x0.at[3, 2].set(jnp.inf), x1)):
+        # eagerly: a plain ValueError before any pairing is made
+        with pytest.raises(ValueError, match=msg):
+            couplings.minibatch_ot(key, *bad, method=method)
+        ot = jax.jit(functools.partial(couplings.minibatch_ot, method=method))
+        if method == "exact":  # the host callback raises the same message
+            with pytest.raises(Exception, match=msg):
+                jax.block_until_ready(ot(key, *bad))
+        else:  # no arbitrary pairing: the NaN reaches the pairs (and so the loss)
+            assert np.all(np.isnan(ot(key, *bad)[0]))
+    # finite data under jit: no NaN
+    assert np.all(np.isfinite(jax.jit(functools.partial(
+        couplings.minibatch_ot, method=method))(key, x0, x1)[0]))
 
 
 def test_bad_inputs():
