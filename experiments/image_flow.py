@@ -169,6 +169,16 @@ def _apply_velocity(model, params, y, t, x):
     return model.apply(params, t, x, y, train=False)
 
 
+def _apply_velocity_given(model, params, t, x, y):
+    return model.apply(params, t, x, y, train=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _conditional_field(model):
+    """``v(params, t, x, y)``, the argument order of a guided field's ``v(t, x, cond)``."""
+    return functools.partial(_apply_velocity_given, model)
+
+
 @functools.lru_cache(maxsize=16)
 def _field(model):
     """One function object per (equal) model, so jitted solvers compile once per model."""
@@ -198,7 +208,8 @@ _REAL_FIELDS = (
     ("train", "grad_clip_norm", {"low": 0.0}),  # 0: off
     ("train", "ema_decay", {"low": 0.0, "high": 1.0, "high_open": True}),
     ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}),
-    ("model", "class_dropout", {"low": 0.0, "high": 1.0}))  # label -> null class
+    ("model", "class_dropout", {"low": 0.0, "high": 1.0}),  # label -> null class
+    ("eval", "guidance_scale", {}))  # classifier-free guidance weight w (1: off)
 _LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 
 
@@ -248,6 +259,13 @@ def _check_config(config):
             and config.data.source == "downsampled_imagenet/32x32"):
         raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
                           "model (model.num_classes) needs another source.")
+    if float(e.guidance_scale) != 1.0 and (config.model.num_classes is None
+                                           or float(config.model.class_dropout) == 0.0):
+        raise ConfigError(
+            f"eval.guidance_scale={e.guidance_scale} needs a class-conditional model trained "
+            "with a null class: set model.num_classes and model.class_dropout > 0 (got "
+            f"num_classes={config.model.num_classes}, class_dropout="
+            f"{config.model.class_dropout}), or leave eval.guidance_scale at 1.")
     build_model(config)  # model.dtype
 
 
@@ -301,11 +319,14 @@ def _rounded_up(n, mesh):
 
 
 def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="dopri5",
-                  rtol=1e-5, atol=1e-5, field=None, source_std=1.0):
+                  rtol=1e-5, atol=1e-5, field=None, source_std=1.0, guidance_scale=1.0):
     """``num`` images from ``N(0, source_std^2 I)`` noise (the path's source: see
     :func:`source_std`) by the flow of the UNet, data parallel over the mesh.
 
-    Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes). Returns
+    Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
+    classifier-free guidance of weight ``guidance_scale`` against the null class
+    ``num_classes`` (:func:`fmjax.guidance.classifier_free`; 1: the conditional field, through
+    ``field``; a guided solve calls ``model.apply`` itself). Returns
     ``(images (num, 32, 32, 3) numpy in [-1, 1]-ish, stats)``; the solve does not raise on
     failure (check ``stats.success``).
     """
@@ -318,7 +339,12 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
     y = None
     if num_classes is not None:
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
-    v = jax.tree_util.Partial(field, params, y)
+    if num_classes is not None and float(guidance_scale) != 1.0:
+        v = fmjax.guidance.classifier_free(
+            jax.tree_util.Partial(_conditional_field(model), params), y, num_classes,
+            float(guidance_scale))
+    else:
+        v = jax.tree_util.Partial(field, params, y)
     x1, stats = fmjax.sample(v, x0, solver=solver, rtol=rtol, atol=atol, throw=False)
     return sharding_lib.to_host(x1)[:num], stats
 
@@ -473,7 +499,8 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
                 model, state.ema_params, sample_key, int(t.num_sample_images),
                 mesh, num_classes=config.model.num_classes, solver=t.sample_solver,
                 rtol=float(t.sample_tol), atol=float(t.sample_tol), field=field,
-                source_std=float(path.source_std()))
+                source_std=float(path.source_std()),
+                guidance_scale=float(config.eval.guidance_scale))
             writer.write_images(step, "samples_ema", imgs)
             writer.write_scalars(step, {"sample_nfe": float(np.asarray(stats.nfe))})
         paused += time.perf_counter() - t_other
@@ -569,6 +596,13 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
     return {"value": float(res["bpd"]), **res}
 
 
+def _guidance(config):
+    """The guidance weight samples are drawn with (None: an unconditional model)."""
+    if config.model.num_classes is None:
+        return None
+    return float(config.eval.guidance_scale)
+
+
 def _nfe(config, model, params, mesh):
     e = config.eval
     total = int(e.nfe_num_samples)
@@ -585,7 +619,7 @@ def _nfe(config, model, params, mesh):
         _, stats = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                  num_classes=config.model.num_classes, solver=e.solver,
                                  rtol=float(e.rtol), atol=float(e.atol), field=field,
-                                 source_std=s0)
+                                 source_std=s0, guidance_scale=float(e.guidance_scale))
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
         counts.append(min(per, total - done))
@@ -593,6 +627,7 @@ def _nfe(config, model, params, mesh):
         i += 1
     return {"value": float(np.average(nfes, weights=counts)), "num_samples": total,
             "batch_size": per, "solver": e.solver, "rtol": float(e.rtol),
+            "guidance_scale": _guidance(config),
             "atol": float(e.atol), "all_solves_succeeded": ok,
             "seconds": time.perf_counter() - t0,
             "note": "NFE per batch solve (one adaptive step sequence per batch, batch-wide "
@@ -633,7 +668,7 @@ def _fid(config, model, params, mesh, workdir):
         imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                 num_classes=config.model.num_classes, solver=e.solver,
                                 rtol=float(e.rtol), atol=float(e.atol), field=field,
-                                source_std=s0)
+                                source_std=s0, guidance_scale=float(e.guidance_scale))
         return imgs
 
     ref_stats = e.fid_reference_stats or None
@@ -656,6 +691,7 @@ def _fid(config, model, params, mesh, workdir):
                             ref_stats=ref_stats, save_ref_stats=save_ref)
     return {"value": float(value), "num_samples": num, "num_reference": num,
             "reference_stats": ref_stats or save_ref, "solver": e.solver,
+            "guidance_scale": _guidance(config),
             "rtol": float(e.rtol), "atol": float(e.atol), "weights": weights,
             "seconds": time.perf_counter() - t0}
 

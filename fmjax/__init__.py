@@ -1,13 +1,13 @@
 """fmjax: Flow Matching for generative modeling (Lipman et al., ICLR 2023) in JAX.
 
-The core (``paths``, ``schedules``, ``couplings``, ``losses``, ``marginals``, ``sample``,
-``log_likelihood``) is pure JAX + diffrax and never imports Flax: a vector field is any
+The core (``paths``, ``schedules``, ``couplings``, ``losses``, ``marginals``, ``guidance``,
+``sample``, ``log_likelihood``) is pure JAX + diffrax and never imports Flax: a vector field is any
 function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on first use.
 """
 
 import importlib
 
-from fmjax import couplings, losses, marginals, ode, paths, schedules
+from fmjax import couplings, guidance, losses, marginals, ode, paths, schedules
 from fmjax.cpu_devices import use_cpu_devices
 from fmjax.host_memory import tune_cpu_allocator
 from fmjax.likelihood import bits_per_dim, log_likelihood
@@ -19,6 +19,7 @@ __all__ = [
     "bits_per_dim",
     "couplings",
     "data",
+    "guidance",
     "log_likelihood",
     "losses",
     "marginals",

@@ -42,7 +42,7 @@ def real(value, name: str, *, low: float = -math.inf, high: float = math.inf,
     closed unless ``*_open``); anything else (bools, strings, NaN, inf, out of range) is a
     ``ValueError`` that names ``name`` and the interval."""
     x = None
-    if not isinstance(value, (bool, np.bool_)):
+    if not isinstance(value, (bool, np.bool_, str, bytes)):
         try:
             x = float(value)
         except (TypeError, ValueError):

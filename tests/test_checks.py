@@ -1,4 +1,4 @@
-"""The shared integer check and every public argument that uses it."""
+"""The shared integer and real checks and every public argument that uses the first."""
 
 import re
 
@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fmjax
-from fmjax._checks import integer
+from fmjax._checks import integer, real
 from fmjax.data import toy
 from fmjax.metrics import nll
 from fmjax.train import checkpoint, step
@@ -38,6 +38,20 @@ def test_integer_minimum_none_and_traced_values():
         integer(1, "k", minimum=2, allow_none=True)
     with pytest.raises(ValueError, match="n must be a positive integer; got .*Tracer"):
         jax.jit(lambda n: integer(n, "n"))(3)
+
+
+@pytest.mark.parametrize("value,expected", [
+    (0.5, 0.5), (1, 1.0), (np.float32(0.25), 0.25), (jnp.asarray(0.75), 0.75)])
+def test_real_accepts_numbers(value, expected):
+    out = real(value, "w", low=0.0, high=1.0)
+    assert out == expected and type(out) is float
+
+
+@pytest.mark.parametrize("value", [
+    "0.5", b"0.5", True, np.bool_(False), None, float("nan"), float("inf"), np.ones(2), 1.0, 0.0])
+def test_real_refuses_with_the_name_and_interval(value):
+    with pytest.raises(ValueError, match=r"^decay must be a finite number in \(0, 1\); got "):
+        real(value, "decay", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def _v(t, x):

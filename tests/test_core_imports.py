@@ -9,7 +9,8 @@ import sys
 from conftest import ROOT
 
 CORE = ["fmjax", "fmjax.paths", "fmjax.schedules", "fmjax.couplings", "fmjax.losses",
-        "fmjax.marginals", "fmjax.sampling", "fmjax.likelihood", "fmjax.ode"]
+        "fmjax.marginals", "fmjax.sampling", "fmjax.likelihood", "fmjax.ode",
+        "fmjax.guidance"]
 
 
 def test_core_imports_no_flax_models_data_or_train():

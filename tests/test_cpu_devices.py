@@ -21,7 +21,7 @@ import fmjax
 from fmjax import cpu_devices, train
 
 WORKER = r"""
-import json, warnings
+import json, re, warnings
 import fmjax
 n = fmjax.use_cpu_devices(4)
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -51,6 +51,19 @@ solves = {
                                                 key=jax.random.key(3), solver="heun",
                                                 steps=10, mesh=m),
 }
+# classifier-free guidance: one call of the conditional field on the interleaved 2B rows
+labels = np.arange(64) % 3
+def vc(t, x, y):
+    return v(t, x) + 0.2 * y[:, None]
+guided = fmjax.guidance.classifier_free(vc, labels, -1, 2.5)
+solves["sample_guided"] = lambda m: fmjax.sample(guided, x0, solver="dopri5", mesh=m)
+# ... which keeps the rows of a sharded batch on their devices: no collective in the field
+xs0 = fmjax.sampling.place_batch(x0, mesh)
+ys = fmjax.sampling.place_batch(jnp.asarray(labels), mesh)
+hlo = jax.jit(lambda f, t, x: f(t, x)).lower(
+    fmjax.guidance.classifier_free(vc, ys, -1, 2.5), jnp.zeros(64), xs0).compile().as_text()
+res["guided_collectives"] = sorted(set(re.findall(
+    r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", hlo)))
 for name, fn in solves.items():
     y1, s1 = fn(None)
     y4, s4 = fn(mesh)
@@ -172,13 +185,18 @@ def test_use_cpu_devices_before_and_after_start(worker):
 
 
 @pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact",
-                                  "lik_exact_max_norm", "lik_hutch"])
+                                  "lik_exact_max_norm", "lik_hutch", "sample_guided"])
 def test_sharded_solve_equals_one_device_solve(worker, name):
     r = worker[name]
     assert r["nfe"][0] == r["nfe"][1]  # batch-wide step control: the same step sequence
     assert r["maxdiff"] <= 1e-5 * max(1.0, r["scale"]), r
     assert r["devices"] == [1, 4]
     assert "6" in worker["indivisible"] and "divisible by the 4 devices" in worker["indivisible"]
+
+
+def test_guided_field_needs_no_collectives_on_a_sharded_batch(worker):
+    # concatenating [x; x] instead would all-gather and permute the rows between devices
+    assert worker["guided_collectives"] == []
 
 
 def test_fused_steps_on_a_mesh(worker):

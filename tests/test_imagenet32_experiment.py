@@ -22,6 +22,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import ROOT, XLA_CACHE, use_compile_cache
 
+import fmjax
 from experiments import image_flow
 from experiments.configs import cifar10 as cifar10_config
 from experiments.configs import imagenet32 as imagenet32_config
@@ -201,6 +202,34 @@ def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
     assert m["results"]["nfe"]["value"] > 0
 
 
+def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
+    config = _config(**{"model.num_classes": 3})
+    model = image_flow.build_model(config)
+    tx, _ = image_flow.make_optimizer(config)
+    params = jax.jit(image_flow._init_fn(config, model, tx))().params
+    # a fresh UNet's output layer is zero (v = 0): perturb every weight so v depends on y
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
+                             for p, k in zip(leaves, keys, strict=True)])
+    mesh = image_flow.sharding_lib.make_mesh()
+    n, w, tol = 4, 2.0, {"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3}
+    imgs, _ = image_flow.sample_images(model, params, jax.random.key(0), n, mesh,
+                                       num_classes=3, guidance_scale=w, **tol)
+    y, null = jnp.arange(n) % 3, jnp.full((n,), 3)
+
+    def guided(t, x):
+        return ((1 - w) * model.apply(params, t, x, null, train=False)
+                + w * model.apply(params, t, x, y, train=False))
+
+    x0 = jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
+    expected, _ = fmjax.sample(guided, x0, **tol)
+    np.testing.assert_allclose(imgs, expected, atol=2e-3)
+    # the labelled and null fields differ, so the test tells guided from conditional samples
+    apply = jax.jit(lambda y: model.apply(params, jnp.zeros((n,)), x0, y, train=False))
+    assert np.max(np.abs(apply(y) - apply(null))) > 0.1
+
+
 def test_cifar10_trains_on_mock_data(tmp_path):
     c = cifar10_config.get_config("tiny")
     for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0}.items():
@@ -221,14 +250,18 @@ def test_cli_end_to_end_on_npz_data(tmp_path):
            "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={workdir}",
            "--config.data.source=imagenet32_npz", f"--config.data.data_dir={data}",
            *(_flag(k, v) for k, v in SMALL.items()), _flag("train.num_steps", 2),
-           _flag("train.sample_every", 0), _flag("eval.nfe_num_samples", 0)]
+           _flag("train.sample_every", 0),
+           # class-conditional on the npz labels, NFE of classifier-free guided samples
+           _flag("model.num_classes", 1000), _flag("eval.guidance_scale", 1.5)]
     out = _run(cmd, env=_env(), timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"wrote results to {workdir}" in out.stdout
     m = _json(workdir, "eval_metrics.json")
-    _check_eval_metrics(m, "imagenet32_npz:val_data", nfe=False)
+    _check_eval_metrics(m, "imagenet32_npz:val_data")
+    assert m["results"]["nfe"]["guidance_scale"] == 1.5
     cfg = _json(workdir, "config.json")
     assert cfg["data"]["source"] == "imagenet32_npz" and cfg["train"]["num_steps"] == 2
+    assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["guidance_scale"] == 1.5
     assert cfg["model"]["ch_mult"] == [1]
 
     bad = _run(cmd + ["--config.train.num_stepz=3"], env=_env(), timeout=120)
@@ -361,6 +394,10 @@ def test_default_configs_are_the_papers_recipe():
     ({"train.grad_clip_norm": -1.0}, r"train.grad_clip_norm must be a finite number in \[0,"),
     ({"train.loss_reduction": "avg"}, r"train.loss_reduction must be one of \('mean', 'sum'\)"),
     ({"eval.probe": "gauss"}, r"eval.probe must be one of \('rademacher', 'gaussian'\)"),
+    ({"eval.guidance_scale": 2.0}, r"eval.guidance_scale=2.0 needs a class-conditional model"),
+    ({"eval.guidance_scale": 2.0, "model.num_classes": 10, "model.class_dropout": 0.0},
+     r"class_dropout > 0 \(got num_classes=10, class_dropout=0.0\)"),
+    ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
     ({"eval.fid_reference_stats": "/nonexistent/ref.npz"},
      "eval.fid_reference_stats: no file '/nonexistent/ref.npz'"),
 ])

@@ -102,6 +102,10 @@ def base_config():
     c.eval.fid_inception_weights = ""  # path of the Inception weights; '' skips FID
     c.eval.fid_reference_stats = ""  # npz with mu, sigma of the data features ('' computes)
     c.eval.fid_num_samples = 50_000
+    # classifier-free guidance weight w of every sample drawn (grids, NFE, FID) of a
+    # class-conditional model: (1 - w) v(x | null) + w v(x | y); 1 is the conditional field
+    # (the paper's models are unconditional), > 1 needs model.class_dropout > 0
+    c.eval.guidance_scale = 1.0
     return c
 
 
