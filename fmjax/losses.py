@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import couplings as couplings_lib
+from fmjax import paths as paths_lib
 
 __all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
 
@@ -52,11 +53,7 @@ def _check(x1, reduction):
 
 
 def _prediction(v, t, xt):
-    pred = v(t, xt)
-    if jnp.shape(pred) != jnp.shape(xt):
-        raise ValueError(f"v(t, x) must return x's shape {jnp.shape(xt)}; got "
-                         f"{jnp.shape(pred)}.")
-    return pred
+    return paths_lib.prediction_of(v, t, xt, "v")
 
 
 def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
@@ -76,7 +73,7 @@ def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
 
 
 def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=None,
-             reduction="mean"):
+             reduction="mean", prediction="velocity"):
     """Conditional Flow Matching loss on a batch of data ``x1``.
 
     Args:
@@ -93,14 +90,26 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
       reduction: 'mean' (MSE over all elements, as the PyTorch references), 'sum' (the
         paper's squared norm, summed over dimensions, averaged over the batch) or 'none'
         (per-example MSE, shape (B,)).
+      prediction: what ``v`` predicts and is regressed on: 'velocity' (the paper's CFM),
+        'x1' (the data: ``E[x1 | x_t]`` at the optimum), 'eps' (the noise ``x0``) or 'score'
+        (``-x0 / sigma_t``). Sample from such a model through
+        ``path.velocity_field(model, prediction)``. The losses differ by a time weighting:
+        with ``v`` converted to a velocity, the velocity loss is
+        ``(alpha' - sigma' alpha / sigma)^2`` times the 'x1' loss and
+        ``(sigma' - alpha' sigma / alpha)^2`` times the 'eps' loss at each t.
     """
     _check(x1, reduction)
+    paths_lib.check_prediction(prediction, "prediction")
     x0, t, kc = _draw(path, key, x1, x0, t, time_sampler,
                       need_key=coupling not in (None, "independent", "ot"))
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
         x0, x1 = coupling(kc, x0, x1)
-    xt, target = path.interpolate_and_target(x0, x1, t)
+    if prediction == "velocity":
+        xt, target = path.interpolate_and_target(x0, x1, t)
+    else:
+        xt = path.interpolate(x0, x1, t)
+        target = path.prediction_target(x0, x1, t, prediction)
     return _reduce(jnp.square(_prediction(v, t, xt) - target), reduction)
 
 

@@ -28,6 +28,9 @@ Prediction types: a network can predict the velocity ``v``, the data ``x1`` (E[x
 the noise ``eps`` (E[x0 | x_t]) or the ``score`` of p_t (for the standard normal source,
 ``score = -E[x0 | x_t] / sigma_t``). :meth:`AffinePath.convert` maps any of these into any
 other with the identities ``x = sigma x0 + alpha x1`` and ``v = sigma' x0 + alpha' x1``.
+Train such a network with ``fmjax.losses.cfm_loss(..., prediction=...)`` (its regression
+target is :meth:`GaussianPath.prediction_target`) and sample it through
+:meth:`GaussianPath.velocity_field`.
 """
 
 from __future__ import annotations
@@ -180,8 +183,7 @@ class GaussianPath:
         path (e.g. alpha_0 = 0 for CondOT when converting from eps); evaluate inside t_range.
         """
         for name, value in (("src", src), ("dst", dst)):
-            if value not in PREDICTIONS:
-                raise ValueError(f"{name} must be one of {PREDICTIONS}; got {value!r}.")
+            check_prediction(value, name)
         _check_same_shape(pred, x, "pred", "x")
         a, s, da, ds = self._coeffs_like(t, x)
         if src == dst:
@@ -222,6 +224,76 @@ class GaussianPath:
 
     def eps_to_velocity(self, eps, x, t):
         return self.convert(eps, x, t, src="eps", dst="velocity")
+
+    # -- models that predict another parameterisation -----------------------------------
+    def prediction_target(self, x0, x1, t, prediction: str = "velocity"):
+        """The regression target of a model that predicts ``prediction`` at ``x_t``:
+        'velocity' ``sigma'_t x0 + alpha'_t x1`` (:meth:`target`), 'x1' the data ``x1``,
+        'eps' the noise ``x0``, 'score' ``-x0 / sigma_t`` (denoising score matching; singular
+        where sigma_t = 0). Each is the conditional quantity whose regression gives the
+        posterior mean that :meth:`convert` turns into the marginal velocity."""
+        check_prediction(prediction, "prediction")
+        _check_same_shape(x0, x1, "x0", "x1")
+        if prediction == "velocity":
+            return self.target(x0, x1, t)
+        if prediction == "x1":
+            check_time(t, self.t_range)
+            return x1
+        if prediction == "eps":
+            check_time(t, self.t_range)
+            return x0
+        _, s, _, _ = self._coeffs_like(t, x1)
+        return -x0 / s
+
+    def velocity_field(self, f, prediction: str):
+        """``v(t, x)`` for :func:`fmjax.sample` / :func:`fmjax.log_likelihood` from a model
+        ``f(t, x)`` that predicts ``prediction`` ('velocity', 'x1', 'eps' or 'score'):
+        ``convert(f(t, x), x, t, src=prediction, dst='velocity')``, as a
+        ``jax.tree_util.Partial`` (``f``'s arrays stay runtime arguments).
+
+        The conversion divides by a coefficient that vanishes at an end of most paths: 'x1'
+        by sigma_t (t = 1 for CondOT with sigma_min = 0), 'eps' and 'score' by alpha_t
+        (alpha_0 = 0 for CondOT): solve over times where it is positive (e.g. ``t0=1e-3``).
+        """
+        check_prediction(prediction, "prediction")
+        if not callable(f):
+            raise ValueError(f"f must be a callable f(t, x); got {type(f).__name__}.")
+        if not isinstance(f, jax.tree_util.Partial):
+            f = jax.tree_util.Partial(f)
+        if prediction == "velocity":
+            return f
+        return jax.tree_util.Partial(_TO_VELOCITY[prediction], self, f)
+
+
+def check_prediction(value, name: str) -> None:
+    """Raise unless ``value`` is one of :data:`PREDICTIONS`."""
+    if not isinstance(value, str) or value not in PREDICTIONS:
+        raise ValueError(f"{name} must be one of {PREDICTIONS}; got {value!r}.")
+
+
+def prediction_of(f, t, x, name: str = "f"):
+    """``f(t, x)``, which must have x's shape (a model's prediction at a batch)."""
+    pred = f(t, x)
+    if jnp.shape(pred) != jnp.shape(x):
+        raise ValueError(f"{name}(t, x) must return x's shape {jnp.shape(x)}; got "
+                         f"{jnp.shape(pred)}.")
+    return pred
+
+
+def _velocity_from_x1(path, f, t, x):
+    return path.convert(prediction_of(f, t, x), x, t, src="x1", dst="velocity")
+
+
+def _velocity_from_eps(path, f, t, x):
+    return path.convert(prediction_of(f, t, x), x, t, src="eps", dst="velocity")
+
+
+def _velocity_from_score(path, f, t, x):
+    return path.convert(prediction_of(f, t, x), x, t, src="score", dst="velocity")
+
+
+_TO_VELOCITY = {"x1": _velocity_from_x1, "eps": _velocity_from_eps,
+                "score": _velocity_from_score}
 
 
 @_static_dataclass
