@@ -34,7 +34,10 @@ def _leading(cond, batch: int, where: str):
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
             raise ValueError(
                 f"{where}: every array of cond must have the batch's leading size {batch} "
-                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}.")
+                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}."
+                + (" fmjax.sample(per_example=True) calls the field on one row at a time: "
+                   "solve guided batches with the batch-wide step control (the default)."
+                   if batch == 1 and jnp.ndim(leaf) >= 1 else ""))
 
 
 def _null_like(null, cond):
@@ -122,7 +125,9 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
       ``v``'s own arrays are runtime arguments, so a solve compiles once per shape whatever
       their values. For a Python number ``scale == 1`` it is ``v(t, x, cond)`` itself, and
       for ``scale == 0`` ``v(t, x, null_cond)``: one evaluation per step, not two. ``cond``'s
-      leading size is checked against ``x``'s batch when the field is first called.
+      leading size is checked against ``x``'s batch when the field is first called, so
+      ``fmjax.sample(per_example=True)``, which calls the field on one row at a time, is
+      refused with a clear error.
 
     Raises:
       ValueError: ``v`` not callable, a bool, string or non-finite ``scale``, a ``null_cond``

@@ -134,6 +134,8 @@ def test_bad_guidance_arguments():
         guidance.classifier_free(v, jnp.arange(4), NULL, 2.0)(t, x)
     with pytest.raises(ValueError, match="cond must have the batch's leading size 3"):
         guidance.classifier_free(v, jnp.arange(4), NULL, 1.0)(t, x)
+    with pytest.raises(ValueError, match=r"per_example=True\) calls the field on one row"):
+        fmjax.sample(guidance.classifier_free(v, y, NULL, 2.0), x, per_example=True)
     with pytest.raises(ValueError, match="null_cond must have cond's tree structure"):
         guidance.classifier_free(v, y, jnp.zeros(2), 2.0)
     with pytest.raises(ValueError, match="cond has no arrays"):
