@@ -115,10 +115,12 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         unconditional, > 1: guided), or one weight per example, shape ``(B,)``, to sweep
         weights in one solve.
       batched: evaluate the conditional and unconditional fields in one call of ``v`` on
-        ``2B`` rows (default; one large call is faster on accelerators; each row of ``x``
-        twice in a row, with its condition and with the null one, so a batch sharded over a
-        mesh stays where it is), or in two calls of ``B`` rows (half the activation memory).
-        Both give the same field.
+        ``2B`` rows (default; each row of ``x`` twice in a row, with its condition and with
+        the null one, so a batch sharded over a mesh stays where it is), or in two calls of
+        ``B`` rows (half the activation memory). Both give the same field. Measured on a
+        2-core CPU (``docs/benchmarks.md``), one call is as fast as two for a model whose
+        matmuls bound the time and costs 1.3x the unguided solve, against 2x, for a small
+        model whose per-call overhead does.
 
     Returns:
       ``v_w(t, x)`` as a ``jax.tree_util.Partial``: ``cond``, ``null_cond``, ``scale`` and

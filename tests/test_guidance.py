@@ -146,3 +146,20 @@ def test_bad_guidance_arguments():
         guidance.classifier_free(v, y, NULL, 2.0, batched=1)
     with pytest.raises(ValueError, match=r"must return x's shape with 6 rows, \(6, 2\)"):
         guidance.classifier_free(lambda t, x, c: x[:1], y, NULL, 2.0)(t, x)
+
+
+def test_guidance_benchmark_smoke_run(monkeypatch, capsys):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "guidance_bench", f"{ROOT}/benchmarks/guidance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "MODELS", {"tiny": (8, 1, 16, "euler", 3)})
+    bench.main(["--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "tiny: 8 x 1 hidden, 16 points, euler x 3 steps" in out
+    for label in ("unguided (w = 1)", "one call of 2B rows", "two calls of B rows"):
+        assert label in out and "x unguided" in out
