@@ -16,6 +16,13 @@ Time embeddings (``time_embedding``):
   (the transformer / DDPM embedding with ``t in [0, 1]`` rescaled to ``[0, 1000]``):
   ``emb(t) = [sin(1000 t w), cos(1000 t w)]`` of size ``2 * time_dim``.
 
+Conditioning (optional third argument ``cond`` of ``__call__(t, x, cond)``): with
+``num_classes = K``, integer class labels ``(B,)`` in ``[0, K]`` pick a learned embedding of
+``class_dim`` features from a table of ``K + 1`` rows; label ``K`` (or ``cond=None``) is the
+null class of classifier-free guidance (:func:`fmjax.guidance.classifier_free`). With
+``context_dim = C``, float context vectors ``(B, C)`` (e.g. observations in simulation-based
+inference) are input features. Either is concatenated to ``h`` before the first layer.
+
 Input shapes: ``x`` is ``(B, D)`` or ``(B, *event)``; in the latter case the event dims are
 flattened to ``D = prod(event)`` and the output is reshaped back to ``(B, *event)`` (when
 ``out_dim`` is ``None`` or equals ``D``; otherwise the output is ``(B, out_dim)``).  ``t`` is a
@@ -32,6 +39,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fmjax._checks import integer
 
 __all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "fast_selu", "sinusoidal_embedding"]
 
@@ -92,7 +101,8 @@ def sinusoidal_embedding(t: jnp.ndarray, num_freqs: int, max_period: float = 100
 
 
 class MLP(nn.Module):
-    """Time-conditioned MLP velocity field; ``__call__(t, x) -> (B, *event)`` float32.
+    """Time-conditioned MLP velocity field; ``__call__(t, x, cond=None) -> (B, *event)``
+    float32 (``cond``: see the module docstring).
 
     Attributes:
       hidden: width of each hidden layer.
@@ -102,6 +112,10 @@ class MLP(nn.Module):
         (``concat(x, t)``, one extra input, as in Meta's ``flow_matching`` 2-D example).
       time_dim: number of Fourier frequencies for the sinusoidal embedding.
       out_dim: output features; defaults to ``D = prod(event)``.
+      num_classes: ``K`` for class-conditional fields (labels ``0..K-1``, null class ``K``);
+        None: no class input.
+      class_dim: size of the class embedding.
+      context_dim: ``C`` for fields conditioned on float context vectors ``(B, C)``; 0: none.
       dtype: computation dtype of the Dense layers (params are float32; output is float32).
     """
 
@@ -111,6 +125,9 @@ class MLP(nn.Module):
     time_embedding: str = "sinusoidal"
     time_dim: int = 64
     out_dim: int | None = None
+    num_classes: int | None = None
+    class_dim: int = 16
+    context_dim: int = 0
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -131,10 +148,49 @@ class MLP(nn.Module):
             raise ValueError(f"time_dim must be >= 1, got {self.time_dim}")
         if self.out_dim is not None and int(self.out_dim) < 1:
             raise ValueError(f"out_dim must be >= 1 or None, got {self.out_dim}")
+        if self.num_classes is not None:
+            integer(self.num_classes, "num_classes", allow_none=True)
+            integer(self.class_dim, "class_dim")
+        integer(self.context_dim, "context_dim", minimum=0)
+        if self.num_classes is not None and self.context_dim:
+            raise ValueError("give num_classes (class labels) or context_dim (float context), "
+                             f"not both; got num_classes={self.num_classes}, context_dim="
+                             f"{self.context_dim}")
         super().__post_init__()
 
+    def _cond_features(self, cond, batch):
+        """The conditioning features (B, F) to concatenate, or None."""
+        if self.num_classes is None and not self.context_dim:
+            if cond is not None:
+                raise ValueError("this MLP takes no condition (num_classes=None, context_dim=0);"
+                                 f" got cond of shape {jnp.shape(cond)}")
+            return None
+        if self.num_classes is not None:
+            k = int(self.num_classes)
+            if cond is None:
+                cond = jnp.full((batch,), k, jnp.int32)  # the null class
+            cond = jnp.asarray(cond)
+            if cond.shape != (batch,) or not jnp.issubdtype(cond.dtype, jnp.integer):
+                raise ValueError(
+                    f"expected class labels cond of shape ({batch},) and an integer dtype "
+                    f"(0..{k - 1}, null class {k}), got shape {cond.shape} and dtype "
+                    f"{cond.dtype}")
+            if not isinstance(cond, jax.core.Tracer) and cond.size and (
+                    int(cond.min()) < 0 or int(cond.max()) > k):
+                raise ValueError(  # an index past the table gives NaN, not an error
+                    f"class labels must lie in [0, {k}] (null class {k}); got labels in "
+                    f"[{int(cond.min())}, {int(cond.max())}]")
+            return nn.Embed(k + 1, int(self.class_dim), name="class_embedding")(cond)
+        c = int(self.context_dim)
+        if cond is None or jnp.shape(cond) != (batch, c) or not jnp.issubdtype(
+                jnp.result_type(cond), jnp.floating):
+            raise ValueError(
+                f"expected float context cond of shape ({batch}, {c}) (context_dim={c}), got "
+                f"{'None' if cond is None else (jnp.shape(cond), jnp.result_type(cond))}")
+        return jnp.asarray(cond, jnp.float32)
+
     @nn.compact
-    def __call__(self, t, x):
+    def __call__(self, t, x, cond=None):
         x = jnp.asarray(x)
         t = jnp.asarray(t)
         if x.ndim < 2:
@@ -157,7 +213,11 @@ class MLP(nn.Module):
             temb = t[:, None]
         else:
             temb = sinusoidal_embedding(t, self.time_dim)
-        h = jnp.concatenate([h, temb], axis=-1).astype(self.dtype)
+        feats = [h, temb]
+        c = self._cond_features(cond, batch)
+        if c is not None:
+            feats.append(c)
+        h = jnp.concatenate(feats, axis=-1).astype(self.dtype)
 
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
