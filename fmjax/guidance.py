@@ -1,4 +1,7 @@
-"""Classifier-free guidance of a conditional vector field.
+"""Conditional vector fields: fixing each example's condition, and classifier-free guidance.
+
+:func:`conditional` turns ``v(t, x, cond)`` with a batch of conditions into the ``v(t, x)``
+that :func:`fmjax.sample` and :func:`fmjax.log_likelihood` take.
 
 A conditional field ``v(t, x, cond)`` trained with the condition sometimes replaced by a null
 condition (class dropout: Ho & Salimans 2022; for flow matching, Zheng et al. 2023, "Guided
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 
 from fmjax import _checks
 
-__all__ = ["classifier_free"]
+__all__ = ["classifier_free", "conditional"]
 
 
 def _leading(cond, batch: int, where: str):
@@ -95,8 +98,22 @@ def _guided_in_two_calls(v, cond, null, scale, t, x):
 
 
 def _conditional(v, cond, t, x):
-    _leading(cond, x.shape[0], "classifier_free")
+    _leading(cond, x.shape[0], "conditional field")
     return v(t, x, cond)
+
+
+def conditional(v, cond):
+    """``v(t, x, cond)`` with each example's condition fixed: the ``v(t, x)`` that
+    :func:`fmjax.sample` and :func:`fmjax.log_likelihood` take (class labels, or context
+    vectors such as the observations of simulation-based inference: the flow then samples and
+    scores ``p(x | cond)``). A ``jax.tree_util.Partial``: ``cond`` and ``v``'s arrays stay
+    runtime arguments. ``cond``: an array or pytree of arrays with leading size ``B``,
+    checked against x's batch when the field is called."""
+    if not callable(v):
+        raise ValueError(f"v must be a callable v(t, x, cond); got {type(v).__name__}.")
+    if not isinstance(v, jax.tree_util.Partial):
+        v = jax.tree_util.Partial(v)
+    return jax.tree_util.Partial(_conditional, v, cond)
 
 
 def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
@@ -153,8 +170,8 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         w = _checks.real(scale, "scale (the guidance weight w)")
         if isinstance(scale, (int, float)):
             if w == 1.0:
-                return jax.tree_util.Partial(_conditional, v, cond)
+                return conditional(v, cond)
             if w == 0.0:
-                return jax.tree_util.Partial(_conditional, v, null)
+                return conditional(v, null)
     return jax.tree_util.Partial(_guided if batched else _guided_in_two_calls, v, cond, null,
                                  scale)

@@ -13,7 +13,7 @@ def _library_example():
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     section = readme.split("## The library in 15 lines", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_library_example_runs():

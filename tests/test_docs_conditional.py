@@ -1,0 +1,33 @@
+"""docs/conditional.md's examples run as written and print what the page says: the learned
+posterior of the simulation-based-inference example against its closed form, and the
+guided samples of the class-conditional example."""
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_conditional_guide_examples():
+    with open(os.path.join(ROOT, "docs", "conditional.md")) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    assert len(blocks) == 2
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-4000:]
+    text = out.stdout
+    mean, std = map(float, re.search(r"posterior mean (\S+) .*, std (\S+) ", text).groups())
+    logp, exact = map(float, re.search(r"x_obs = 1\) (\S+) \(exact (\S+)\)", text).groups())
+    assert abs(mean - 0.5) < 0.05 and abs(std - 0.5**0.5) < 0.05, text
+    assert abs(logp - exact) < 0.05, text
+    rows = {float(w): (float(frac), float(m)) for w, frac, m in re.findall(
+        r"w = (\S+): class-0 samples at x < 0: (\S+), mean x (\S+)", text)}
+    assert set(rows) == {0.0, 1.0, 3.0}, text
+    assert 0.3 < rows[0.0][0] < 0.7  # the null class: both modes
+    assert rows[1.0][0] > 0.97 and abs(rows[1.0][1] + 2.0) < 0.2  # its class
+    assert rows[3.0][0] >= rows[1.0][0] and rows[3.0][1] < rows[1.0][1] - 0.2  # guided
