@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fmjax import _checks
 
@@ -43,13 +44,19 @@ def _leading(cond, batch: int, where: str):
                    if batch == 1 and jnp.ndim(leaf) >= 1 else ""))
 
 
+def _broadcast_null(c, n):
+    dtype = jnp.result_type(c)
+    if isinstance(n, (jax.Array, jax.core.Tracer)):
+        return jnp.broadcast_to(n.astype(dtype), jnp.shape(c))
+    # a host value stays a NumPy array: a replicated input on any mesh, in any process
+    return np.broadcast_to(np.asarray(n, dtype), jnp.shape(c))
+
+
 def _null_like(null, cond):
     """``null`` broadcast to cond's structure and shapes (one example's null or a batch)."""
     try:
-        return jax.tree_util.tree_map(
-            lambda c, n: jnp.broadcast_to(jnp.asarray(n, jnp.result_type(c)), jnp.shape(c)),
-            cond, null)
-    except ValueError as e:
+        return jax.tree_util.tree_map(_broadcast_null, cond, null)
+    except (ValueError, OverflowError) as e:
         raise ValueError(
             "null_cond must have cond's tree structure, with arrays that broadcast to cond's "
             "(one example's null condition, e.g. the null class id, or one per example); got "
