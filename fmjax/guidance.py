@@ -40,7 +40,7 @@ def _leading(cond, batch: int, where: str):
                 f"{where}: every array of cond must have the batch's leading size {batch} "
                 f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}."
                 + (" fmjax.sample(per_example=True) calls the field on one row at a time: "
-                   "solve guided batches with the batch-wide step control (the default)."
+                   "solve conditioned batches with the batch-wide step control (the default)."
                    if batch == 1 and jnp.ndim(leaf) >= 1 else ""))
 
 
