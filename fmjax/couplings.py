@@ -119,13 +119,14 @@ def minibatch_ot(key, x0, x1, *, method="exact", reg=0.05, num_iters=200):
     if method == "sinkhorn":
         # only integer indices come out of the plan: no gradient through the iterations
         x0_, x1_ = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
-        if not isinstance(x0_, jax.core.Tracer) and not isinstance(x1_, jax.core.Tracer):
-            _check_finite_cost(_sq_cost(x0_, x1_), "Sinkhorn")
         plan = sinkhorn_plan(x0_, x1_, reg=reg, num_iters=num_iters)
+        finite = jnp.all(jnp.isfinite(plan))
+        if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+            _check_finite_cost(_sq_cost(x0_, x1_), "Sinkhorn")  # eager: say why
         idx = jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=1)
         # a NaN plan (non-finite data under jit) would give one arbitrary x0 for every x1:
         # pass the NaN on to the pairs, and so to the loss, instead
-        return jnp.where(jnp.all(jnp.isfinite(plan)), x0[idx], jnp.nan), x1
+        return jnp.where(finite, x0[idx], jnp.nan), x1
     raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")
 
 
