@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 import operator
 
+import jax
 import numpy as np
 
-__all__ = ["integer", "real"]
+__all__ = ["integer", "real", "traced"]
+
+
+def traced(*values) -> bool:
+    """Any of ``values`` is a tracer: its value is unknown until run time, so a value check
+    has to be skipped (or left to run time)."""
+    return any(isinstance(v, jax.core.Tracer) for v in values)
 
 
 def integer(value, name: str, *, minimum: int = 1, allow_none: bool = False):

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from fmjax._checks import traced
+
 __all__ = [
     "COUPLINGS",
     "exact_ot_assignment",
@@ -78,7 +80,7 @@ def exact_ot_assignment(x0, x1):
     (no callback) and non-finite data raise a plain ``ValueError``; under a transformation the
     same message arrives inside JAX's callback error."""
     cost = jax.lax.stop_gradient(_sq_cost(x0, x1))
-    if not isinstance(cost, jax.core.Tracer):
+    if not traced(cost):
         return jnp.asarray(_lsa_host(cost))
     out = jax.ShapeDtypeStruct((x1.shape[0],), jnp.int32)
     return jax.pure_callback(_lsa_host, out, cost, vmap_method="sequential")
@@ -121,7 +123,7 @@ def minibatch_ot(key, x0, x1, *, method="exact", reg=0.05, num_iters=200):
         x0_, x1_ = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
         plan = sinkhorn_plan(x0_, x1_, reg=reg, num_iters=num_iters)
         finite = jnp.all(jnp.isfinite(plan))
-        if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+        if not traced(finite) and not bool(finite):
             _check_finite_cost(_sq_cost(x0_, x1_), "Sinkhorn")  # eager: say why
         idx = jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=1)
         # a NaN plan (non-finite data under jit) would give one arbitrary x0 for every x1:

@@ -167,11 +167,11 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
     if not isinstance(v, jax.tree_util.Partial):
         v = jax.tree_util.Partial(v)
     null = _null_like(null_cond, cond)
-    if isinstance(scale, jax.core.Tracer) or jnp.ndim(scale) > 0:
+    if _checks.traced(scale) or jnp.ndim(scale) > 0:
         dtype = jnp.result_type(scale)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
             raise ValueError(f"scale must hold real numbers; got dtype {dtype}.")
-        if not isinstance(scale, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(scale))):
+        if not _checks.traced(scale) and not bool(jnp.all(jnp.isfinite(scale))):
             raise ValueError(f"scale must be finite; got {scale!r}.")
     else:
         w = _checks.real(scale, "scale (the guidance weight w)")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
+from fmjax._checks import traced
 from fmjax.paths import _broadcast_t
 
 __all__ = ["EmpiricalData", "GaussianMixture"]
@@ -148,7 +149,7 @@ class GaussianMixture(_Marginal):
         stds = jnp.broadcast_to(jnp.asarray(stds, dtype), (k,))
         weights = (jnp.full((k,), 1.0 / k, dtype) if weights is None
                    else jnp.asarray(weights, dtype))
-        if not any(isinstance(a, jax.core.Tracer) for a in (means, stds, weights)):
+        if not traced(means, stds, weights):
             _check_mixture_values(means, stds, weights)
         return cls(means, stds, weights / jnp.sum(weights))
 

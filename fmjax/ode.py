@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import integer
+from fmjax._checks import integer, traced
 
 __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
            "check_derivative", "check_save_times", "check_solver_args", "initial_step_size",
@@ -138,14 +138,9 @@ def _evals_per_step(solver) -> tuple[int, int]:
     return tab.num_stages, 0
 
 
-def _traced(*values) -> bool:
-    """Any of ``values`` is a tracer (its value is unknown until run time)."""
-    return any(isinstance(v, jax.core.Tracer) for v in values)
-
-
 def _finite(value) -> bool:
     """``value`` is a finite real number (a traced value passes: it is checked nowhere)."""
-    if _traced(value):
+    if traced(value):
         return True
     try:
         return math.isfinite(float(value))
@@ -182,12 +177,12 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
     for name, t in (("t0", t0), ("t1", t1)):
         if not _finite(t):
             raise ValueError(f"{name} must be a finite time; got {t!r}.")
-    traced = _traced(t0, t1)
-    if traced and solver in FIXED_SOLVERS and steps is None:
+    times_traced = traced(t0, t1)
+    if times_traced and solver in FIXED_SOLVERS and steps is None:
         raise ValueError(f"step_size= needs concrete t0 and t1 (the number of steps is "
                          f"static); with traced times give steps= or use an adaptive solver "
                          f"(got step_size={step_size!r}).")
-    if not traced and t0 == t1:
+    if not times_traced and t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
     integer(max_steps, "max_steps", allow_none=True)
     if solver in ADAPTIVE_SOLVERS:
@@ -236,14 +231,13 @@ def check_save_times(save_times, t0, t1) -> None:
     values at run time)."""
     if save_times is None:
         return
-    traced = _traced(save_times)
-    ts = save_times if traced else np.asarray(save_times)
+    ts = save_times if traced(save_times) else np.asarray(save_times)
     shape, dtype = ts.shape, ts.dtype
     if len(shape) != 1 or not (jnp.issubdtype(dtype, jnp.floating)  # (bfloat16 too)
                                or jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
                          f"{shape} and dtype {dtype}.")
-    if _traced(save_times, t0, t1):
+    if traced(save_times, t0, t1):
         return
     t0, t1 = float(t0), float(t1)
     lo, hi = min(t0, t1), max(t0, t1)
@@ -425,7 +419,7 @@ def solve(
 
 def raise_if_failed(stats: SolveStats, what: str) -> None:
     """Eager-mode check of ``stats.success`` (no-op under tracing)."""
-    if _traced(stats.success):
+    if traced(stats.success):
         return
     if not bool(np.all(np.asarray(stats.success))):
         raise RuntimeError(

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import schedules
+from fmjax._checks import traced
 
 __all__ = [
     "PREDICTIONS",
@@ -67,7 +68,7 @@ def _static_dataclass(cls):
 
 def check_time(t, t_range=(0.0, 1.0), name="t"):
     """Raise ValueError if a concrete ``t`` lies outside ``t_range`` (no-op under tracing)."""
-    if isinstance(t, jax.core.Tracer):
+    if traced(t):
         return
     t_np = np.asarray(t)
     if t_np.size == 0:

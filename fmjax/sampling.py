@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
+from fmjax._checks import traced
 
 __all__ = ["SampleStats", "as_field", "place_batch", "sample"]
 
@@ -103,7 +104,7 @@ def place_batch(x, mesh: Mesh | None, name: str = "x"):
     """
     if mesh is None:
         sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-        if (isinstance(sharding, NamedSharding) and not isinstance(x, jax.core.Tracer)
+        if (isinstance(sharding, NamedSharding) and not traced(x)
                 and any(t != AxisType.Auto for t in sharding.mesh.axis_types)):
             x = jax.device_put(x, NamedSharding(auto_axes(sharding.mesh), sharding.spec))
         return x

@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
-from fmjax._checks import integer, real
+from fmjax._checks import integer, real, traced
 from fmjax.likelihood import (
     DIVERGENCES,
     PROBES,
@@ -277,7 +277,7 @@ def image_bpd(
 
 
 def _raise_if_failed(ok, what, where=""):
-    if isinstance(ok, jax.core.Tracer):
+    if traced(ok):
         return
     ok = np.asarray(ok)
     if not ok.all():

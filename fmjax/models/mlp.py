@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import integer
+from fmjax._checks import integer, traced
 
 __all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "fast_selu", "sinusoidal_embedding"]
 
@@ -149,7 +149,7 @@ class MLP(nn.Module):
         if self.out_dim is not None and int(self.out_dim) < 1:
             raise ValueError(f"out_dim must be >= 1 or None, got {self.out_dim}")
         if self.num_classes is not None:
-            integer(self.num_classes, "num_classes", allow_none=True)
+            integer(self.num_classes, "num_classes")
             integer(self.class_dim, "class_dim")
         integer(self.context_dim, "context_dim", minimum=0)
         if self.num_classes is not None and self.context_dim:
@@ -175,7 +175,7 @@ class MLP(nn.Module):
                     f"expected class labels cond of shape ({batch},) and an integer dtype "
                     f"(0..{k - 1}, null class {k}), got shape {cond.shape} and dtype "
                     f"{cond.dtype}")
-            if not isinstance(cond, jax.core.Tracer) and cond.size and (
+            if not traced(cond) and cond.size and (
                     int(cond.min()) < 0 or int(cond.max()) > k):
                 raise ValueError(  # an index past the table gives NaN, not an error
                     f"class labels must lie in [0, {k}] (null class {k}); got labels in "
