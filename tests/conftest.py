@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,6 +26,16 @@ def x64():
 # compile cache, since most of their time is compiling the same tiny UNet steps.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
+
+
+def run_python(code, timeout):
+    """Run ``code`` in a fresh CPU-only Python process from the repo root (the repo on its
+    path, no XLA_FLAGS inherited); returns the ``CompletedProcess`` with text output."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
 
 
 def use_compile_cache():

@@ -2,11 +2,8 @@
 or training code: a vector field is any ``v(t, x)``."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_python
 
 CORE = ["fmjax", "fmjax.paths", "fmjax.schedules", "fmjax.couplings", "fmjax.losses",
         "fmjax.marginals", "fmjax.sampling", "fmjax.likelihood", "fmjax.ode",
@@ -18,9 +15,6 @@ def test_core_imports_no_flax_models_data_or_train():
             f"for m in {CORE!r}: importlib.import_module(m)\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'flax' or "
             "m.startswith(('fmjax.models', 'fmjax.data', 'fmjax.train', 'experiments')))))")
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120, check=False)
+    out = run_python(code, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -6,8 +6,6 @@ one fresh subprocess that calls ``fmjax.use_cpu_devices(4)`` itself.
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -15,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT
+from conftest import run_python
 
 import fmjax
 from fmjax import cpu_devices, train
@@ -167,11 +165,7 @@ print("RESULT " + json.dumps(res))
 
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", WORKER], check=False, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = run_python(WORKER, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])

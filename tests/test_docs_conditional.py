@@ -4,21 +4,15 @@ guided samples of the class-conditional example."""
 
 import os
 import re
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 
 def test_conditional_guide_examples():
     with open(os.path.join(ROOT, "docs", "conditional.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
     assert len(blocks) == 2
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", "\n".join(blocks)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
+    out = run_python("\n".join(blocks), timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     text = out.stdout
     mean, std = map(float, re.search(r"posterior mean (\S+) .*, std (\S+) ", text).groups())

@@ -3,10 +3,8 @@
 import math
 import os
 import re
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 
 def _library_example():
@@ -19,11 +17,7 @@ def _library_example():
 def test_readme_library_example_runs():
     code = _library_example()
     assert "fmjax.sample" in code and "fmjax.log_likelihood" in code
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300, check=False)
+    out = run_python(code, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     loss, nfe, mean_logp = out.stdout.split()[-3:]
     # an untrained model: a positive finite loss, an adaptive solve's NFE, a finite log p
