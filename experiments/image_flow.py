@@ -325,8 +325,9 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
     classifier-free guidance of weight ``guidance_scale`` against the null class
-    ``num_classes`` (:func:`fmjax.guidance.classifier_free`; 1: the conditional field, through
-    ``field``; a guided solve calls ``model.apply`` itself). Returns
+    ``num_classes`` (:func:`fmjax.guidance.classifier_free`; 1: the conditional field).
+    ``field`` (default ``_field(model)``) is the velocity of unconditional models; conditional
+    ones call ``model.apply`` through :func:`_conditional_field`. Returns
     ``(images (num, 32, 32, 3) numpy in [-1, 1]-ish, stats)``; the solve does not raise on
     failure (check ``stats.success``).
     """
@@ -336,15 +337,13 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
     s0 = float(source_std)
     x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
                  out_shardings=data)(key)
-    y = None
-    if num_classes is not None:
+    if num_classes is None:
+        v = jax.tree_util.Partial(field, params, None)
+    else:  # guidance weight 1 is the conditional field itself (one evaluation per step)
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
-    if num_classes is not None and float(guidance_scale) != 1.0:
         v = fmjax.guidance.classifier_free(
             jax.tree_util.Partial(_conditional_field(model), params), y, num_classes,
             float(guidance_scale))
-    else:
-        v = jax.tree_util.Partial(field, params, y)
     x1, stats = fmjax.sample(v, x0, solver=solver, rtol=rtol, atol=atol, throw=False)
     return sharding_lib.to_host(x1)[:num], stats
 
