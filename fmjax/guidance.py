@@ -1,7 +1,9 @@
 """Conditional vector fields: fixing each example's condition, and classifier-free guidance.
 
 :func:`conditional` turns ``v(t, x, cond)`` with a batch of conditions into the ``v(t, x)``
-that :func:`fmjax.sample` and :func:`fmjax.log_likelihood` take.
+that :func:`fmjax.sample` and :func:`fmjax.log_likelihood` take. Both also take the
+conditional field itself with ``cond=``, which sends each row's condition with it through a
+mesh and through per-example step control (``sample(per_example=True)``).
 
 A conditional field ``v(t, x, cond)`` trained with the condition sometimes replaced by a null
 condition (class dropout: Ho & Salimans 2022; for flow matching, Zheng et al. 2023, "Guided
@@ -26,22 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import _checks
+from fmjax.sampling import check_cond
 
 __all__ = ["classifier_free", "conditional"]
 
 
+_ONE_ROW_HINT = (
+    " fmjax.sample(per_example=True) calls the field on one row at a time: give the "
+    "conditions to the solve instead, fmjax.sample(v, x0, cond=cond, per_example=True) with "
+    "the conditional v itself or classifier_free(v, None, null_cond, scale), so that they go "
+    "row by row with x.")
+
+
 def _leading(cond, batch: int, where: str):
-    leaves = jax.tree_util.tree_leaves(cond)
-    if not leaves:
-        raise ValueError(f"{where}: cond has no arrays; got {cond!r}.")
-    for leaf in leaves:
-        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
-            raise ValueError(
-                f"{where}: every array of cond must have the batch's leading size {batch} "
-                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}."
-                + (" fmjax.sample(per_example=True) calls the field on one row at a time: "
-                   "solve conditioned batches with the batch-wide step control (the default)."
-                   if batch == 1 and jnp.ndim(leaf) >= 1 else ""))
+    check_cond(cond, batch, where, _ONE_ROW_HINT if batch == 1 else "")
 
 
 def _broadcast_null(c, n):
@@ -71,7 +71,10 @@ def _scale_like(scale, x):
     if scale.shape != (x.shape[0],):
         raise ValueError(
             f"classifier_free: scale must be a scalar or one weight per example, shape "
-            f"({x.shape[0]},); got shape {scale.shape}.")
+            f"({x.shape[0]},); got shape {scale.shape}."
+            + (" fmjax.sample(per_example=True) calls the field on one row at a time: "
+               "per-example weights need the batch-wide step control (the default)."
+               if x.shape[0] == 1 else ""))
     return scale.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -104,6 +107,18 @@ def _guided_in_two_calls(v, cond, null, scale, t, x):
     return _guided(v, cond, null, scale, t, x, batched=False)
 
 
+def _guided_given(v, null_cond, scale, t, x, cond):
+    return _guided(v, cond, _null_like(null_cond, cond), scale, t, x)
+
+
+def _guided_given_in_two_calls(v, null_cond, scale, t, x, cond):
+    return _guided(v, cond, _null_like(null_cond, cond), scale, t, x, batched=False)
+
+
+def _unconditional_given(v, null_cond, t, x, cond):
+    return v(t, x, _null_like(null_cond, cond))
+
+
 def _conditional(v, cond, t, x):
     _leading(cond, x.shape[0], "conditional field")
     return v(t, x, cond)
@@ -131,10 +146,14 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         shape ``(B, *event_shape)``, returning x's shape), e.g.
         ``jax.tree_util.Partial(apply_fn, params)`` with ``apply_fn(params, t, x, y)``.
       cond: the condition of each example: an array (class ids of shape ``(B,)``, embeddings
-        ``(B, d)``) or a pytree of arrays with leading size ``B``.
+        ``(B, d)``) or a pytree of arrays with leading size ``B``. ``None``: the result is
+        the guided conditional field ``v_w(t, x, cond)``, for ``fmjax.sample(v_w, x0,
+        cond=cond)``, which sends each row's condition with it, also with
+        ``per_example=True``.
       null_cond: the null condition the model was trained with (e.g. the null class id
         ``num_classes``): one example's, broadcast to every row, or one per example; same
-        tree structure as ``cond`` and cast to its dtypes.
+        tree structure as ``cond`` and cast to its dtypes (with ``cond=None``: one
+        example's, broadcast to the conditions the field is given).
       scale: the guidance weight ``w``: a number or a scalar array (1: conditional, 0:
         unconditional, > 1: guided), or one weight per example, shape ``(B,)``, to sweep
         weights in one solve.
@@ -147,18 +166,19 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         model whose per-call overhead does.
 
     Returns:
-      ``v_w(t, x)`` as a ``jax.tree_util.Partial``: ``cond``, ``null_cond``, ``scale`` and
-      ``v``'s own arrays are runtime arguments, so a solve compiles once per shape whatever
-      their values. For a Python number ``scale == 1`` it is ``v(t, x, cond)`` itself, and
-      for ``scale == 0`` ``v(t, x, null_cond)``: one evaluation per step, not two. ``cond``'s
-      leading size is checked against ``x``'s batch when the field is first called, so
-      ``fmjax.sample(per_example=True)``, which calls the field on one row at a time, is
-      refused with a clear error.
+      ``v_w(t, x)`` (``v_w(t, x, cond)`` for ``cond=None``) as a ``jax.tree_util.Partial``:
+      ``cond``, ``null_cond``, ``scale`` and ``v``'s own arrays are runtime arguments, so a
+      solve compiles once per shape whatever their values. For a Python number
+      ``scale == 1`` it is ``v(t, x, cond)`` itself, and for ``scale == 0``
+      ``v(t, x, null_cond)``: one evaluation per step, not two. ``cond``'s leading size is
+      checked against ``x``'s batch when the field is first called, so a ``cond`` fixed here
+      is refused with a clear error by ``fmjax.sample(per_example=True)``, which calls the
+      field on one row at a time (give it to the solve instead, as above).
 
     Raises:
       ValueError: ``v`` not callable, a bool, string or non-finite ``scale``, a ``null_cond``
-        that does not broadcast to ``cond``, or (when called) a ``cond`` or per-example
-        ``scale`` whose leading size is not x's batch.
+        that does not broadcast to ``cond`` (with ``cond=None``: when called), or (when
+        called) a ``cond`` or per-example ``scale`` whose leading size is not x's batch.
     """
     if not callable(v):
         raise ValueError(f"v must be a callable v(t, x, cond); got {type(v).__name__}.")
@@ -166,7 +186,10 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         raise ValueError(f"batched must be True or False; got {batched!r}.")
     if not isinstance(v, jax.tree_util.Partial):
         v = jax.tree_util.Partial(v)
-    null = _null_like(null_cond, cond)
+    if cond is not None:
+        null = _null_like(null_cond, cond)
+    elif not jax.tree_util.tree_leaves(null_cond):
+        raise ValueError(f"null_cond must be an array or a pytree of arrays; got {null_cond!r}.")
     if _checks.traced(scale) or jnp.ndim(scale) > 0:
         dtype = jnp.result_type(scale)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
@@ -177,8 +200,13 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         w = _checks.real(scale, "scale (the guidance weight w)")
         if isinstance(scale, (int, float)):
             if w == 1.0:
-                return conditional(v, cond)
+                return v if cond is None else conditional(v, cond)
             if w == 0.0:
+                if cond is None:
+                    return jax.tree_util.Partial(_unconditional_given, v, null_cond)
                 return conditional(v, null)
+    if cond is None:
+        return jax.tree_util.Partial(
+            _guided_given if batched else _guided_given_in_two_calls, v, null_cond, scale)
     return jax.tree_util.Partial(_guided if batched else _guided_in_two_calls, v, cond, null,
                                  scale)

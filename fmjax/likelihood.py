@@ -25,7 +25,16 @@ import jax.numpy as jnp
 
 from fmjax import _xla, ode
 from fmjax._checks import integer
-from fmjax.sampling import _check_batch, as_field, batch_time, check_field_output, place_batch
+from fmjax.sampling import (
+    _check_batch,
+    _place_cond,
+    as_field,
+    batch_time,
+    call_field,
+    check_cond,
+    check_field_output,
+    place_batch,
+)
 
 __all__ = [
     "DIVERGENCES",
@@ -114,7 +123,7 @@ def _draw_probes(key, shape, kind, dtype):
     return jax.random.normal(key, shape, dtype=dtype)
 
 
-def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, probe,
+def _log_likelihood_impl(v, x1, key, cond, *, base_log_prob, divergence, num_probes, probe,
                          hutchinson_mode, solver, t0, t1, steps, step_size, rtol, atol,
                          max_steps, chunk_size, error_norm):
     probes = None
@@ -125,7 +134,7 @@ def _log_likelihood_impl(v, x1, key, *, base_log_prob, divergence, num_probes, p
         x, _ = state
 
         def f(y):
-            dy = v(batch_time(t, y), y)
+            dy = call_field(v, batch_time(t, y), y, cond)
             check_field_output(dy, y)
             return dy
         if divergence == "exact":
@@ -178,12 +187,14 @@ def log_likelihood(
     chunk_size: int | None = None,
     error_norm: str = "rms",
     mesh=None,
+    cond=None,
     throw: bool = True,
 ):
     """Log-density ``log p_{t1}(x1)`` of the flow of ``v`` started from ``base_log_prob``.
 
     Args:
-      v: the vector field ``v(t, x)`` on a batch; wrap models with ``jax.tree_util.Partial``.
+      v: the vector field ``v(t, x)`` on a batch, or with ``cond`` a conditional field
+        ``v(t, x, cond)``; wrap models with ``jax.tree_util.Partial``.
       x1: ``(B, *event_shape)`` points to evaluate.
       divergence: 'exact' (Jacobian trace; cost grows with the event size, fine for low
         dimension; ``chunk_size`` bounds memory by evaluating that many directions at once)
@@ -201,6 +212,9 @@ def log_likelihood(
       t0, t1: the noise and data ends; the solve runs from t1 down to t0.
       mesh: a mesh with a ``"data"`` axis: ``x1`` is split over it and the solve runs data
         parallel with the unsharded solve's steps and NFE (see :func:`fmjax.sample`).
+      cond: each example's condition for a conditional ``v(t, x, cond)`` (an array or
+        pytree of arrays with leading size B, split over ``mesh`` with ``x1``): the result is
+        ``log p(x1[i] | cond[i])``. ``None`` (default): ``v(t, x)``.
 
     Returns:
       ``(log_prob, stats)``: log-densities of shape (B,) in nats and a
@@ -223,8 +237,11 @@ def log_likelihood(
                           max_steps=max_steps)
     if not t0 < t1:
         raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
+    if cond is not None:
+        check_cond(cond, jnp.shape(x1)[0], "fmjax.log_likelihood")
+        cond = _place_cond(cond, mesh, x1)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
-        as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key,
+        as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key, cond,
         base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),
         probe=probe, hutchinson_mode=hutchinson_mode, solver=solver, t0=float(t0),
         t1=float(t1), steps=steps, step_size=None if step_size is None else float(step_size),

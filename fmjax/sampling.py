@@ -20,7 +20,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from fmjax import ode
 from fmjax._checks import traced
 
-__all__ = ["SampleStats", "as_field", "place_batch", "sample"]
+__all__ = ["SampleStats", "as_field", "check_cond", "place_batch", "sample"]
 
 DATA_AXIS = "data"
 
@@ -52,6 +52,11 @@ def batch_time(t, x):
     return jnp.full((x.shape[0],), t, dtype=x.dtype)
 
 
+def call_field(v, t, x, cond):
+    """``v(t, x)``, or ``v(t, x, cond)`` for a conditional field (``cond`` not None)."""
+    return v(t, x) if cond is None else v(t, x, cond)
+
+
 def check_field_output(dx, x, where=""):
     """At trace time: ``v(t, x)`` must return one array of x's shape, in floating point (a
     (B, 1) or (B,) output would otherwise broadcast against the state inside the solver,
@@ -70,6 +75,30 @@ def _check_batch(x, name):
                          "example.")
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
         raise ValueError(f"{name} must be floating point; got dtype {jnp.asarray(x).dtype}.")
+
+
+def check_cond(cond, batch: int, where: str, hint: str = ""):
+    """Raise a ValueError unless ``cond`` is an array or a pytree of arrays whose every leaf
+    has leading size ``batch`` (``cond[i]`` conditions ``x[i]``); ``hint`` ends the message."""
+    leaves = jax.tree_util.tree_leaves(cond)
+    if not leaves:
+        raise ValueError(f"{where}: cond has no arrays; got {cond!r}.")
+    for leaf in leaves:
+        if not hasattr(leaf, "shape"):  # a list or tuple is a pytree of its items
+            raise ValueError(f"{where}: cond must be an array or a pytree of arrays; got a "
+                             f"leaf of type {type(leaf).__name__} ({leaf!r}) in {cond!r} (pass "
+                             "np.asarray(...) for a list of labels).")
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
+            raise ValueError(
+                f"{where}: every array of cond must have the batch's leading size {batch} "
+                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}." + hint)
+
+
+def _place_cond(cond, mesh: Mesh | None, x):
+    """``cond``'s leaves as arrays, split over the mesh as ``x`` is (one row per example)."""
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, cond)
+    return jax.tree_util.tree_map(lambda c: place_batch(jnp.asarray(c), mesh, "cond"), cond)
 
 
 def auto_axes(mesh: Mesh) -> Mesh:
@@ -128,27 +157,28 @@ def check_rows_divisible(x, mesh: Mesh, name: str):
     static_argnames=("solver", "t0", "t1", "steps", "step_size", "rtol", "atol", "max_steps",
                      "per_example", "error_norm"),
 )
-def _sample(v, x0, save_times, *, solver, t0, t1, steps, step_size, rtol, atol, max_steps,
-            per_example, error_norm):
-    def field(t, x, args):
-        del args
-        dx = v(batch_time(t, x), x)
+def _sample(v, x0, save_times, cond, *, solver, t0, t1, steps, step_size, rtol, atol,
+            max_steps, per_example, error_norm):
+    def field(t, x, cond):
+        dx = call_field(v, batch_time(t, x), x, cond)
         check_field_output(dx, x, " (per_example=True: x is one example, a batch of one row)"
                            if per_example else "")
         return dx
 
-    def run(x):
+    def run(x, cond):
         return ode.solve(field, x, t0=t0, t1=t1, solver=solver, steps=steps,
                          step_size=step_size, rtol=rtol, atol=atol, save_times=save_times,
-                         max_steps=max_steps, error_norm=error_norm)
+                         max_steps=max_steps, error_norm=error_norm, args=cond)
 
     if per_example:
-        x1, ys, stats = jax.vmap(lambda x: run(x[None]))(x0)
+        # each example its own solve, with its own row of cond (a batch of one row each)
+        x1, ys, stats = jax.vmap(lambda x, c: run(
+            x[None], jax.tree_util.tree_map(lambda a: a[None], c)))(x0, cond)
         x1 = x1[:, 0]
         if ys is not None:
             ys = jnp.moveaxis(ys[:, :, 0], 0, 1)
     else:
-        x1, ys, stats = run(x0)
+        x1, ys, stats = run(x0, cond)
     return x1, SampleStats(*stats, trajectory=ys)
 
 
@@ -168,12 +198,14 @@ def sample(
     per_example: bool = False,
     error_norm: str = "rms",
     mesh: Mesh | None = None,
+    cond=None,
     throw: bool = True,
 ):
     """Push ``x0`` (a batch of source samples) through the flow of ``v`` from t0 to t1.
 
     Args:
-      v: the vector field ``v(t, x)`` on a batch (see the module docstring).
+      v: the vector field ``v(t, x)`` on a batch (see the module docstring), or with
+        ``cond`` a conditional field ``v(t, x, cond)``.
       x0: ``(B, *event_shape)`` floating-point starting points, e.g. ``N(0, I)`` draws.
       solver: 'euler', 'midpoint', 'heun', 'rk4' (fixed step: give ``steps`` or
         ``step_size``, which makes ``ceil(|t1 - t0| / step_size)`` equal steps) or 'bosh3',
@@ -193,6 +225,11 @@ def sample(
         split over it (see :func:`place_batch`; B must be divisible by its size) and the
         result stays sharded. On a CPU host see :func:`fmjax.use_cpu_devices`. An ``x0``
         that is already a sharded array is solved data parallel without ``mesh``.
+      cond: the condition of each example for a conditional ``v(t, x, cond)`` (class ids
+        ``(B,)``, context vectors ``(B, C)``, or a pytree of arrays with leading size B;
+        ``cond[i]`` conditions ``x0[i]``). It goes with the rows of ``x0``: split over
+        ``mesh`` as ``x0`` is, and row by row with ``per_example=True``. A runtime argument:
+        new conditions do not recompile. ``None`` (default): ``v(t, x)``.
       throw: outside jit, raise if the solve failed; inside jit check ``stats.success``.
 
     Returns:
@@ -204,11 +241,14 @@ def sample(
     ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
                           max_steps=max_steps)
     ode.check_save_times(save_times, t0, t1)
+    if cond is not None:
+        check_cond(cond, jnp.shape(x0)[0], "fmjax.sample")
+        cond = _place_cond(cond, mesh, x0)
     x1, stats = _sample(
         as_field(v), place_batch(jnp.asarray(x0), mesh, "x0"),
         # Times keep their own precision here; ode.solve gives them the solve's time dtype
         # (x0's float dtype, at least float32), so bfloat16 points do not round them.
-        None if save_times is None else jnp.asarray(save_times),
+        None if save_times is None else jnp.asarray(save_times), cond,
         solver=solver, t0=float(t0), t1=float(t1), steps=steps,
         step_size=None if step_size is None else float(step_size), rtol=float(rtol),
         atol=float(atol), max_steps=int(max_steps), per_example=bool(per_example),

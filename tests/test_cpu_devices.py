@@ -55,6 +55,12 @@ def vc(t, x, y):
     return v(t, x) + 0.2 * y[:, None]
 guided = fmjax.guidance.classifier_free(vc, labels, -1, 2.5)
 solves["sample_guided"] = lambda m: fmjax.sample(guided, x0, solver="dopri5", mesh=m)
+# conditions given to the solve go with their rows over the mesh
+late = fmjax.guidance.classifier_free(vc, None, -1, 2.5)
+solves["sample_guided_cond"] = lambda m: fmjax.sample(late, x0, cond=labels, solver="dopri5",
+                                                      mesh=m)
+solves["lik_exact_cond"] = lambda m: fmjax.log_likelihood(vc, x0, cond=labels, solver="dopri5",
+                                                          mesh=m)
 # ... which keeps the rows of a sharded batch on their devices: no collective in the field
 xs0 = fmjax.sampling.place_batch(x0, mesh)
 ys = fmjax.sampling.place_batch(jnp.asarray(labels), mesh)
@@ -179,7 +185,8 @@ def test_use_cpu_devices_before_and_after_start(worker):
 
 
 @pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact",
-                                  "lik_exact_max_norm", "lik_hutch", "sample_guided"])
+                                  "lik_exact_max_norm", "lik_hutch", "sample_guided",
+                                  "sample_guided_cond", "lik_exact_cond"])
 def test_sharded_solve_equals_one_device_solve(worker, name):
     r = worker[name]
     assert r["nfe"][0] == r["nfe"][1]  # batch-wide step control: the same step sequence

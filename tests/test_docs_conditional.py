@@ -1,6 +1,7 @@
 """docs/conditional.md's examples run as written and print what the page says: the learned
 posterior of the simulation-based-inference example against its closed form, and the
-guided samples of the class-conditional example."""
+guided samples of the class-conditional example, also solved per example with the labels
+given to the solve."""
 
 import os
 import re
@@ -11,7 +12,7 @@ from conftest import ROOT, run_python
 def test_conditional_guide_examples():
     with open(os.path.join(ROOT, "docs", "conditional.md")) as f:
         blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     out = run_python("\n".join(blocks), timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     text = out.stdout
@@ -25,3 +26,7 @@ def test_conditional_guide_examples():
     assert 0.3 < rows[0.0][0] < 0.7  # the null class: both modes
     assert rows[1.0][0] > 0.97 and abs(rows[1.0][1] + 2.0) < 0.2  # its class
     assert rows[3.0][0] >= rows[1.0][0] and rows[3.0][1] < rows[1.0][1] - 0.2  # guided
+    # conditions given to a per-example solve: each row its own steps, on its label's side
+    nfe = [int(n) for n in re.search(r"per-example NFE \[(.*?)\]", text).group(1).split(",")]
+    assert len(nfe) == 8 and all(n > 0 for n in nfe) and len(set(nfe)) > 1, text
+    assert "each sample on its label's side: True" in text, text
