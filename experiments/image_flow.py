@@ -165,23 +165,15 @@ def make_loss_fn(model, path, config):
     return loss_fn
 
 
-def _apply_velocity(model, params, y, t, x):
+def _apply_velocity(model, params, t, x, y=None):
     return model.apply(params, t, x, y, train=False)
-
-
-def _apply_velocity_given(model, params, t, x, y):
-    return model.apply(params, t, x, y, train=False)
-
-
-@functools.lru_cache(maxsize=16)
-def _conditional_field(model):
-    """``v(params, t, x, y)``, the argument order of a guided field's ``v(t, x, cond)``."""
-    return functools.partial(_apply_velocity_given, model)
 
 
 @functools.lru_cache(maxsize=16)
 def _field(model):
-    """One function object per (equal) model, so jitted solvers compile once per model."""
+    """``field(params, t, x, y=None)``: ``Partial(field, params)`` is the model's ``v(t, x)``
+    (conditional models: the null class) and its ``v(t, x, cond)`` with labels. One function
+    object per (equal) model, so jitted solvers compile once per model."""
     return functools.partial(_apply_velocity, model)
 
 
@@ -319,32 +311,28 @@ def _rounded_up(n, mesh):
 
 
 def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="dopri5",
-                  rtol=1e-5, atol=1e-5, field=None, source_std=1.0, guidance_scale=1.0):
+                  rtol=1e-5, atol=1e-5, source_std=1.0, guidance_scale=1.0):
     """``num`` images from ``N(0, source_std^2 I)`` noise (the path's source: see
     :func:`source_std`) by the flow of the UNet, data parallel over the mesh.
 
-    Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
-    classifier-free guidance of weight ``guidance_scale`` against the null class
-    ``num_classes`` (:func:`fmjax.guidance.classifier_free`; 1: the conditional field).
-    ``field`` (default ``_field(model)``) is the velocity of unconditional models; conditional
-    ones call ``model.apply`` through :func:`_conditional_field`. Returns
+    Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), given to the
+    solve with their rows (``fmjax.sample(cond=...)``) and sampled with classifier-free
+    guidance of weight ``guidance_scale`` against the null class ``num_classes``
+    (:func:`fmjax.guidance.classifier_free`; 1: the conditional field). Returns
     ``(images (num, 32, 32, 3) numpy in [-1, 1]-ish, stats)``; the solve does not raise on
     failure (check ``stats.success``).
     """
-    field = field or _field(model)
+    v = jax.tree_util.Partial(_field(model), params)
     n = _rounded_up(num, mesh)
     data = sharding_lib.data_sharding(mesh)
     s0 = float(source_std)
     x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
                  out_shardings=data)(key)
-    if num_classes is None:
-        v = jax.tree_util.Partial(field, params, None)
-    else:  # guidance weight 1 is the conditional field itself (one evaluation per step)
+    y = None
+    if num_classes is not None:  # guidance weight 1: the conditional field itself
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
-        v = fmjax.guidance.classifier_free(
-            jax.tree_util.Partial(_conditional_field(model), params), y, num_classes,
-            float(guidance_scale))
-    x1, stats = fmjax.sample(v, x0, solver=solver, rtol=rtol, atol=atol, throw=False)
+        v = fmjax.guidance.classifier_free(v, None, num_classes, float(guidance_scale))
+    x1, stats = fmjax.sample(v, x0, cond=y, solver=solver, rtol=rtol, atol=atol, throw=False)
     return sharding_lib.to_host(x1)[:num], stats
 
 
@@ -429,7 +417,6 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
     loss_fn = make_loss_fn(model, path, config)
     ema = float(t.ema_decay) or None
     step_fn = make_train_step(loss_fn, tx, ema_decay=ema, mesh=mesh)
-    field = _field(model)
     sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
     main = jax.process_index() == 0
     bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
@@ -497,7 +484,7 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
             imgs, stats = sample_images(
                 model, state.ema_params, sample_key, int(t.num_sample_images),
                 mesh, num_classes=config.model.num_classes, solver=t.sample_solver,
-                rtol=float(t.sample_tol), atol=float(t.sample_tol), field=field,
+                rtol=float(t.sample_tol), atol=float(t.sample_tol),
                 source_std=float(path.source_std()),
                 guidance_scale=float(config.eval.guidance_scale))
             writer.write_images(step, "samples_ema", imgs)
@@ -571,7 +558,7 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
     from fmjax.metrics import nll
 
     e = config.eval
-    v = jax.tree_util.Partial(_field(model), params, None)  # conditional models: null class
+    v = jax.tree_util.Partial(_field(model), params)  # conditional models: the null class
     s0 = source_std(config)
     state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params, s0)}.json")
     if jax.process_index() == 0:
@@ -607,7 +594,6 @@ def _nfe(config, model, params, mesh):
     total = int(e.nfe_num_samples)
     if total <= 0:
         return None
-    field = _field(model)
     per = _rounded_up(min(int(e.sample_batch_size), total), mesh)
     key = jax.random.key(int(config.seed) + 2)
     s0 = source_std(config)
@@ -617,7 +603,7 @@ def _nfe(config, model, params, mesh):
     while done < total:
         _, stats = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                  num_classes=config.model.num_classes, solver=e.solver,
-                                 rtol=float(e.rtol), atol=float(e.atol), field=field,
+                                 rtol=float(e.rtol), atol=float(e.atol),
                                  source_std=s0, guidance_scale=float(e.guidance_scale))
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
@@ -657,7 +643,6 @@ def _fid(config, model, params, mesh, workdir):
                                            "(eval.fid_inception_weights)"}
     from fmjax.metrics import fid
 
-    field = _field(model)
     num = int(e.fid_num_samples)
     per = _rounded_up(min(int(e.sample_batch_size), num), mesh)
     key = jax.random.key(int(config.seed) + 3)
@@ -666,7 +651,7 @@ def _fid(config, model, params, mesh, workdir):
     def sample_fn(i):
         imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                 num_classes=config.model.num_classes, solver=e.solver,
-                                rtol=float(e.rtol), atol=float(e.atol), field=field,
+                                rtol=float(e.rtol), atol=float(e.atol),
                                 source_std=s0, guidance_scale=float(e.guidance_scale))
         return imgs
 
