@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from fmjax import couplings as couplings_lib
 from fmjax import paths as paths_lib
+from fmjax.sampling import check_cond
 
 __all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
 
@@ -52,8 +53,8 @@ def _check(x1, reduction):
                          f"dtype {jnp.result_type(x1)}.")
 
 
-def _prediction(v, t, xt):
-    return paths_lib.prediction_of(v, t, xt, "v")
+def _prediction(v, t, xt, cond=None):
+    return paths_lib.prediction_of(v, t, xt, "v", args=() if cond is None else (cond,))
 
 
 def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
@@ -73,11 +74,12 @@ def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
 
 
 def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=None,
-             reduction="mean", prediction="velocity"):
+             reduction="mean", prediction="velocity", cond=None):
     """Conditional Flow Matching loss on a batch of data ``x1``.
 
     Args:
-      v: the vector field ``v(t, x)`` being trained (e.g. ``lambda t, x: model.apply(p, t, x)``).
+      v: the vector field ``v(t, x)`` being trained (e.g. ``lambda t, x: model.apply(p, t, x)``),
+        or with ``cond`` a conditional ``v(t, x, cond)``.
       path: a :mod:`fmjax.paths` path.
       key: PRNG key for x0 ~ N(0, I), t and the coupling (whichever are not given).
       x1: data batch ``(B, *event_shape)``.
@@ -97,20 +99,34 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
         with ``v`` converted to a velocity, the velocity loss is
         ``(alpha' - sigma' alpha / sigma)^2`` times the 'x1' loss and
         ``(sigma' - alpha' sigma / alpha)^2`` times the 'eps' loss at each t.
+      cond: the condition of each data point for a conditional model ``v(t, x, cond)``
+        (class ids ``(B,)``, context vectors ``(B, C)``, or a pytree of arrays with leading
+        size B; ``cond[i]`` belongs to ``x1[i]``): the loss of ``p(x1 | cond)``. For
+        classifier-free guidance replace some conditions by the null one before the call.
+        The couplings re-pair x0 and keep x1 in its order, so each condition stays with its
+        data point; a custom coupling that returns a new x1 is refused.
     """
     _check(x1, reduction)
     paths_lib.check_prediction(prediction, "prediction")
+    if cond is not None:
+        check_cond(cond, jnp.shape(x1)[0], "cfm_loss")
     x0, t, kc = _draw(path, key, x1, x0, t, time_sampler,
                       need_key=coupling not in (None, "independent", "ot"))
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
+        data = x1
         x0, x1 = coupling(kc, x0, x1)
+        if cond is not None and x1 is not data:
+            raise ValueError(
+                f"cfm_loss(cond=...): the coupling {coupling!r} returned a new x1; with "
+                "conditions it must re-pair x0 and return x1 as given (cond[i] belongs to "
+                "x1[i]), as fmjax.couplings do.")
     if prediction == "velocity":
         xt, target = path.interpolate_and_target(x0, x1, t)
     else:
         xt = path.interpolate(x0, x1, t)
         target = path.prediction_target(x0, x1, t, prediction)
-    return _reduce(jnp.square(_prediction(v, t, xt) - target), reduction)
+    return _reduce(jnp.square(_prediction(v, t, xt, cond) - target), reduction)
 
 
 def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None,

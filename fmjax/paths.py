@@ -255,6 +255,9 @@ class GaussianPath:
         The conversion divides by a coefficient that vanishes at an end of most paths: 'x1'
         by sigma_t (t = 1 for CondOT with sigma_min = 0), 'eps' and 'score' by alpha_t
         (alpha_0 = 0 for CondOT): solve over times where it is positive (e.g. ``t0=1e-3``).
+
+        A conditional model ``f(t, x, cond)`` gives the conditional ``v(t, x, cond)``, for
+        ``fmjax.sample(..., cond=...)`` and :mod:`fmjax.guidance`.
         """
         check_prediction(prediction, "prediction")
         if not callable(f):
@@ -272,25 +275,27 @@ def check_prediction(value, name: str) -> None:
         raise ValueError(f"{name} must be one of {PREDICTIONS}; got {value!r}.")
 
 
-def prediction_of(f, t, x, name: str = "f"):
-    """``f(t, x)``, which must have x's shape (a model's prediction at a batch)."""
-    pred = f(t, x)
+def prediction_of(f, t, x, name: str = "f", args: tuple = ()):
+    """``f(t, x, *args)``, which must have x's shape (a model's prediction at a batch;
+    ``args``: e.g. the conditions of a conditional model)."""
+    pred = f(t, x, *args)
     if jnp.shape(pred) != jnp.shape(x):
-        raise ValueError(f"{name}(t, x) must return x's shape {jnp.shape(x)}; got "
+        call = "(t, x" + ", cond" * len(args) + ")"
+        raise ValueError(f"{name}{call} must return x's shape {jnp.shape(x)}; got "
                          f"{jnp.shape(pred)}.")
     return pred
 
 
-def _velocity_from_x1(path, f, t, x):
-    return path.convert(prediction_of(f, t, x), x, t, src="x1", dst="velocity")
+def _velocity_from_x1(path, f, t, x, *args):
+    return path.convert(prediction_of(f, t, x, args=args), x, t, src="x1", dst="velocity")
 
 
-def _velocity_from_eps(path, f, t, x):
-    return path.convert(prediction_of(f, t, x), x, t, src="eps", dst="velocity")
+def _velocity_from_eps(path, f, t, x, *args):
+    return path.convert(prediction_of(f, t, x, args=args), x, t, src="eps", dst="velocity")
 
 
-def _velocity_from_score(path, f, t, x):
-    return path.convert(prediction_of(f, t, x), x, t, src="score", dst="velocity")
+def _velocity_from_score(path, f, t, x, *args):
+    return path.convert(prediction_of(f, t, x, args=args), x, t, src="score", dst="velocity")
 
 
 _TO_VELOCITY = {"x1": _velocity_from_x1, "eps": _velocity_from_eps,

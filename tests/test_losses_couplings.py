@@ -210,3 +210,64 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="method must be"):
         couplings.minibatch_ot(None, x0, x1, method="greedy")
     assert fmjax.losses is losses
+
+
+# --- conditional models: cfm_loss(cond=...) ---------------------------------------------
+
+CENTERS = jnp.array([[-2.0, 1.0], [3.0, 0.5], [0.0, -4.0]])
+
+
+def _x1_predictor(t, x, y):
+    """The exact E[x1 | x_t, y] of data that sit at CENTERS[y]: the class centre itself."""
+    del t
+    return jnp.broadcast_to(CENTERS[y], x.shape)
+
+
+@pytest.mark.parametrize("coupling", [None, "ot", "ot_sinkhorn"])
+def test_conditions_stay_with_their_data_points(coupling):
+    # a one-point class per label: the exact conditional predictor has zero loss exactly when
+    # every x1 row meets its own label, whatever x0 the coupling pairs it with
+    y = jnp.array([0, 1, 2, 2, 1, 0, 1, 2], jnp.int32)
+    x1, key = CENTERS[y], jax.random.key(3)
+    path = paths.CondOT(sigma_min=1e-3)
+    loss = losses.cfm_loss(_x1_predictor, path, key, x1, cond=y, coupling=coupling,
+                           prediction="x1")
+    assert float(loss) < 1e-10
+    wrong = losses.cfm_loss(_x1_predictor, path, key, x1, cond=jnp.roll(y, 1),
+                            coupling=coupling, prediction="x1")
+    assert float(wrong) > 1.0
+    # the same loss as the field with its conditions closed over, for x1 and velocity models
+    v = path.velocity_field(_x1_predictor, "x1")  # a conditional v(t, x, cond)
+    for f, prediction in ((_x1_predictor, "x1"), (v, "velocity")):
+        given = losses.cfm_loss(f, path, key, x1, cond=y, coupling=coupling,
+                                prediction=prediction)
+        closed = losses.cfm_loss(lambda t, x, f=f: f(t, x, y), path, key, x1,
+                                 coupling=coupling, prediction=prediction)
+        np.testing.assert_allclose(given, closed, rtol=1e-6)
+
+
+def test_conditional_loss_gradients_and_errors():
+    y = jnp.array([0, 1, 2, 1], jnp.int32)
+    x1 = CENTERS[y]
+
+    def model(w, t, x, c):  # learns one vector per class
+        return jnp.broadcast_to(w[c], x.shape)
+
+    path = paths.CondOT(sigma_min=1e-3)
+    g = jax.grad(lambda w: losses.cfm_loss(functools.partial(model, w), path,
+                                           jax.random.key(0), x1, cond=y,
+                                           prediction="x1"))(jnp.zeros((3, 2)))
+    # d/dw_k mean_i,d (w_y_i - x1_i)^2 = -2 sum_{i: y_i = k} CENTERS[k] / (4 * 2)
+    counts = jnp.array([1.0, 2.0, 1.0])[:, None]
+    np.testing.assert_allclose(g, -2 * counts * CENTERS / 8, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"cfm_loss: every array of cond must have the batch's "
+                       r"leading size 4"):
+        losses.cfm_loss(_x1_predictor, path, jax.random.key(0), x1, cond=y[:3])
+
+    def reorders(key, x0, x1):
+        return x0, x1[::-1]
+
+    with pytest.raises(ValueError, match="the coupling .* returned a new x1"):
+        losses.cfm_loss(_x1_predictor, path, jax.random.key(0), x1, cond=y, coupling=reorders)
+    # without conditions a custom coupling may re-pair x1 too
+    losses.cfm_loss(lambda t, x: x, path, jax.random.key(0), x1, coupling=reorders)

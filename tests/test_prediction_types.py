@@ -105,3 +105,18 @@ def test_bad_predictions_are_refused():
         path.velocity_field(lambda t, x: x[:, :1], "x1")(t, x1)
     with pytest.raises(ValueError, match="t must lie in"):
         path.prediction_target(x0, x1, t + 2.0, "x1")
+
+
+def test_a_conditional_prediction_model_samples_through_the_solve():
+    # point-mass classes at m_y: the exact x1-predictor is m_y, whose CondOT flow ends at
+    # m_y + sigma_min x0; the conditional velocity field takes the labels from the solve
+    sigma_min, means = 0.05, jnp.array([[1.0, -1.0], [-2.0, 0.5]])
+    path = paths.CondOT(sigma_min=sigma_min)
+    y = jnp.array([0, 1, 1, 0, 1], jnp.int32)
+    z = jax.random.normal(jax.random.key(1), (5, 2))
+    v = path.velocity_field(lambda t, x, c: jnp.broadcast_to(means[c], x.shape), "x1")
+    for per_example in (False, True):
+        x1, _ = fmjax.sample(v, z, cond=y, per_example=per_example, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(x1, means[y] + sigma_min * z, atol=1e-4)
+    with pytest.raises(ValueError, match=r"f\(t, x, cond\) must return x's shape"):
+        fmjax.sample(path.velocity_field(lambda t, x, c: x[:, :1], "eps"), z, cond=y)
