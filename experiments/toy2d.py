@@ -47,6 +47,11 @@ def _check_config(cfg):
     t = cfg.train
     real(t.learning_rate, "train.learning_rate", low=0.0, low_open=True)
     real(cfg.eval.plot_lim, "eval.plot_lim", low=0.0, low_open=True)
+    fmjax.paths.check_prediction(t.prediction, "train.prediction")
+    try:
+        make_path(cfg).velocity_range(t.prediction, cfg.eval.t_margin)
+    except ValueError as err:
+        raise ValueError(f"eval.t_margin: {err}") from None
     if t.warmup_steps >= t.num_steps:
         raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be below "
                          f"train.num_steps ({t.num_steps}).")
@@ -85,8 +90,8 @@ def train(cfg, *, progress=True, log_fn=None):
     v = _velocity(model)
 
     def loss_fn(p, k, x1):
-        return fmjax.losses.cfm_loss(lambda t, x: v(p, t, x), path, k, x1,
-                                     coupling=cfg.coupling)
+        return fmjax.losses.cfm_loss(jax.tree_util.Partial(v, p), path, k, x1,
+                                     coupling=cfg.coupling, prediction=cfg.train.prediction)
 
     def data_fn(k):
         return toy.sample(cfg.dataset, k, cfg.train.batch_size)
@@ -104,23 +109,27 @@ def train(cfg, *, progress=True, log_fn=None):
 
 def evaluate(cfg, model, params, workdir):
     """Held-out NLL, sample quality, NFE and the three plots; returns the metrics dict."""
-    v = jax.tree_util.Partial(_velocity(model), params)
     # samples start from the path's source noise and likelihoods use its density (VE's is
     # N(0, sigma_max^2 I), not N(0, I))
     path = make_path(cfg)
+    # an x1 / eps / score model as a velocity, solved where that conversion is finite
+    prediction = cfg.train.prediction
+    v = path.velocity_field(jax.tree_util.Partial(_velocity(model), params), prediction)
+    t_lo, t_hi = path.velocity_range(prediction, cfg.eval.t_margin)
+    span = {"t0": t_lo, "t1": t_hi}
     key = jax.random.key(cfg.seed + 1)
     # (split(key, n)[i] does not depend on n, so the sixth key leaves the first five as
     # they were; fold_in(k_ref, 1) would be the key toy.sample(k_ref) draws its u with)
     k_nll, k_x0, k_ref, k_sw, k_traj, k_ref2 = jax.random.split(key, 6)
     e = cfg.eval
-    out = {}
+    out = {"prediction": prediction, "t0": t_lo, "t1": t_hi}
 
     # held-out NLL (exact divergence, dopri5)
     x_test = toy.sample(cfg.dataset, k_nll, e.num_nll)
     t0 = time.perf_counter()
     logp, lstats = fmjax.log_likelihood(v, x_test, divergence="exact", solver="dopri5",
                                         rtol=e.rtol, atol=e.atol,
-                                        base_log_prob=path.source_log_prob)
+                                        base_log_prob=path.source_log_prob, **span)
     out["nll_seconds"] = time.perf_counter() - t0
     nll = -np.asarray(logp, np.float64)
     out["nll_nats"] = float(nll.mean())
@@ -133,7 +142,7 @@ def evaluate(cfg, model, params, workdir):
     # samples
     x0 = path.sample_source(k_x0, (e.num_samples, 2))
     t0 = time.perf_counter()
-    samples, sstats = fmjax.sample(v, x0, solver="dopri5", rtol=e.rtol, atol=e.atol)
+    samples, sstats = fmjax.sample(v, x0, solver="dopri5", rtol=e.rtol, atol=e.atol, **span)
     samples = jax.block_until_ready(samples)
     out["sample_seconds"] = time.perf_counter() - t0
     out["nfe_sample"] = int(sstats.nfe)
@@ -152,13 +161,14 @@ def evaluate(cfg, model, params, workdir):
     grid = np.stack(np.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
     grid_logp, _ = fmjax.log_likelihood(v, jnp.asarray(grid), solver="dopri5",
                                         rtol=e.grid_rtol, atol=e.grid_rtol,
-                                        base_log_prob=path.source_log_prob)
+                                        base_log_prob=path.source_log_prob, **span)
     grid_logp = np.asarray(grid_logp).reshape(e.grid_size, e.grid_size)
 
     # trajectories
-    ts = jnp.linspace(0.0, 1.0, 33)[1:-1]
+    ts = jnp.linspace(t_lo, t_hi, 33)[1:-1]
     xt0 = path.sample_source(k_traj, (e.num_trajectories, 2))
-    xt1, tstats = fmjax.sample(v, xt0, solver="dopri5", rtol=e.rtol, atol=e.atol, save_times=ts)
+    xt1, tstats = fmjax.sample(v, xt0, solver="dopri5", rtol=e.rtol, atol=e.atol, save_times=ts,
+                               **span)
     traj = np.concatenate([np.asarray(xt0)[None], np.asarray(tstats.trajectory),
                            np.asarray(xt1)[None]])
 

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import schedules
-from fmjax._checks import traced
+from fmjax._checks import real, traced
 
 __all__ = [
     "PREDICTIONS",
@@ -246,6 +246,30 @@ class GaussianPath:
         _, s, _, _ = self._coeffs_like(t, x1)
         return -x0 / s
 
+    def velocity_range(self, prediction: str, margin: float = 1e-3):
+        """``(t0, t1)``: the times over which :meth:`velocity_field` of a ``prediction``
+        model is finite, to pass to :func:`fmjax.sample` and :func:`fmjax.log_likelihood`.
+
+        ``t_range``, moved in by ``margin`` at an end where the conversion divides by zero
+        (by a coefficient below 1e-6):
+        the start for 'eps' and 'score' where alpha vanishes there, the end for 'x1' where
+        sigma does (e.g. ``(1e-3, 1)`` for 'eps' on CondOT, ``(0, 0.999)`` for 'x1' on
+        ``CondOT(sigma_min=0)``, and ``t_range`` itself for 'velocity'). Starting a sample
+        at ``t0 > 0`` from the source noise, or scoring against it there, neglects the data's
+        ``alpha_{t0} x1`` share of ``x_{t0}``: an approximation of order ``margin``.
+        """
+        check_prediction(prediction, "prediction")
+        margin = real(margin, "margin", low=0.0, high=0.5, low_open=True, high_open=True)
+        lo, hi = self.t_range
+        def vanishes(c):  # zero up to float32 rounding (cos(pi / 2) is -4e-8 there)
+            return abs(float(c)) < 1e-6
+
+        if prediction in ("eps", "score") and vanishes(self.coefficients(jnp.float32(lo))[0]):
+            lo += margin
+        if prediction == "x1" and vanishes(self.coefficients(jnp.float32(hi))[1]):
+            hi -= margin
+        return lo, hi
+
     def velocity_field(self, f, prediction: str):
         """``v(t, x)`` for :func:`fmjax.sample` / :func:`fmjax.log_likelihood` from a model
         ``f(t, x)`` that predicts ``prediction`` ('velocity', 'x1', 'eps' or 'score'):
@@ -254,7 +278,7 @@ class GaussianPath:
 
         The conversion divides by a coefficient that vanishes at an end of most paths: 'x1'
         by sigma_t (t = 1 for CondOT with sigma_min = 0), 'eps' and 'score' by alpha_t
-        (alpha_0 = 0 for CondOT): solve over times where it is positive (e.g. ``t0=1e-3``).
+        (alpha_0 = 0 for CondOT): solve over :meth:`velocity_range`, where it is positive.
 
         A conditional model ``f(t, x, cond)`` gives the conditional ``v(t, x, cond)``, for
         ``fmjax.sample(..., cond=...)`` and :mod:`fmjax.guidance`.

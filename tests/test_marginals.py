@@ -58,6 +58,39 @@ def test_marginal_score_is_grad_log_prob():
     np.testing.assert_allclose(q.score(path, x, t), auto, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("path,u_at_1", [
+    (paths.CondOT(sigma_min=0.0), "x"), (paths.rectified_flow(), "x"), (paths.cosine(), "0")],
+    ids=["cond_ot_0", "rectified_flow", "cosine"])
+def test_mixture_field_and_score_are_exact_where_sigma_vanishes(path, u_at_1):
+    # sigma_1 = 0: the generic sigma'/sigma form is 0/0 there (NaN for CondOT, and off by
+    # ~2 for the cosine path, whose sigma_1 is cos(pi/2) ~ 1e-16 rather than 0); the
+    # mixture's components keep their spread, so p_1 = q and u_1 are finite. Closed forms:
+    # x_t = t x1 + (1 - t) x0 moves at x1 - x0, and E[x0 | x_1 = x] = 0, so u_1(x) = x;
+    # the cosine path has alpha'_1 = 0 and sigma_1 = 0, so u_1 = 0.
+    q = _mixture()
+    x = jax.random.normal(jax.random.key(4), (8, 2), jnp.float64) * 1.5
+    one = jnp.ones(8, jnp.float64)
+    u = q.velocity(path, x, one)
+    np.testing.assert_allclose(u, x if u_at_1 == "x" else 0.0, atol=1e-10)
+    # the score at t = 1 is that of the data's own density
+    data_score = jax.vmap(jax.grad(lambda xi: jax.scipy.special.logsumexp(
+        jnp.log(q.weights) + jax.vmap(lambda m, s: jax.scipy.stats.multivariate_normal.logpdf(
+            xi, m, s**2 * jnp.eye(2)))(q.means, q.stds))))(x)
+    np.testing.assert_allclose(q.score(path, x, one), data_score, rtol=1e-9, atol=1e-9)
+    # and the continuity equation holds at t = 1 itself
+
+    def logp(t, xi):
+        return q.log_prob(path, xi[None], t)[0]
+
+    def residual(xi):
+        t = jnp.float64(1.0)
+        v = q.velocity(path, xi[None], t)[0]
+        div = jnp.trace(jax.jacfwd(lambda y: q.velocity(path, y[None], t)[0])(xi))
+        return jax.grad(logp, 0)(t, xi) + div + v @ jax.grad(logp, 1)(t, xi)
+
+    np.testing.assert_allclose(jax.vmap(residual)(x), 0.0, atol=1e-8)
+
+
 def test_marginal_at_t0_is_standard_normal_and_far_points_are_stable():
     q = _empirical()
     path = paths.CondOT(sigma_min=0.01)

@@ -120,3 +120,26 @@ def test_a_conditional_prediction_model_samples_through_the_solve():
         np.testing.assert_allclose(x1, means[y] + sigma_min * z, atol=1e-4)
     with pytest.raises(ValueError, match=r"f\(t, x, cond\) must return x's shape"):
         fmjax.sample(path.velocity_field(lambda t, x, c: x[:, :1], "eps"), z, cond=y)
+
+
+def test_velocity_range_avoids_only_the_singular_ends():
+    cond_ot0, cond_ot = paths.CondOT(sigma_min=0.0), paths.CondOT(sigma_min=1e-4)
+    assert cond_ot.velocity_range("velocity") == (0.0, 1.0)
+    assert cond_ot.velocity_range("x1") == (0.0, 1.0)  # sigma_1 = 1e-4 > 0
+    assert cond_ot0.velocity_range("x1", 0.01) == (0.0, 0.99)  # sigma_1 = 0
+    for p in (cond_ot, paths.cosine(), paths.rectified_flow()):
+        assert p.velocity_range("eps") == p.velocity_range("score") == (1e-3, 1.0)  # alpha_0 = 0
+    assert paths.cosine().velocity_range("x1") == (0.0, 0.999)  # cos(pi / 2) ~ 0 in float32
+    assert paths.VP().velocity_range("eps") == paths.VP().t_range  # alpha_0 = e^-5 > 0
+    assert paths.VE().velocity_range("x1") == (0.0, 1.0)  # sigma >= sigma_min > 0
+    # where the range keeps an end, the converted field is finite there
+    x, t = jnp.ones((2, 2)), jnp.ones(2)
+    for p, pred in ((cond_ot, "x1"), (paths.VP(), "eps")):
+        lo, hi = p.velocity_range(pred)
+        for end in (lo, hi):
+            out = p.velocity_field(lambda t, x: x, pred)(t * end, x)
+            assert bool(jnp.all(jnp.isfinite(out))), (p, pred, end)
+    with pytest.raises(ValueError, match=r"margin must be a finite number in \(0, 0.5\)"):
+        cond_ot.velocity_range("eps", 0.0)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        cond_ot.velocity_range("noise")

@@ -131,3 +131,58 @@ def test_evaluation_starts_from_the_paths_source(tmp_path):
     true_nll = -float(np.mean(toy.log_prob("eight_gaussians", x)))
     assert out["nll_nats"] == pytest.approx(true_nll, abs=0.03)
     assert out["mmd"] < 5 * max(out["mmd_data_vs_data"], 1e-3)
+
+
+class _ExactPrediction(_ExactField):
+    """The exact field as an x1 / eps / score model: what a perfect model of each
+    ``train.prediction`` would output."""
+
+    def __init__(self, path, prediction):
+        super().__init__(path)
+        self.prediction = prediction
+
+    def apply(self, params, t, x):
+        return self.path.convert(super().apply(params, t, x), x, t, src="velocity",
+                                 dst=self.prediction)
+
+
+@pytest.mark.parametrize("path_name,prediction,span", [
+    ("cond_ot", "eps", (1e-3, 1.0)), ("cond_ot", "score", (1e-3, 1.0)),
+    ("cosine", "x1", (0.0, 0.999))])
+def test_prediction_models_are_evaluated_where_their_velocity_is_finite(
+        tmp_path, path_name, prediction, span):
+    # eps / score divide by alpha_0 = 0 and x1 by the cosine path's sigma_1 = 0: the solves
+    # run over path.velocity_range, and a perfect model still scores the data's own NLL
+    import jax
+    import numpy as np
+
+    from fmjax.data import toy
+
+    cfg = toy2d_config.get_config("tiny")
+    cfg.dataset, cfg.path.name, cfg.train.prediction = "eight_gaussians", path_name, prediction
+    cfg.eval.num_nll, cfg.eval.num_samples, cfg.eval.grid_size = 200, 500, 4
+    cfg.eval.num_trajectories, cfg.eval.rtol, cfg.eval.atol = 8, 1e-4, 1e-4
+    toy2d._check_config(cfg)
+    out = toy2d.evaluate(cfg, _ExactPrediction(toy2d.make_path(cfg), prediction), None,
+                         str(tmp_path))
+    assert (out["prediction"], out["t0"], out["t1"]) == (prediction, *span)
+    x = toy.sample("eight_gaussians", jax.random.split(jax.random.key(cfg.seed + 1), 6)[0],
+                   200)
+    assert out["nll_nats"] == pytest.approx(-float(np.mean(toy.log_prob("eight_gaussians", x))),
+                                            abs=0.01)
+    assert out["mmd"] < 5 * max(out["mmd_data_vs_data"], 1e-3)
+
+
+def test_training_an_x1_model_and_bad_prediction_settings(tmp_path):
+    cfg = toy2d_config.get_config("tiny")
+    cfg.train.prediction = "x1"
+    metrics = toy2d.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    assert metrics["prediction"] == "x1" and (metrics["t0"], metrics["t1"]) == (0.0, 1.0)
+    assert metrics["nll_nats"] > metrics["true_entropy_nats"] and metrics["nfe_sample"] > 0
+    for field, value, match in [
+            ("prediction", "noise", r"train.prediction must be one of \('velocity', 'x1'"),
+            ("t_margin", 0.0, r"eval.t_margin: margin must be a finite number in \(0, 0.5\)")]:
+        cfg = toy2d_config.get_config("tiny")
+        cfg["train" if field == "prediction" else "eval"][field] = value
+        with pytest.raises(ValueError, match=match):
+            toy2d.train(cfg, progress=False)
