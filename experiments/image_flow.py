@@ -15,12 +15,16 @@ What a run does (``config.mode``: ``train``, ``eval`` or ``train_and_eval``):
   to the null class with probability ``class_dropout``; optional bfloat16 compute), Adam
   with the paper's schedule (linear warm-up from 0, then linear/polynomial decay to
   ``end_learning_rate`` at ``num_steps``), optional global-norm clipping, EMA, and the
-  CondOT path;
+  configured path (CondOT by default; any of :mod:`experiments.path_config`'s), with the
+  UNet predicting ``train.prediction``: the velocity (the paper's models), x1, eps (DDPM's
+  parameterisation on the VP path) or the score, converted to a velocity for sampling and
+  bits/dim over the path's ``velocity_range``;
 * trains data parallel over every device of every process (one global-view jit on a
   ``"data"`` mesh; each process reads its slice of every global batch);
 * checkpoints every ``checkpoint_every`` steps (async orbax; params, EMA, optimizer state,
   step, PRNG key and the data iterator position) and resumes from the latest checkpoint
-  in ``workdir/checkpoints`` automatically, continuing exactly as if never stopped;
+  in ``workdir/checkpoints`` automatically, continuing exactly as if never stopped; a
+  checkpoint trained on another path or prediction is refused (resume and evaluation);
 * stops on a non-finite loss with :class:`fmjax.train.NonFiniteLossError`, never
   checkpointing non-finite parameters (the last checkpoint stays the last good one);
 * logs (process 0): a progress bar with steps/s, ETA and loss; ``metrics.jsonl`` and
@@ -147,6 +151,7 @@ def make_loss_fn(model, path, config):
     num_classes = config.model.num_classes
     p_drop = float(config.model.class_dropout)
     reduction = config.train.loss_reduction
+    prediction = config.train.prediction
 
     def loss_fn(params, key, batch):
         k_cfm, k_dropout, k_label = jax.random.split(key, 3)
@@ -160,7 +165,8 @@ def make_loss_fn(model, path, config):
         def v(t, x):
             return model.apply(params, t, x, y, train=True, rngs={"dropout": k_dropout})
 
-        return fmjax.losses.cfm_loss(v, path, k_cfm, batch["image"], reduction=reduction)
+        return fmjax.losses.cfm_loss(v, path, k_cfm, batch["image"], reduction=reduction,
+                                     prediction=prediction)
 
     return loss_fn
 
@@ -175,6 +181,54 @@ def _field(model):
     (conditional models: the null class) and its ``v(t, x, cond)`` with labels. One function
     object per (equal) model, so jitted solvers compile once per model."""
     return functools.partial(_apply_velocity, model)
+
+
+def model_velocity(model, params, path=None, prediction="velocity", t_margin=1e-3):
+    """``(v, (t0, t1))``: the UNet's field as a velocity ``v(t, x)`` (and ``v(t, x, cond)``
+    with labels), and the time span to solve it over.
+
+    With ``path``, a ``prediction`` other than 'velocity' (x1, eps, score) is converted by
+    ``path.velocity_field``, and the span is ``path.velocity_range(prediction, t_margin)``:
+    the path's ``t_range`` (``(0, 1 - 1e-5)`` for VP, where the path is singular at 1),
+    moved in where the conversion divides by zero. Without it: a velocity over ``[0, 1]``.
+    """
+    v = jax.tree_util.Partial(_field(model), params)
+    if path is None:
+        if prediction != "velocity":
+            raise ValueError(f"a model that predicts {prediction!r} needs its path to be "
+                             "sampled or scored (path=...).")
+        return v, (0.0, 1.0)
+    return path.velocity_field(v, prediction), path.velocity_range(prediction, t_margin)
+
+
+def _model_velocity(config, model, params):
+    return model_velocity(model, params, make_path(config), config.train.prediction,
+                          float(config.eval.t_margin))
+
+
+def _t_range(config):
+    """The span :func:`_model_velocity`'s field is solved over."""
+    return make_path(config).velocity_range(config.train.prediction,
+                                            float(config.eval.t_margin))
+
+
+def _check_trained_as(config, meta, what):
+    """Refuse a checkpoint whose saved config trained another path or prediction: its
+    parameters mean something else (an eps-model's output read as a velocity)."""
+    saved = (meta or {}).get("config") or {}
+    if not saved:  # a checkpoint saved without its config: nothing to compare
+        return
+    diffs = []
+    if "path" in saved:
+        was, now = path_config.path_params(saved["path"]), path_config.path_params(config.path)
+        if was[:2] != now[:2]:
+            diffs.append(f"path {was[0]} {was[1]} (this config: {now[0]} {now[1]})")
+    was = saved.get("train", {}).get("prediction", "velocity")  # (before the field existed)
+    if was != config.train.prediction:
+        diffs.append(f"train.prediction={was!r} (this config: {config.train.prediction!r})")
+    if diffs:
+        raise ConfigError(f"{what} was trained with " + "; ".join(diffs) + ": set the config "
+                          "to match, or use another --workdir.")
 
 
 # integer config fields: (section, name, least allowed value), 0 where the configs document
@@ -201,6 +255,7 @@ _REAL_FIELDS = (
     ("train", "ema_decay", {"low": 0.0, "high": 1.0, "high_open": True}),
     ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}),
     ("model", "class_dropout", {"low": 0.0, "high": 1.0}),  # label -> null class
+    ("eval", "t_margin", {"low": 0.0, "high": 0.5, "low_open": True, "high_open": True}),
     ("eval", "guidance_scale", {}))  # classifier-free guidance weight w (1: off)
 _LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 
@@ -246,7 +301,11 @@ def _check_config(config):
             fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{tol_keys}: {err}") from err
-    make_path(config)
+    try:
+        fmjax.paths.check_prediction(t.prediction, "train.prediction")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    make_path(config).velocity_range(t.prediction, float(e.t_margin))
     if (config.model.num_classes is not None
             and config.data.source == "downsampled_imagenet/32x32"):
         raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
@@ -311,18 +370,21 @@ def _rounded_up(n, mesh):
 
 
 def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="dopri5",
-                  rtol=1e-5, atol=1e-5, source_std=1.0, guidance_scale=1.0):
+                  rtol=1e-5, atol=1e-5, source_std=1.0, guidance_scale=1.0, path=None,
+                  prediction="velocity", t_margin=1e-3):
     """``num`` images from ``N(0, source_std^2 I)`` noise (the path's source: see
     :func:`source_std`) by the flow of the UNet, data parallel over the mesh.
 
     Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), given to the
     solve with their rows (``fmjax.sample(cond=...)``) and sampled with classifier-free
     guidance of weight ``guidance_scale`` against the null class ``num_classes``
-    (:func:`fmjax.guidance.classifier_free`; 1: the conditional field). Returns
+    (:func:`fmjax.guidance.classifier_free`; 1: the conditional field). A model that
+    predicts x1, eps or the score (``prediction``) is solved as the velocity of ``path`` over
+    its ``velocity_range`` (:func:`model_velocity`). Returns
     ``(images (num, 32, 32, 3) numpy in [-1, 1]-ish, stats)``; the solve does not raise on
     failure (check ``stats.success``).
     """
-    v = jax.tree_util.Partial(_field(model), params)
+    v, (t0, t1) = model_velocity(model, params, path, prediction, t_margin)
     n = _rounded_up(num, mesh)
     data = sharding_lib.data_sharding(mesh)
     s0 = float(source_std)
@@ -332,7 +394,8 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
     if num_classes is not None:  # guidance weight 1: the conditional field itself
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
         v = fmjax.guidance.classifier_free(v, None, num_classes, float(guidance_scale))
-    x1, stats = fmjax.sample(v, x0, cond=y, solver=solver, rtol=rtol, atol=atol, throw=False)
+    x1, stats = fmjax.sample(v, x0, cond=y, solver=solver, rtol=rtol, atol=atol, t0=t0, t1=t1,
+                             throw=False)
     return sharding_lib.to_host(x1)[:num], stats
 
 
@@ -342,6 +405,7 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
 def _restore_or_init(config, ckpt, model, tx, mesh, iterator):
     init, abstract = _abstract_state(config, model, tx, mesh)
     if ckpt.latest_step() is not None:
+        _check_trained_as(config, ckpt.metadata(), f"the checkpoint in {ckpt.directory}")
         state, meta = ckpt.restore(abstract, iterator)
         return state, int(meta.get("step", int(state.step)))
     state = jax.jit(init, out_shardings=sharding_lib.replicated_sharding(mesh))()
@@ -486,7 +550,8 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
                 mesh, num_classes=config.model.num_classes, solver=t.sample_solver,
                 rtol=float(t.sample_tol), atol=float(t.sample_tol),
                 source_std=float(path.source_std()),
-                guidance_scale=float(config.eval.guidance_scale))
+                guidance_scale=float(config.eval.guidance_scale), path=path,
+                prediction=config.train.prediction, t_margin=float(config.eval.t_margin))
             writer.write_images(step, "samples_ema", imgs)
             writer.write_scalars(step, {"sample_nfe": float(np.asarray(stats.nfe))})
         paused += time.perf_counter() - t_other
@@ -541,6 +606,9 @@ def _bpd_id(config, params, s0) -> str:
              "num_dequant": int(e.num_dequant), "solver": e.solver, "rtol": float(e.rtol),
              "atol": float(e.atol), "probe": e.probe, "seed": int(config.seed),
              "source_std": s0}
+    span = _t_range(config)
+    if config.train.prediction != "velocity" or span != (0.0, 1.0):  # (absent otherwise,
+        about.update(prediction=config.train.prediction, t_range=list(span))  # as before)
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -558,7 +626,7 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
     from fmjax.metrics import nll
 
     e = config.eval
-    v = jax.tree_util.Partial(_field(model), params)  # conditional models: the null class
+    v, (t0, t1) = _model_velocity(config, model, params)  # conditional: the null class
     s0 = source_std(config)
     state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params, s0)}.json")
     if jax.process_index() == 0:
@@ -576,10 +644,16 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
             num_dequant=int(e.num_dequant), mesh=mesh, state_file=state_file,
             max_batches=int(e.num_batches) or None, callback=callback,
             divergence="hutchinson", solver=e.solver, rtol=float(e.rtol), atol=float(e.atol),
-            probe=e.probe, source_std=s0)
+            probe=e.probe, source_std=s0, t0=t0, t1=t1)
     finally:
         bar.close()
     return {"value": float(res["bpd"]), **res}
+
+
+def _prediction_kw(config):
+    """:func:`sample_images`' arguments for the model's prediction type."""
+    return {"path": make_path(config), "prediction": config.train.prediction,
+            "t_margin": float(config.eval.t_margin)}
 
 
 def _guidance(config):
@@ -604,7 +678,8 @@ def _nfe(config, model, params, mesh):
         _, stats = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                  num_classes=config.model.num_classes, solver=e.solver,
                                  rtol=float(e.rtol), atol=float(e.atol),
-                                 source_std=s0, guidance_scale=float(e.guidance_scale))
+                                 source_std=s0, guidance_scale=float(e.guidance_scale),
+                                 **_prediction_kw(config))
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
         counts.append(min(per, total - done))
@@ -652,7 +727,8 @@ def _fid(config, model, params, mesh, workdir):
         imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                 num_classes=config.model.num_classes, solver=e.solver,
                                 rtol=float(e.rtol), atol=float(e.atol),
-                                source_std=s0, guidance_scale=float(e.guidance_scale))
+                                source_std=s0, guidance_scale=float(e.guidance_scale),
+                                **_prediction_kw(config))
         return imgs
 
     ref_stats = e.fid_reference_stats or None
@@ -691,6 +767,8 @@ def _load_for_eval(config, workdir, model, mesh):
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt.directory}: train first (mode 'train' or "
                 "'train_and_eval') or point --workdir at a trained run.")
+        _check_trained_as(config, ckpt.metadata(step),
+                          f"checkpoint {step if step is not None else ckpt.latest_step()}")
         _, abstract = _abstract_state(config, model, tx, mesh)
         state, meta = ckpt.restore(abstract, step=step)
         return state, int(meta.get("step", int(state.step)))
@@ -729,10 +807,13 @@ def evaluate(config, workdir, *, state=None, mesh=None, progress: bool | None = 
         results["nfe"] = {**nfe, "dataset": f"{config.data.source} (model trained on)"}
     results["fid"] = {**_fid(config, model, params, mesh, workdir),
                       "dataset": f"{config.data.source}:train (reference statistics)"}
+    span = _t_range(config)
     out = {
         "dataset": {"source": config.data.source, "split": dataset.split(":", 1)[1],
                     "name": dataset},
         "checkpoint_step": step,
+        "prediction": config.train.prediction,
+        "t_range": list(span),  # the span samples and bits/dim are solved over
         "params": "ema" if e.use_ema else "raw",
         "results": results,
         "summary": {f"bpd[{dataset}]": results["bpd"]["value"],

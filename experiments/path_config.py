@@ -28,18 +28,24 @@ def add_fields(path_cfg: ml_collections.ConfigDict) -> None:
         path_cfg[name] = ml_collections.ConfigDict(dict(defaults))
 
 
-def make_path(path_cfg):
-    """The configured path; ``ValueError`` naming the field for an unknown name or a bad
-    parameter."""
-    name = path_cfg.name
+def path_params(path_cfg) -> tuple[str, dict[str, float], str]:
+    """``(name, parameters, field)``: what :func:`make_path` builds the path from (only the
+    named path's own fields), and the config field they come from. ``path_cfg`` is a
+    ``ConfigDict`` or the plain dict a checkpoint's saved config holds."""
+    name = path_cfg["name"]
     if name not in fmjax.paths.NAMES:
         raise ValueError(f"path.name must be one of {fmjax.paths.NAMES}; got {name!r}.")
     if name == "cond_ot":
-        kwargs, where = {"sigma_min": float(path_cfg.sigma_min)}, "path.sigma_min"
-    elif name in SECTIONS:
-        kwargs, where = {k: float(v) for k, v in path_cfg[name].items()}, f"path.{name}"
-    else:
-        kwargs, where = {}, "path"
+        return name, {"sigma_min": float(path_cfg["sigma_min"])}, "path.sigma_min"
+    if name in SECTIONS:
+        return name, {k: float(v) for k, v in path_cfg[name].items()}, f"path.{name}"
+    return name, {}, "path"
+
+
+def make_path(path_cfg):
+    """The configured path; ``ValueError`` naming the field for an unknown name or a bad
+    parameter."""
+    name, kwargs, where = path_params(path_cfg)
     try:
         return fmjax.paths.get(name, **kwargs)
     except (TypeError, ValueError) as e:

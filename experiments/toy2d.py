@@ -185,8 +185,8 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
     lim = cfg.eval.plot_lim
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
     for ax, pts, title in [(axes[0], ref, f"data: {cfg.dataset}"),
-                           (axes[1], samples, f"fmjax samples (dopri5, NFE "
-                                              f"{metrics['nfe_sample']})")]:
+                           (axes[1], samples, (f"fmjax samples (dopri5, NFE "
+                                               f"{metrics['nfe_sample']})"))]:
         ax.hist2d(pts[:, 0], pts[:, 1], bins=200, range=[[-lim, lim], [-lim, lim]],
                   cmap="viridis")
         ax.set_title(title)

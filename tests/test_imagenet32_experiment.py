@@ -21,8 +21,11 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 from conftest import ROOT, XLA_CACHE, use_compile_cache
+from flax import linen as nn
 
 import fmjax
+import fmjax.metrics.nll
+import fmjax.train
 from experiments import image_flow
 from experiments.configs import cifar10 as cifar10_config
 from experiments.configs import imagenet32 as imagenet32_config
@@ -180,6 +183,16 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     assert raw["results"]["bpd"]["value"] != again["results"]["bpd"]["value"]
     assert len([f for f in os.listdir(os.path.join(workdir, "eval"))
                 if f.startswith("bpd_step4_")]) == 2
+    # a velocity model read as another prediction, or on another path, is refused: in eval
+    # mode and on resume (both before any data or compile)
+    for extra, match in (({"train.prediction": "eps"},
+                          r"train.prediction='velocity' \(this config: 'eps'\)"),
+                         ({"path.name": "vp"}, r"path cond_ot \{'sigma_min': 1e-05\}")):
+        with pytest.raises(image_flow.ConfigError, match=match):
+            image_flow.train_and_evaluate(_config(**{"mode": "eval", **extra}), workdir)
+        with tfds.testing.mock_data(num_examples=16), pytest.raises(
+                image_flow.ConfigError, match=match):
+            image_flow.train_and_evaluate(_config(**{"train.num_steps": 6, **extra}), workdir)
 
 
 def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
@@ -200,6 +213,100 @@ def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
     expected = 7 + (0.5 * math.log(2 * math.pi) + math.log(50.0)) / math.log(2.0)
     assert m["results"]["bpd"]["value"] == pytest.approx(expected, abs=2e-4)
     assert m["results"]["nfe"]["value"] > 0
+
+
+class _ExactGaussianModel(nn.Module):
+    """The exact prediction of ``path`` for data ``N(0, s^2 I)``: with ``x_t = sigma_t x0 +
+    alpha_t x1`` and ``v_t = sigma_t^2 + alpha_t^2 s^2``, ``E[x0 | x] = sigma_t x / v_t``,
+    ``E[x1 | x] = alpha_t s^2 x / v_t``, score ``-x / v_t``, velocity
+    ``(sigma_t sigma_t' + alpha_t alpha_t' s^2) x / v_t``. Takes the UNet's arguments."""
+    gaussian_path: object
+    prediction: str
+    s: float
+
+    @nn.compact
+    def __call__(self, t, x, y=None, train=False):
+        self.param("unused", nn.initializers.zeros, ())
+        a, sig, da, dsig = (c.reshape(-1, 1, 1, 1) for c in self.gaussian_path.coefficients(t))
+        var = sig**2 + a**2 * self.s**2
+        scale = {"eps": sig, "x1": a * self.s**2, "score": -1.0,
+                 "velocity": sig * dsig + a * da * self.s**2}[self.prediction]
+        return scale / var * x
+
+
+@pytest.mark.parametrize("path_name,prediction,t_range", [
+    ("vp", "eps", (0.0, 1.0 - 1e-5)),      # DDPM's parameterisation
+    ("cond_ot", "eps", (1e-3, 1.0)),       # alpha_0 = 0: solved from t0 = t_margin
+    ("cond_ot", "score", (1e-3, 1.0)),
+    ("cosine", "x1", (0.0, 0.999)),        # sigma_1 = 0: solved up to 1 - t_margin
+    ("cosine", "velocity", (0.0, 1.0)),
+])
+def test_x1_eps_score_models_sample_and_score_as_their_closed_form(
+        tmp_path, monkeypatch, path_name, prediction, t_range):
+    # The exact predictor of N(0, s^2 I) data on each path, evaluated by the experiment: the
+    # flow over [t0, t1] scales x linearly, x_{t1} = x_{t0} sqrt(v_{t1} / v_{t0}), so the
+    # samples are the source noise times that factor, and an image y gets log p =
+    # log N(y; 0, v_{t1}) + log N(x_{t0}; 0, s0^2) - log N(x_{t0}; 0, v_{t0}) with s0 the
+    # source std the solve starts from (Hutchinson is exact: the Jacobian is c(t) I).
+    # Reading the prediction as a velocity, or solving over [0, 1], fails both checks.
+    s, n = 0.5, 4
+    config = _config(**{"path.name": path_name, "train.prediction": prediction, "mode": "eval",
+                        "eval.rtol": 1e-6, "eval.atol": 1e-6})
+    path = image_flow.make_path(config)
+    model = _ExactGaussianModel(gaussian_path=path, prediction=prediction, s=s)
+    monkeypatch.setattr(image_flow, "build_model", lambda c: model)
+    params = model.init(jax.random.key(0), jnp.zeros((1,)), jnp.zeros((1, 32, 32, 3)))
+    state = fmjax.train.TrainState.create(params, optax.adam(1e-3), jax.random.key(1))
+    t0, t1 = t_range
+    var = {t: float(np.asarray(sig**2 + a**2 * s**2)) for t in t_range
+           for a, sig, _, _ in [path.coefficients(jnp.float32(t))]}
+    s0 = image_flow.source_std(config)
+
+    imgs, stats = image_flow.sample_images(
+        model, params, jax.random.key(0), n, image_flow.sharding_lib.make_mesh(),
+        source_std=s0, path=path, prediction=prediction, rtol=1e-6, atol=1e-6)
+    x0 = s0 * jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
+    np.testing.assert_allclose(imgs, x0 * math.sqrt(var[t1] / var[t0]), rtol=1e-4, atol=1e-5)
+    assert bool(np.all(stats.success))
+
+    with tfds.testing.mock_data(num_examples=16):
+        m = image_flow.evaluate(config, str(tmp_path / "run"), state=state)
+        batch = next(iter(image_flow._eval_iterator_factory(
+            config, image_flow.sharding_lib.make_mesh())()))
+    assert m["prediction"] == prediction and m["t_range"] == pytest.approx(list(t_range))
+    x = np.asarray(batch["image"], np.float64)
+    keys = fmjax.metrics.nll.example_keys(jax.random.key(config.seed + 1), np.arange(n))
+    u = np.asarray(fmjax.metrics.nll.dequantization_noise(keys, x.shape[1:], 2, 2 / 256),
+                   np.float64)
+    y = x[:, None] + u                                           # (n, K, 32, 32, 3)
+    x_t0 = y * math.sqrt(var[t0] / var[t1])
+
+    def log_normal(z, v):
+        return -0.5 * np.sum(z**2, axis=(2, 3, 4)) / v - 0.5 * 3072 * math.log(2 * math.pi * v)
+
+    logp = log_normal(y, var[t1]) + log_normal(x_t0, s0**2) - log_normal(x_t0, var[t0])
+    logp = np.logaddexp(logp[:, 0], logp[:, 1]) - math.log(2)
+    expected = np.mean(-logp / (3072 * math.log(2)) + 7)
+    assert m["results"]["bpd"]["value"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_loss_regresses_the_configured_prediction():
+    # A fresh UNet predicts 0 (its output layer is zero), so the loss is the mean square of
+    # the target: the images themselves for x1, the source noise for eps (1 in expectation,
+    # +-0.013 over these 12,288 values), x1 - (1 - sigma_min) x0 for the velocity
+    images = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
+    mean_sq = float(jnp.mean(images**2))
+    losses = {}
+    for prediction in ("x1", "eps", "velocity"):
+        c = _config(**{"train.prediction": prediction})
+        model = image_flow.build_model(c)
+        tx, _ = image_flow.make_optimizer(c)
+        params = jax.jit(image_flow._init_fn(c, model, tx))().params
+        loss_fn = jax.jit(image_flow.make_loss_fn(model, image_flow.make_path(c), c))
+        losses[prediction] = float(loss_fn(params, jax.random.key(0), {"image": images}))
+    assert losses["x1"] == pytest.approx(mean_sq, rel=1e-5)
+    assert losses["eps"] == pytest.approx(1.0, abs=0.05)
+    assert losses["velocity"] == pytest.approx(1.0 + mean_sq, abs=0.05)
 
 
 def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
@@ -398,6 +505,8 @@ def test_default_configs_are_the_papers_recipe():
     ({"eval.guidance_scale": 2.0, "model.num_classes": 10, "model.class_dropout": 0.0},
      r"class_dropout > 0 \(got num_classes=10, class_dropout=0.0\)"),
     ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
+    ({"train.prediction": "noise"}, r"train.prediction must be one of \('velocity', 'x1', "),
+    ({"eval.t_margin": 0.0}, r"eval.t_margin must be a finite number in \(0, 0.5\)"),
     ({"eval.fid_reference_stats": "/nonexistent/ref.npz"},
      "eval.fid_reference_stats: no file '/nonexistent/ref.npz'"),
 ])

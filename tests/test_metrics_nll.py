@@ -116,6 +116,20 @@ def test_source_std_scores_against_the_scaled_gaussian(s0):
         x, u, scale=math.exp(-A) / s0, div=d * (A + math.log(s0))), rtol=1e-4)
 
 
+def test_time_span_scores_the_flow_over_that_span():
+    # v = a x solved over [t0, t1]: the latent is y e^{-a (t1 - t0)} and the log-det term
+    # a D (t1 - t0) (a model that predicts eps is a velocity only over such a span)
+    rng = np.random.default_rng(5)
+    x = quantized(rng, (3, 4, 4, 3))
+    key = jax.random.key(7)
+    u = nll.dequantization_noise(nll.example_keys(key, jnp.arange(3)), x.shape[1:], K, BIN)
+    t0, t1 = 0.25, 0.9
+    bpd, _ = nll.image_bpd(linear_field, x, key, num_dequant=K, t0=t0, t1=t1)
+    span = t1 - t0
+    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
+        x, u, scale=math.exp(-A * span), div=A * x[0].size * span), rtol=1e-4)
+
+
 def test_bound_equals_direct_log_likelihood_per_sample():
     """Each of the K samples is fmjax.log_likelihood at x + u_k with probes from its key."""
     rng = np.random.default_rng(1)
@@ -167,6 +181,11 @@ def test_image_bpd_bad_input():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "abc", True):
         with pytest.raises(ValueError, match=r"source_std \(the std of .*\) must be a finite number in \(0, inf\)"):
             nll.image_bpd(zero_field, x, jax.random.key(0), source_std=bad)
+    for kw, match in (({"t0": 0.5, "t1": 0.5}, r"t0 < t1 needed .* got t0=0.5, t1=0.5"),
+                      ({"t1": 1.5}, r"t1 must be a finite number in \[0, 1\]; got 1.5"),
+                      ({"t0": -0.1}, r"t0 must be a finite number in \[0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            nll.image_bpd(zero_field, x, jax.random.key(0), **kw)
 
 
 # ----------------------------------------------------------------------------- evaluate_bpd
@@ -278,8 +297,12 @@ def test_evaluate_resume_gives_identical_totals(images, tmp_path):
     with pytest.raises(ValueError, match=r"differ: \['source_std'\]"):
         nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
                          state_file=state2, source_std=2.0)
-    # source_std=1 (the default) is what state files written before the option hold
-    assert "source_std" not in json.loads(state2.read_text())["fingerprint"]
+    with pytest.raises(ValueError, match=r"differ: \['t0', 't1'\]"):
+        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
+                         state_file=state2, t0=1e-3)
+    # source_std=1 and the span [0, 1] (the defaults) are what state files written before
+    # those options hold
+    assert not {"source_std", "t0", "t1"} & set(json.loads(state2.read_text())["fingerprint"])
 
 
 def test_evaluate_mesh_matches_no_mesh(images):

@@ -74,6 +74,10 @@ def base_config():
     c.train.grad_clip_norm = 0.0  # > 0: optax.clip_by_global_norm
     c.train.ema_decay = 0.9999  # 0: no EMA
     c.train.loss_reduction = "mean"  # mean | sum (see fmjax.losses.cfm_loss)
+    # what the UNet predicts: velocity (the paper) | x1 | eps | score; eps on path.name=vp is
+    # DDPM's parameterisation (its L_simple in continuous time). Sampling and bits/dim
+    # convert the prediction to a velocity over path.velocity_range (eval.t_margin)
+    c.train.prediction = "velocity"
     c.train.log_every = 100
     c.train.checkpoint_every = 5_000
     c.train.keep_checkpoints = 3
@@ -97,6 +101,9 @@ def base_config():
     c.eval.rtol = 1e-5
     c.eval.atol = 1e-5
     c.eval.probe = "rademacher"  # Hutchinson probe
+    # kept from an end where train.prediction's conversion to a velocity divides by zero
+    # (eps / score: t = 0 on CondOT; x1: t = 1 where sigma_1 = 0); unused for velocity
+    c.eval.t_margin = 1e-3
     c.eval.nfe_num_samples = 50_000  # samples whose dopri5 NFE is averaged (0: skip)
     c.eval.sample_batch_size = 1_000
     c.eval.fid_inception_weights = ""  # path of the Inception weights; '' skips FID

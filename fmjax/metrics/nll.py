@@ -136,7 +136,7 @@ _OPTION_DEFAULTS = {
     "divergence": "hutchinson", "num_probes": 1, "probe": "rademacher",
     "hutchinson_mode": "jvp", "solver": "dopri5", "steps": None, "step_size": None,
     "rtol": 1e-5, "atol": 1e-5, "max_steps": 4096, "value_range": (-1.0, 1.0),
-    "num_levels": 256, "source_std": 1.0,
+    "num_levels": 256, "source_std": 1.0, "t0": 0.0, "t1": 1.0,
 }
 
 
@@ -155,8 +155,13 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
     o["num_probes"] = integer(o["num_probes"], "num_probes")
     if o["hutchinson_mode"] not in ("jvp", "vjp"):
         raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {o['hutchinson_mode']!r}.")
-    ode.check_solver_args(o["solver"], o["steps"], o["step_size"], 0.0, 1.0, rtol=o["rtol"],
-                          atol=o["atol"], max_steps=o["max_steps"])
+    o["t0"] = real(o["t0"], "t0", low=0.0, high=1.0)
+    o["t1"] = real(o["t1"], "t1", low=0.0, high=1.0)
+    if not o["t1"] > o["t0"]:
+        raise ValueError(f"t0 < t1 needed (the flow runs from the source at t0 to the data at "
+                         f"t1); got t0={o['t0']}, t1={o['t1']}.")
+    ode.check_solver_args(o["solver"], o["steps"], o["step_size"], o["t0"], o["t1"],
+                          rtol=o["rtol"], atol=o["atol"], max_steps=o["max_steps"])
     lo, hi = (float(a) for a in o["value_range"])
     if not hi > lo:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
@@ -186,7 +191,7 @@ def _bpd_core(v, x, keys, mask, *, opts, mesh):
             divergence=o["divergence"], key=pk if hutch else None,
             num_probes=o["num_probes"], probe=o["probe"], hutchinson_mode=o["hutchinson_mode"],
             solver=o["solver"], steps=o["steps"], step_size=o["step_size"], rtol=o["rtol"],
-            atol=o["atol"], max_steps=o["max_steps"], throw=False,
+            atol=o["atol"], max_steps=o["max_steps"], t0=o["t0"], t1=o["t1"], throw=False,
         )
         return logp[0], stats.nfe, stats.success
 
@@ -227,6 +232,8 @@ def image_bpd(
     step_size: float | None = None,
     max_steps: int = 4096,
     source_std: float = 1.0,
+    t0: float = 0.0,
+    t1: float = 1.0,
     throw: bool = True,
 ):
     """Bits/dim of quantized images under K-sample uniform dequantization.
@@ -248,6 +255,9 @@ def image_bpd(
         ``bin = (hi - lo) / num_levels`` and the range's log-determinant is corrected for.
       source_std: the flow starts from ``N(0, source_std^2 I)`` (a path's
         ``source_std()``: 1 for CondOT, ``sigma_max`` for VE).
+      t0, t1: the flow's time span, source at ``t0``, data at ``t1`` (default ``[0, 1]``); a
+        model that predicts x1, eps or the score is a velocity only over its path's
+        ``velocity_range(prediction)``.
       throw: raise if any ODE solve failed (e.g. ``max_steps`` reached); not under ``jit``.
 
     Returns:
@@ -258,7 +268,8 @@ def image_bpd(
     opts = _options(num_dequant, divergence=divergence, solver=solver, rtol=rtol, atol=atol,
                     value_range=tuple(value_range), num_levels=num_levels, num_probes=num_probes,
                     probe=probe, hutchinson_mode=hutchinson_mode, steps=steps,
-                    step_size=step_size, max_steps=max_steps, source_std=source_std)
+                    step_size=step_size, max_steps=max_steps, source_std=source_std,
+                    t0=t0, t1=t1)
     x = jnp.asarray(x)
     b = x.shape[0]
     key = _typed_key(key)
@@ -331,6 +342,8 @@ def _fingerprint(key, opts) -> dict[str, Any]:
     fp["value_range"] = list(opts["value_range"])
     if opts["source_std"] != 1.0:  # absent for N(0, I): state files from before stay valid
         fp["source_std"] = opts["source_std"]
+    if (opts["t0"], opts["t1"]) != (0.0, 1.0):  # likewise for the default time span
+        fp["t0"], fp["t1"] = opts["t0"], opts["t1"]
     fp["key"] = np.asarray(jax.random.key_data(key)).ravel().tolist()
     fp["key_impl"] = str(jax.random.key_impl(key))
     return fp
@@ -400,7 +413,7 @@ def evaluate_bpd(
       callback: called with the running summary after every batch (e.g. for logging).
       **solver_kw: ``divergence``, ``solver``, ``rtol``, ``atol``, ``value_range``,
         ``num_levels``, ``num_probes``, ``probe``, ``hutchinson_mode``, ``steps``,
-        ``step_size``, ``max_steps``, ``source_std`` as in :func:`image_bpd` (changing
+        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in :func:`image_bpd` (changing
         ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
 
     Returns:
