@@ -190,7 +190,7 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         null = _null_like(null_cond, cond)
     elif not jax.tree_util.tree_leaves(null_cond):
         raise ValueError(f"null_cond must be an array or a pytree of arrays; got {null_cond!r}.")
-    if _checks.traced(scale) or jnp.ndim(scale) > 0:
+    if _checks.traced(scale) or np.ndim(scale) > 0:  # (np: no warning for None or a str)
         dtype = jnp.result_type(scale)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
             raise ValueError(f"scale must hold real numbers; got dtype {dtype}.")

@@ -100,7 +100,7 @@ def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
     else:
         loss, aux, grads = _sharded_loss_and_grad(loss_fn, mesh, state.params, key, batch)
     new_state = apply_update(state, grads, tx, ema_decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, metrics
 
 
