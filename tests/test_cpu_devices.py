@@ -264,7 +264,7 @@ def test_mesh_arguments_are_checked_on_one_device():
     with pytest.raises(ValueError, match="data"):
         train.make_fused_train_steps(lambda p, k, b: jnp.sum(p), optax.sgd(0.1),
                                      lambda k: x, 1, mesh=other)
-    loss = lambda p, k, b: jnp.sum(p)  # noqa: E731
+    loss = lambda p, k, b: jnp.sum(p)
     with pytest.raises(ValueError, match="'data' axis"):
         train.make_train_step(loss, optax.sgd(0.1), mesh=other)
     with pytest.raises(ValueError, match="pass mesh= as well"):

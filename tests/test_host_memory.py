@@ -12,10 +12,10 @@ import sys
 import warnings
 
 import pytest
+from conftest import ROOT
 
 import fmjax
 from fmjax import host_memory
-from conftest import ROOT
 
 _PROBE = r"""
 import json, resource, sys

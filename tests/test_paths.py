@@ -130,7 +130,7 @@ def test_conversions_round_trip_and_consistency(name, src, dst):
     path = ALL_PATHS[name]
     x0, x1, t = _draw((4, 4, 2))
     xt = path.interpolate(x0, x1, t)
-    a, s, _, _ = path.coefficients(t)
+    _, s, _, _ = path.coefficients(t)
     s = s.reshape(-1, 1, 1, 1)
     # For a single (x0, x1) pair the "posterior means" are x0 and x1 themselves, so every
     # parameterisation has a known value at x_t.
