@@ -671,6 +671,7 @@ def _nfe(config, model, params, mesh):
     per = _rounded_up(min(int(e.sample_batch_size), total), mesh)
     key = jax.random.key(int(config.seed) + 2)
     s0 = source_std(config)
+    prediction_kw = _prediction_kw(config)
     nfes, counts, ok = [], [], True
     done, i = 0, 0
     t0 = time.perf_counter()
@@ -679,7 +680,7 @@ def _nfe(config, model, params, mesh):
                                  num_classes=config.model.num_classes, solver=e.solver,
                                  rtol=float(e.rtol), atol=float(e.atol),
                                  source_std=s0, guidance_scale=float(e.guidance_scale),
-                                 **_prediction_kw(config))
+                                 **prediction_kw)
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
         counts.append(min(per, total - done))
@@ -722,13 +723,14 @@ def _fid(config, model, params, mesh, workdir):
     per = _rounded_up(min(int(e.sample_batch_size), num), mesh)
     key = jax.random.key(int(config.seed) + 3)
     s0 = source_std(config)
+    prediction_kw = _prediction_kw(config)
 
     def sample_fn(i):
         imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
                                 num_classes=config.model.num_classes, solver=e.solver,
                                 rtol=float(e.rtol), atol=float(e.atol),
                                 source_std=s0, guidance_scale=float(e.guidance_scale),
-                                **_prediction_kw(config))
+                                **prediction_kw)
         return imgs
 
     ref_stats = e.fid_reference_stats or None

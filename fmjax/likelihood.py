@@ -41,6 +41,7 @@ __all__ = [
     "PROBES",
     "LikelihoodStats",
     "bits_per_dim",
+    "check_span",
     "log_likelihood",
     "normal_log_prob",
     "standard_normal_log_prob",
@@ -75,6 +76,12 @@ def normal_log_prob(x, std):
     """log N(x; 0, std^2 I) per example for a batch ``(B, *event_shape)``."""
     x = jnp.asarray(x)
     return standard_normal_log_prob(x / std) - math.prod(x.shape[1:]) * jnp.log(std)
+
+
+def check_span(t0, t1) -> None:
+    """A likelihood solve runs from the data at ``t1`` down to the noise at ``t0 < t1``."""
+    if not t0 < t1:
+        raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
 
 
 def _exact_divergence(f, x, chunk_size):
@@ -235,8 +242,7 @@ def log_likelihood(
     chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
     ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
                           max_steps=max_steps)
-    if not t0 < t1:
-        raise ValueError(f"need t0 < t1 (noise end before data end); got t0={t0}, t1={t1}.")
+    check_span(t0, t1)
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "fmjax.log_likelihood")
         cond = _place_cond(cond, mesh, x1)

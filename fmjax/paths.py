@@ -36,6 +36,7 @@ target is :meth:`GaussianPath.prediction_target`) and sample it through
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -310,20 +311,14 @@ def prediction_of(f, t, x, name: str = "f", args: tuple = ()):
     return pred
 
 
-def _velocity_from_x1(path, f, t, x, *args):
-    return path.convert(prediction_of(f, t, x, args=args), x, t, src="x1", dst="velocity")
+def _velocity_from(prediction, path, f, t, x, *args):
+    return path.convert(prediction_of(f, t, x, args=args), x, t, src=prediction,
+                        dst="velocity")
 
 
-def _velocity_from_eps(path, f, t, x, *args):
-    return path.convert(prediction_of(f, t, x, args=args), x, t, src="eps", dst="velocity")
-
-
-def _velocity_from_score(path, f, t, x, *args):
-    return path.convert(prediction_of(f, t, x, args=args), x, t, src="score", dst="velocity")
-
-
-_TO_VELOCITY = {"x1": _velocity_from_x1, "eps": _velocity_from_eps,
-                "score": _velocity_from_score}
+# one function object per prediction, made once: a Partial's function is part of its static
+# tree structure (a string cannot be one of its leaves), so solves compile once per kind
+_TO_VELOCITY = {p: functools.partial(_velocity_from, p) for p in ("x1", "eps", "score")}
 
 
 @_static_dataclass

@@ -181,7 +181,7 @@ def test_image_bpd_bad_input():
     for bad in (0.0, -1.0, float("nan"), float("inf"), "abc", True):
         with pytest.raises(ValueError, match=r"source_std \(the std of .*\) must be a finite number in \(0, inf\)"):
             nll.image_bpd(zero_field, x, jax.random.key(0), source_std=bad)
-    for kw, match in (({"t0": 0.5, "t1": 0.5}, r"t0 < t1 needed .* got t0=0.5, t1=0.5"),
+    for kw, match in (({"t0": 0.5, "t1": 0.5}, r"need t0 < t1 \(noise end before data end\); got t0=0.5, t1=0.5"),
                       ({"t1": 1.5}, r"t1 must be a finite number in \[0, 1\]; got 1.5"),
                       ({"t0": -0.1}, r"t0 must be a finite number in \[0, 1\]")):
         with pytest.raises(ValueError, match=match):

@@ -48,6 +48,7 @@ from fmjax.likelihood import (
     DIVERGENCES,
     PROBES,
     bits_per_dim,
+    check_span,
     log_likelihood,
     normal_log_prob,
 )
@@ -157,9 +158,7 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
         raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {o['hutchinson_mode']!r}.")
     o["t0"] = real(o["t0"], "t0", low=0.0, high=1.0)
     o["t1"] = real(o["t1"], "t1", low=0.0, high=1.0)
-    if not o["t1"] > o["t0"]:
-        raise ValueError(f"t0 < t1 needed (the flow runs from the source at t0 to the data at "
-                         f"t1); got t0={o['t0']}, t1={o['t1']}.")
+    check_span(o["t0"], o["t1"])
     ode.check_solver_args(o["solver"], o["steps"], o["step_size"], o["t0"], o["t1"],
                           rtol=o["rtol"], atol=o["atol"], max_steps=o["max_steps"])
     lo, hi = (float(a) for a in o["value_range"])
