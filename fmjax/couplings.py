@@ -132,6 +132,7 @@ def minibatch_ot(key, x0, x1, *, method="exact", reg=0.05, num_iters=200):
     raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")
 
 
+#: Couplings by name, as ``cfm_loss(coupling=...)`` accepts them.
 COUPLINGS = {
     "independent": independent,
     "ot": functools.partial(minibatch_ot, method="exact"),

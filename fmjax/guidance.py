@@ -166,7 +166,7 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         model whose per-call overhead does.
 
     Returns:
-      ``v_w(t, x)`` (``v_w(t, x, cond)`` for ``cond=None``) as a ``jax.tree_util.Partial``:
+      ``v_w(t, x)`` (``v_w(t, x, cond)`` for ``cond=None``) as a ``jax.tree_util.Partial``;
       ``cond``, ``null_cond``, ``scale`` and ``v``'s own arrays are runtime arguments, so a
       solve compiles once per shape whatever their values. For a Python number
       ``scale == 1`` it is ``v(t, x, cond)`` itself, and for ``scale == 0``

@@ -47,7 +47,9 @@ __all__ = [
     "standard_normal_log_prob",
 ]
 
+#: Divergence estimators: the exact trace or Hutchinson's estimator.
 DIVERGENCES = ("exact", "hutchinson")
+#: Hutchinson probe distributions.
 PROBES = ("rademacher", "gaussian")
 
 

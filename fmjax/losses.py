@@ -23,6 +23,7 @@ from fmjax.sampling import check_cond
 
 __all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
 
+#: ``cfm_loss`` reductions (see its ``reduction`` argument).
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -49,6 +49,7 @@ __all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS",
            "check_derivative", "check_save_times", "check_solver_args", "initial_step_size",
            "leaf_rms_norm", "max_example_rms_norm", "solve"]
 
+#: Adaptive error norms of :func:`solve` (``error_norm=``).
 ERROR_NORMS = ("rms", "max")
 
 
@@ -97,28 +98,31 @@ class RK4(diffrax.AbstractERK):
         return 4
 
 
+#: Fixed-step solvers by name (give ``steps`` or ``step_size``).
 FIXED_SOLVERS = {
     "euler": diffrax.Euler,
     "midpoint": diffrax.Midpoint,
     "heun": diffrax.Heun,
     "rk4": RK4,
 }
+#: Adaptive solvers by name (``rtol``/``atol`` with a PID controller).
 ADAPTIVE_SOLVERS = {
     "bosh3": diffrax.Bosh3,
     "dopri5": diffrax.Dopri5,
     "tsit5": diffrax.Tsit5,
     "dopri8": diffrax.Dopri8,
 }
+#: Every solver name.
 SOLVERS = tuple(FIXED_SOLVERS) + tuple(ADAPTIVE_SOLVERS)
 
 
 class SolveStats(NamedTuple):
     """Statistics of one ODE solve (all jax arrays, so it passes through jit).
 
-    nfe: evaluations of the vector field, including rejected steps and the adaptive
+    - ``nfe``: evaluations of the vector field, including rejected steps and the adaptive
       controller's initial step-size selection.
-    num_steps: steps attempted; num_accepted / num_rejected split them.
-    success: False when the solver failed (e.g. ``max_steps`` reached).
+    - ``num_steps``: steps attempted; ``num_accepted`` / ``num_rejected`` split them.
+    - ``success``: False when the solver failed (e.g. ``max_steps`` reached).
     """
 
     nfe: Any

@@ -57,6 +57,7 @@ __all__ = [
     "check_time",
 ]
 
+#: What a model may predict: the velocity, the data ``x1``, the noise ``eps`` or the score.
 PREDICTIONS = ("velocity", "x1", "eps", "score")
 
 

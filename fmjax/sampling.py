@@ -20,8 +20,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from fmjax import ode
 from fmjax._checks import traced
 
-__all__ = ["SampleStats", "as_field", "check_cond", "place_batch", "sample"]
+__all__ = ["DATA_AXIS", "SampleStats", "as_field", "check_cond", "place_batch", "sample"]
 
+#: The mesh axis over which batches are split (rows of ``x``, ``cond``, a training batch).
 DATA_AXIS = "data"
 
 

@@ -114,15 +114,18 @@ __all__ = [
     "to_uint8",
 ]
 
+#: Shape of one image, ``(height, width, channels)``.
 IMAGE_SHAPE: tuple[int, int, int] = (32, 32, 3)
+#: Label of examples without a class (e.g. unlabeled npz batches).
 NO_LABEL = -1
+#: The paper's ImageNet-32 (Chrabaszcz et al. 2017 preprocessing).
 DEFAULT_SOURCE = "imagenet_resized/32x32"
-# Width of one quantization bin in model space ([-1, 1] spans 256 bins).
+#: Width of one quantization bin in model space ([-1, 1] spans 256 bins).
 BIN_WIDTH = 2.0 / 256.0
 # Largest float32 below 1: keeps (255 + u) / 256 < 1 despite float32 rounding.
 _ONE_BELOW = np.float32(np.nextafter(np.float32(1.0), np.float32(0.0)))
 
-# name -> (TFDS name or "npz", default train split, default eval split)
+#: Data sources: name -> (TFDS name or ``"npz"``, default train split, default eval split).
 SOURCES: dict[str, tuple[str, str, str]] = {
     "imagenet_resized/32x32": ("imagenet_resized/32x32", "train", "validation"),
     "downsampled_imagenet/32x32": ("downsampled_imagenet/32x32", "train", "validation"),

@@ -256,6 +256,7 @@ def pinwheel(key: jax.Array, n: int) -> jax.Array:
 # registries
 # --------------------------------------------------------------------------------------------
 
+#: Toy 2-D samplers by name: ``sampler(key, n) -> (n, 2)``.
 DENSITIES: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "checkerboard": checkerboard,
     "eight_gaussians": eight_gaussians,
@@ -265,6 +266,7 @@ DENSITIES: dict[str, Callable[[jax.Array, int], jax.Array]] = {
     "pinwheel": pinwheel,
 }
 
+#: Exact log-densities of the toy densities that have one: ``log_prob(x) -> (n,)``.
 LOG_PROBS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "checkerboard": checkerboard_log_prob,
     "eight_gaussians": eight_gaussians_log_prob,

@@ -71,6 +71,7 @@ __all__ = [
     "statistics",
 ]
 
+#: Tag of the converted Inception weights layout that :func:`load_weights` accepts.
 LAYOUT_VERSION = "fmjax-fid-inception-v3/1"
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 BN_EPS = 1e-3

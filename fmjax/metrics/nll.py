@@ -63,6 +63,7 @@ __all__ = [
     "image_bpd",
 ]
 
+#: Version of the resumable state file of :func:`evaluate_bpd` (a mismatch is refused).
 STATE_VERSION = 1
 
 
@@ -416,9 +417,9 @@ def evaluate_bpd(
         ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
 
     Returns:
-      ``{"bpd": mean, "bpd_stderr": standard error of the mean over examples,
-      "num_examples", "nfe_mean": mean NFE per solve, "num_batches", "complete",
-      "num_dequant", "resumed"}`` (plain Python numbers).
+      A dict of plain Python numbers with the keys ``bpd`` (the mean), ``bpd_stderr`` (the standard
+      error of the mean over examples), ``num_examples``, ``nfe_mean`` (mean NFE per
+      solve), ``num_batches``, ``complete``, ``num_dequant`` and ``resumed``.
 
     Raises:
       RuntimeError: an ODE solve failed in some batch (the totals up to the previous batch

@@ -77,6 +77,7 @@ def _fast_selu_jvp(primals, tangents):
     return value, slope * tangents[0]
 
 
+#: ``MLP.activation`` names and their functions (``selu`` is :func:`fast_selu`).
 ACTIVATIONS: dict[str, Callable] = {
     "silu": nn.silu,
     "relu": nn.relu,
@@ -86,6 +87,7 @@ ACTIVATIONS: dict[str, Callable] = {
     "softplus": nn.softplus,
 }
 
+#: ``MLP.time_embedding`` choices.
 TIME_EMBEDDINGS = ("sinusoidal", "raw")
 
 

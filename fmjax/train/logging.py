@@ -33,6 +33,7 @@ __all__ = ["MetricWriter", "image_grid", "is_main_process", "save_image_grid", "
 
 
 def is_main_process() -> bool:
+    """True in process 0 (the process that writes logs, grids and JSON files)."""
     import jax
 
     return jax.process_index() == 0
