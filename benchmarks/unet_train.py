@@ -4,6 +4,8 @@
     python benchmarks/unet_train.py --preset=imagenet32 --batch_per_device=128 \\
         --peak_tflops=989 --dtype=bfloat16                               # e.g. one H100
     python benchmarks/unet_train.py --preset=imagenet32 --flops_only    # count, don't run
+    python benchmarks/unet_train.py --preset=imagenet32 --flops_only \
+        --batch_per_device=1024 --microbatches=8                         # memory per device
 
 Presets are the experiment configs (``experiments/configs/{imagenet32,cifar10}.py``,
 ``tiny`` = the imagenet32 ``tiny`` preset). Reports, as a markdown table and JSON
@@ -22,6 +24,10 @@ Presets are the experiment configs (``experiments/configs/{imagenet32,cifar10}.p
 * ``sampling``: one dopri5 solve (rtol = atol = ``--sample_tol``) of ``--sample_batch``
   images with the UNet: wall time (compile excluded), NFE, images/s.
 
+The compiled step's memory per device (XLA's buffer assignment: temporaries, i.e. mostly
+activations, and arguments, i.e. state and batch) is reported too; ``--microbatches``
+(gradient accumulation, ``train.microbatches``) trades step time for less of it.
+
 ``--flops_only`` lowers and compiles (or only lowers, ``--no_compile``) the step of a large
 preset from abstract shapes without allocating its state or running it.
 """
@@ -29,6 +35,7 @@ preset from abstract shapes without allocating its state or running it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -45,7 +52,6 @@ import numpy as np
 import fmjax
 from experiments import image_flow
 from experiments.configs import cifar10, imagenet32
-from fmjax.train import make_train_step
 from fmjax.train import sharding as sharding_lib
 
 
@@ -72,6 +78,18 @@ def _flops(compiled_or_lowered) -> float | None:
     return float(f) if f is not None and f > 0 else None
 
 
+def _memory(compiled) -> tuple[float, float] | None:
+    """(temporaries, arguments) of the compiled step in GiB per device, from XLA's
+    ``memory_analysis``, or None where the backend gives none."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends have none
+        return None
+    if m is None:
+        return None
+    return m.temp_size_in_bytes / 2**30, m.argument_size_in_bytes / 2**30
+
+
 def measure_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
     """Best fp32 matmul throughput of one device of this machine, in TFLOP/s."""
     a = jax.random.normal(jax.random.key(0), (n, n))
@@ -91,6 +109,8 @@ def main():
     p.add_argument("--batch_per_device", type=int, default=None,
                    help="default: the preset's global batch / device count")
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="gradient accumulation parts per device (default: the preset's)")
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--peak_tflops", type=float, default=None,
@@ -114,9 +134,12 @@ def main():
     gbs = per_dev * ndev
     model = image_flow.build_model(config)
     tx, _ = image_flow.make_optimizer(config)
-    loss_fn = image_flow.make_loss_fn(model, image_flow.make_path(config), config)
-    step = make_train_step(loss_fn, tx, ema_decay=float(config.train.ema_decay) or None,
-                           mesh=mesh)
+    if args.microbatches is not None:
+        config.train.microbatches = args.microbatches
+    if per_dev % int(config.train.microbatches):
+        raise SystemExit(f"--microbatches={config.train.microbatches} must divide the "
+                         f"batch per device ({per_dev}).")
+    step = image_flow.build_train_step(config, model, image_flow.make_path(config), tx, mesh)
     init, abstract_state = image_flow._abstract_state(config, model, tx, mesh)
     data = sharding_lib.data_sharding(mesh)
     batch_shapes = {
@@ -128,7 +151,7 @@ def main():
     res = {"preset": args.preset, "backend": jax.default_backend(),
            "device": str(jax.devices()[0].device_kind), "num_devices": ndev,
            "batch_per_device": per_dev, "global_batch": gbs, "dtype": config.model.dtype,
-           "num_params": num_params}
+           "microbatches": int(config.train.microbatches), "num_params": num_params}
 
     # FLOPs: the whole step (forward, backward, Adam, EMA) and one forward per image.
     t0 = time.perf_counter()
@@ -138,9 +161,20 @@ def main():
         compiled = lowered.compile()
     res["compile_seconds"] = time.perf_counter() - t0
     res["flops_per_step"] = _flops(compiled) if compiled is not None else None
+    memory = _memory(compiled) if compiled is not None else None
+    if memory is not None:  # XLA's buffer assignment for this backend, per device
+        res["temp_gib_per_device"], res["argument_gib_per_device"] = memory
     res["flops_source"] = "compiled"
     if res["flops_per_step"] is None:
         res["flops_per_step"], res["flops_source"] = _flops(lowered), "lowered"
+    if int(config.train.microbatches) > 1:
+        # XLA's cost analysis counts a loop body once: count the same arithmetic in the
+        # step without microbatches (lowered, not compiled)
+        whole = copy.deepcopy(config)
+        whole.train.microbatches = 1
+        step1 = image_flow.build_train_step(whole, model, image_flow.make_path(whole), tx, mesh)
+        res["flops_per_step"] = _flops(step1.lower(abstract_state, batch_shapes))
+        res["flops_source"] = "lowered, the same step without microbatches"
     fwd = jax.jit(lambda p, t, x: model.apply(p, t, x)).lower(
         abstract_state.params, jax.ShapeDtypeStruct((1,), jnp.float32),
         jax.ShapeDtypeStruct((1, *image_flow.IMAGE_SHAPE), jnp.float32))

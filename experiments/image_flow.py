@@ -171,6 +171,18 @@ def make_loss_fn(model, path, config):
     return loss_fn
 
 
+def build_train_step(config, model, path, tx, mesh):
+    """The trainer's jitted ``step(state, batch) -> (state, metrics)`` on ``mesh``: the CFM
+    loss of :func:`make_loss_fn`, ``tx``, EMA ``train.ema_decay`` and gradient accumulation
+    over ``train.microbatches`` parts of each device's rows."""
+    k = int(config.train.microbatches)
+    # with microbatches each device accumulates its parts and all-reduces once per step
+    # (the global view would all-reduce every part's gradients inside the scan)
+    return make_train_step(make_loss_fn(model, path, config), tx,
+                           ema_decay=float(config.train.ema_decay) or None, mesh=mesh,
+                           shard_loss=k > 1, microbatches=k)
+
+
 def _apply_velocity(model, params, t, x, y=None):
     return model.apply(params, t, x, y, train=False)
 
@@ -236,7 +248,7 @@ def _check_trained_as(config, meta, what):
 _INT_FIELDS = (
     ("data", "global_batch_size", 1), ("data", "worker_count", 0), ("data", "read_threads", 1),
     ("train", "num_steps", 1), ("train", "warmup_steps", 0), ("train", "log_every", 1),
-    ("train", "checkpoint_every", 1), ("train", "keep_checkpoints", 1),
+    ("train", "checkpoint_every", 1), ("train", "keep_checkpoints", 1), ("train", "microbatches", 1),
     ("train", "sample_every", 0), ("train", "num_sample_images", 1),
     ("train", "eval_every", 0), ("eval", "checkpoint_step", 0),
     ("eval", "global_batch_size", 1), ("eval", "num_batches", 0), ("eval", "num_dequant", 1),
@@ -325,6 +337,15 @@ def _check_divisible(global_batch_size, mesh, what):
         sharding_lib.check_batch_divisible(global_batch_size, mesh, what=what)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def _check_microbatches(config, mesh):
+    gbs, k = int(config.data.global_batch_size), int(config.train.microbatches)
+    if (gbs // mesh.size) % k:
+        raise ConfigError(
+            f"train.microbatches={k} must divide each device's rows of the global batch "
+            f"(data.global_batch_size={gbs} over {mesh.size} device(s): {gbs // mesh.size} "
+            "rows each).")
 
 
 def _init_fn(config, model, tx):
@@ -478,9 +499,7 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
 
     t = config.train
     gbs = int(config.data.global_batch_size)
-    loss_fn = make_loss_fn(model, path, config)
-    ema = float(t.ema_decay) or None
-    step_fn = make_train_step(loss_fn, tx, ema_decay=ema, mesh=mesh)
+    step_fn = build_train_step(config, model, path, tx, mesh)
     sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
     main = jax.process_index() == 0
     bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
@@ -835,6 +854,7 @@ def train_and_evaluate(config, workdir, *, progress: bool | None = None) -> dict
     mesh = sharding_lib.make_mesh()
     if config.mode != "eval":
         _check_divisible(int(config.data.global_batch_size), mesh, "global batch")
+        _check_microbatches(config, mesh)
     if config.mode != "train":  # what evaluation needs fails before training, not after it
         _fid_weights(config)
         _check_divisible(int(config.eval.global_batch_size), mesh, "eval global batch")

@@ -137,6 +137,25 @@ res["per_step"] = {
                     .as_text().splitlines() if " all-reduce(" in ln],
 }
 
+# gradient accumulation on the mesh: 8 rows, 2 per device, 2 microbatches
+def collectives(step):
+    hlo = step.lower(rep, xs).compile().as_text()
+    return sorted(re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|"
+                             r"reduce-scatter", hlo))
+mb_global = train.make_train_step(loss_fn, tx, donate=False, mesh=mesh, microbatches=2)
+mb_shard = train.make_train_step(loss_fn, tx, donate=False, mesh=mesh, shard_loss=True,
+                                 microbatches=2)
+res["microbatched"] = {
+    "w": [np.asarray(f(rep, xs)[0].params["w"]).tolist() for f in (mb_global, mb_shard)],
+    "loss": [float(f(rep, xs)[1]["loss"]) for f in (mb_global, mb_shard)],
+    "collectives": [collectives(f) for f in (mb_global, mb_shard)],
+}
+try:
+    train.make_train_step(loss_fn, tx, donate=False, mesh=mesh, shard_loss=True,
+                          microbatches=4)(rep, xs)
+except ValueError as e:
+    res["microbatched"]["indivisible"] = str(e)
+
 # a mesh from jax.make_mesh (JAX's default Explicit axes), the state placed with
 # sharding.replicate or by hand: the same steps as on sharding.make_mesh()'s Auto axes
 emesh = jax.make_mesh((4,), ("data",))
@@ -237,6 +256,21 @@ def test_per_step_training_on_a_mesh(worker):
     # the shard_map step's one all-reduce is a single flat array, not a tuple of arrays
     (result_type,) = r["all_reduces"]
     assert result_type.startswith("f32[") and "(" not in result_type, result_type
+
+
+def test_microbatched_steps_on_a_mesh(worker):
+    """Gradient accumulation on 4 devices: the one-device whole-batch update (a key-free
+    per-row-mean loss); the strided microbatches keep every row on its device (no
+    collective but the gradient all-reduce), and with ``shard_loss`` that all-reduce runs
+    once per step, after the device has accumulated its microbatches."""
+    r, one = worker["microbatched"], worker["per_step"]
+    for w, loss in zip(r["w"], r["loss"]):
+        np.testing.assert_allclose(w, one["w"][0], rtol=1e-5)
+        np.testing.assert_allclose(loss, one["loss"][0], rtol=1e-5)
+    global_view, shard_loss = r["collectives"]
+    assert set(global_view) == {"all-reduce"}, global_view
+    assert shard_loss == ["all-reduce"], shard_loss
+    assert "microbatches=4 must divide" in r["indivisible"] and "(2, 2)" in r["indivisible"]
 
 
 def test_num_cores_and_bad_arguments():

@@ -337,16 +337,28 @@ def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
     assert np.max(np.abs(apply(y) - apply(null))) > 0.1
 
 
-def test_cifar10_trains_on_mock_data(tmp_path):
+def test_cifar10_trains_on_mock_data_with_microbatches(tmp_path, monkeypatch):
     c = cifar10_config.get_config("tiny")
-    for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0}.items():
+    for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0,
+                          "train.microbatches": 2}.items():
         group, name = dotted.split(".")
         c[group][name] = value
     c.mode = "train"
+    made, original = [], image_flow.make_train_step
+
+    def recording_make_train_step(*args, **kw):
+        made.append(kw)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(image_flow, "make_train_step", recording_make_train_step)
     with tfds.testing.mock_data(num_examples=8):
         out = image_flow.train_and_evaluate(c, str(tmp_path))
     assert out["train"]["dataset"] == "cifar10" and out["train"]["end_step"] == 2
+    assert np.isfinite(out["train"]["final_loss"])
     assert "eval" not in out
+    # the 4 images of each step in 2 parts of 2, accumulated on the device, one all-reduce
+    (kw,) = made
+    assert kw["microbatches"] == 2 and kw["shard_loss"] is True
 
 
 def test_cli_end_to_end_on_npz_data(tmp_path):
@@ -450,6 +462,7 @@ def test_default_configs_are_the_papers_recipe():
     assert c.train.num_steps == 250_000 and c.train.warmup_steps == 20_000
     assert (c.train.adam_b1, c.train.adam_b2, c.train.adam_eps) == (0.9, 0.999, 1e-8)
     assert c.model.dtype == "float32" and c.eval.num_dequant == 15
+    assert c.train.microbatches == 1  # the whole global batch per forward pass
     assert c.eval.rtol == c.eval.atol == 1e-5 and c.eval.solver == "dopri5"
     sched = image_flow.make_schedule(c)
     assert float(sched(0)) == 0.0
@@ -507,6 +520,10 @@ def test_default_configs_are_the_papers_recipe():
     ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
     ({"train.prediction": "noise"}, r"train.prediction must be one of \('velocity', 'x1', "),
     ({"eval.t_margin": 0.0}, r"eval.t_margin must be a finite number in \(0, 0.5\)"),
+    ({"train.microbatches": 0}, "train.microbatches must be a positive integer; got 0"),
+    ({"train.microbatches": 3},
+     (r"train.microbatches=3 must divide each device's rows of the global batch "
+      r"\(data.global_batch_size=4 over 1 device\(s\): 4")),
     ({"eval.fid_reference_stats": "/nonexistent/ref.npz"},
      "eval.fid_reference_stats: no file '/nonexistent/ref.npz'"),
 ])

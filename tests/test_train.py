@@ -1,5 +1,6 @@
 """Training state, jitted / fused / sharded steps and the loop."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,10 +157,100 @@ def test_fused_steps_predraw_only_small_vmappable_batches(monkeypatch):
         train.make_fused_train_steps(loss_fn, tx, host_data, 3, predraw="yes")
 
 
+def _mlp_loss(params, key, batch):
+    """A key-free per-row-mean loss with aux (a small tanh MLP regression)."""
+    del key
+    h = jnp.tanh(batch @ params["w1"])
+    err = h @ params["w2"] - jnp.sin(batch)
+    return jnp.mean(jnp.square(err)), {"abs_err": jnp.mean(jnp.abs(err))}
+
+
+@pytest.mark.parametrize("tx", [optax.sgd(0.1), optax.adam(1e-2)], ids=["sgd", "adam"])
+@pytest.mark.parametrize("k", [2, 4])
+def test_microbatches_give_the_whole_batch_update(tx, k):
+    params = {"w1": jax.random.normal(jax.random.key(1), (3, 16)) * 0.5,
+              "w2": jax.random.normal(jax.random.key(2), (16, 3)) * 0.5}
+    state = train.TrainState.create(params, tx, jax.random.key(0))
+    batches = [jax.random.normal(jax.random.key(10 + i), (16, 3)) for i in range(3)]
+    whole = train.make_train_step(_mlp_loss, tx, ema_decay=0.9, donate=False)
+    parts = train.make_train_step(_mlp_loss, tx, ema_decay=0.9, donate=False,
+                                  microbatches=k)
+    s1, s2 = state, state
+    for b in batches:
+        s1, m1 = whole(s1, b)
+        s2, m2 = parts(s2, b)
+        for name in ("loss", "grad_norm", "abs_err"):
+            np.testing.assert_allclose(m2[name], m1[name], rtol=1e-5, err_msg=name)
+    chex.assert_trees_all_close(s2.params, s1.params, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(s2.ema_params, s1.ema_params, rtol=1e-5, atol=1e-7)
+    assert int(s2.step) == 3
+    # the fused steps accumulate the same way
+    def data_fn(key):
+        return jax.random.normal(key, (16, 3))
+
+    f1 = train.make_fused_train_steps(_mlp_loss, tx, data_fn, 3, donate=False)(state)
+    f2 = train.make_fused_train_steps(_mlp_loss, tx, data_fn, 3, donate=False,
+                                      microbatches=k)(state)
+    chex.assert_trees_all_close(f2[0].params, f1[0].params, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(f2[1]["loss_mean"], f1[1]["loss_mean"], rtol=1e-5)
+
+
+def test_microbatch_rows_and_keys():
+    """Microbatch j holds rows j, j + k, ... and draws with fold_in(step key, j)."""
+    def loss_fn(params, key, batch):
+        return jnp.sum(params["w"]) * 0.0, {"row0": batch["x"][0, 0],
+                                            "label0": batch["y"][0].astype(jnp.float32),
+                                            "u": jax.random.uniform(key)}
+
+    tx = optax.sgd(0.1)
+    state = train.TrainState.create({"w": jnp.zeros(2)}, tx, jax.random.key(3))
+    batch = {"x": jnp.arange(24.0).reshape(12, 2), "y": jnp.arange(12) * 10}
+    parts = train.split_microbatches(batch, 3)
+    chex.assert_shape(parts["x"], (3, 4, 2))
+    np.testing.assert_array_equal(parts["x"][1], batch["x"][1::3])
+    np.testing.assert_array_equal(parts["y"][2], batch["y"][2::3])
+    _, m = train.make_train_step(loss_fn, tx, microbatches=3, donate=False)(state, batch)
+    key = train.step_keys(state.rng, 0)[0]
+    assert float(m["row0"]) == pytest.approx(np.mean([0.0, 2.0, 4.0]))  # rows 0, 1, 2
+    assert float(m["label0"]) == pytest.approx(10.0)
+    u = np.mean([jax.random.uniform(jax.random.fold_in(key, j)) for j in range(3)])
+    assert float(m["u"]) == pytest.approx(float(u), rel=1e-6)
+
+
+def test_microbatches_cut_the_step_activation_memory():
+    def loss_fn(params, key, batch):
+        h = batch
+        for w in params:
+            h = jnp.tanh(h @ w)
+        return jnp.mean(jnp.square(h))
+
+    params = [jnp.full((256, 256), 0.01) for _ in range(6)]
+    tx = optax.sgd(0.1)
+    state = train.TrainState.create(params, tx, jax.random.key(0))
+    x = jnp.ones((2048, 256))  # 2 MiB per activation, six layers of them
+
+    def temp_bytes(k):
+        step = train.make_train_step(loss_fn, tx, microbatches=k)
+        return step.lower(state, x).compile().memory_analysis().temp_size_in_bytes
+
+    whole, quarter = temp_bytes(1), temp_bytes(4)
+    assert whole > 12 * 2**20  # the activations of the whole batch are alive at once
+    assert quarter < 0.55 * whole, (whole, quarter)
+
+
 def test_bad_arguments():
     params, tx, _ = _setup()
     with pytest.raises(ValueError, match="ema_decay"):
         train.make_train_step(_quadratic_loss, tx, ema_decay=1.0)
+    for bad in (0, 1.5, "2"):
+        with pytest.raises(ValueError, match="microbatches"):
+            train.make_train_step(_quadratic_loss, tx, microbatches=bad)
+        with pytest.raises(ValueError, match="microbatches"):
+            train.make_fused_train_steps(_quadratic_loss, tx, lambda k: jnp.ones((4, 2)), 2,
+                                         microbatches=bad)
+    state = train.TrainState.create(params, tx, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"microbatches=4 must divide .* shape \(6, 2\)"):
+        train.make_train_step(_quadratic_loss, tx, microbatches=4)(state, jnp.ones((6, 2)))
     with pytest.raises(ValueError, match="GradientTransformation"):
         train.TrainState.create(params, "adam", jax.random.key(0))
     with pytest.raises(ValueError, match="multiple of"):

@@ -72,6 +72,10 @@ def base_config():
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-8
     c.train.grad_clip_norm = 0.0  # > 0: optax.clip_by_global_norm
+    # gradient accumulation: each step's batch in this many parts, one after another on
+    # each device, one update of their mean gradient (the same update, ~1/k the activation
+    # memory: the paper's batch of 1024 on fewer accelerators); divides each device's rows
+    c.train.microbatches = 1
     c.train.ema_decay = 0.9999  # 0: no EMA
     c.train.loss_reduction = "mean"  # mean | sum (see fmjax.losses.cfm_loss)
     # what the UNet predicts: velocity (the paper) | x1 | eps | score; eps on path.name=vp is

@@ -13,6 +13,7 @@ from fmjax.train.step import (
     apply_update,
     make_fused_train_steps,
     make_train_step,
+    split_microbatches,
     step_keys,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "make_fused_train_steps",
     "make_train_step",
     "sharding",
+    "split_microbatches",
     "step_keys",
 ]

@@ -30,7 +30,7 @@ from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
 __all__ = ["DATA_KEY_INDEX", "apply_update", "make_fused_train_steps", "make_train_step",
-           "step_keys"]
+           "split_microbatches", "step_keys"]
 
 DATA_KEY_INDEX = 2**32 - 1
 """The fused steps draw step ``i``'s batch with ``fold_in(fold_in(rng, i), DATA_KEY_INDEX)``.
@@ -56,7 +56,7 @@ def step_keys(rng, step):
     return loss_key, jax.random.fold_in(loss_key, DATA_KEY_INDEX)
 
 
-def _loss_and_grad(loss_fn, params, key, batch):
+def _value_and_grad(loss_fn, params, key, batch):
     def wrapped(p):
         out = loss_fn(p, key, batch)
         return out if isinstance(out, tuple) else (out, {})
@@ -65,14 +65,55 @@ def _loss_and_grad(loss_fn, params, key, batch):
     return loss, aux, grads
 
 
-def _sharded_loss_and_grad(loss_fn, mesh, params, key, batch):
+def split_microbatches(batch, microbatches: int):
+    """Every leaf ``(B, ...)`` of ``batch`` as ``(microbatches, B / microbatches, ...)``.
+
+    Microbatch ``j`` holds the rows ``j, j + k, j + 2k, ...`` (``k = microbatches``): strided,
+    so that for a batch split over a mesh's devices in contiguous blocks each microbatch
+    keeps an equal share of every device's rows and no row moves between devices."""
+    def split(x):
+        rows = jnp.shape(x)[0] if jnp.ndim(x) else None
+        if rows is None or rows % microbatches:
+            raise ValueError(
+                f"microbatches={microbatches} must divide the batch size; got a batch leaf of "
+                f"shape {jnp.shape(x)} (on a mesh with shard_loss, each device's rows).")
+        x = jnp.reshape(x, (rows // microbatches, microbatches, *jnp.shape(x)[1:]))
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def _loss_and_grad(loss_fn, params, key, batch, microbatches=1):
+    """Loss, aux and gradients; with ``microbatches > 1`` the mean of those of the
+    microbatches (:func:`split_microbatches`), computed one after another in a ``lax.scan``
+    (microbatch ``j`` gets the key ``fold_in(key, j)``), so only one microbatch's
+    activations are alive at a time. For a loss that is a mean over its rows the mean of
+    the microbatch gradients is the gradient of the whole batch."""
+    if microbatches == 1:
+        return _value_and_grad(loss_fn, params, key, batch)
+    parts = split_microbatches(batch, microbatches)
+
+    def body(total, j_part):
+        j, part = j_part
+        out = _value_and_grad(loss_fn, params, jax.random.fold_in(key, j), part)
+        return jax.tree_util.tree_map(jnp.add, total, out), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], parts)
+    shapes = jax.eval_shape(functools.partial(_value_and_grad, loss_fn), params, key, first)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), parts))
+    return jax.tree_util.tree_map(lambda a: a / microbatches, total)
+
+
+def _sharded_loss_and_grad(loss_fn, mesh, params, key, batch, microbatches=1):
     """Loss, aux and gradients of each device's shard, averaged with one flat all-reduce.
 
-    Device ``i`` calls ``loss_fn(params, fold_in(key, i), its_rows)``; the result is the
+    Device ``i`` calls ``loss_fn(params, fold_in(key, i), its_rows)`` (split into
+    ``microbatches`` on the device, accumulated before the all-reduce); the result is the
     global loss when ``loss_fn`` is a mean over its rows (equal shards)."""
     def local(params, key, batch):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        flat, unravel = ravel_pytree(_loss_and_grad(loss_fn, params, key, batch))
+        flat, unravel = ravel_pytree(_loss_and_grad(loss_fn, params, key, batch, microbatches))
         return unravel(jax.lax.pmean(flat, DATA_AXIS))
 
     spec = PartitionSpec()
@@ -92,13 +133,14 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
                          ema_params=ema)
 
 
-def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None):
+def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None, microbatches=1):
     if key is None:
         key = step_keys(state.rng, state.step)[0]  # (the unused data key is dead code to XLA)
     if mesh is None:
-        loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch)
+        loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch, microbatches)
     else:
-        loss, aux, grads = _sharded_loss_and_grad(loss_fn, mesh, state.params, key, batch)
+        loss, aux, grads = _sharded_loss_and_grad(loss_fn, mesh, state.params, key, batch,
+                                                  microbatches)
     new_state = apply_update(state, grads, tx, ema_decay)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, metrics
@@ -138,7 +180,7 @@ def _jit_step(fn, mesh, donate, *, batch_arg):
 
 
 def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
-                    donate: bool = True, shard_loss: bool = False):
+                    donate: bool = True, shard_loss: bool = False, microbatches: int = 1):
     """Return ``step(state, batch) -> (state, metrics)``, jitted, with the state donated.
 
     With a ``mesh`` the batch is split over its ``"data"`` axis. By default the step is one
@@ -149,8 +191,19 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
     loss must then be a mean over its rows. It is for XLA:CPU meshes
     (:func:`fmjax.use_cpu_devices`), where the global view's all-reduce of every gradient
     array costs a rendezvous each.
+
+    ``microbatches=k`` (gradient accumulation) computes the loss and gradients of the batch
+    in ``k`` parts, one after another in a ``lax.scan`` (see :func:`split_microbatches`:
+    microbatch ``j`` gets the rows ``j::k`` and the key ``fold_in(key, j)``), and makes one
+    update with their mean: for a loss that is a mean over its rows (the CFM loss is) the
+    update of the whole batch with about ``1/k`` of the activation memory, e.g. the paper's
+    global batch of 1024 on fewer accelerators. A loss whose rows interact (a minibatch OT
+    coupling) then pairs within each microbatch. ``k`` must divide the batch size (with
+    ``shard_loss``, each device's rows: those are split on the device and the gradients
+    all-reduced once per step).
     """
     _check_decay(ema_decay)
+    microbatches = integer(microbatches, "microbatches")
     if shard_loss not in (True, False):
         raise ValueError(f"shard_loss must be True or False; got {shard_loss!r}.")
     if shard_loss and mesh is None:
@@ -158,13 +211,13 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
     if mesh is not None:
         mesh = auto_mesh(mesh)
     fn = functools.partial(_one_step, loss_fn, tx, ema_decay,
-                           mesh=mesh if shard_loss else None)
+                           mesh=mesh if shard_loss else None, microbatches=microbatches)
     return _jit_step(fn, mesh, donate, batch_arg=True)
 
 
 def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
                            ema_decay: float | None = None, donate: bool = True, mesh=None,
-                           predraw: bool | None = None):
+                           predraw: bool | None = None, microbatches: int = 1):
     """``num_steps`` training steps in one compiled call, data drawn on device.
 
     ``data_fn(key) -> batch`` draws a fresh global batch (e.g. a toy density sampler), so
@@ -187,9 +240,13 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
     so it must be a mean over its rows (the CFM loss is), and minibatch couplings pair
     within a device's rows. The state is kept replicated; place it with
     ``fmjax.train.sharding.replicate(state, mesh)``.
+
+    ``microbatches``: gradient accumulation within each step, as in :func:`make_train_step`
+    (on a mesh, of each device's rows).
     """
     _check_decay(ema_decay)
     num_steps = integer(num_steps, "num_steps")
+    microbatches = integer(microbatches, "microbatches")
     if predraw not in (None, True, False):
         raise ValueError(f"predraw must be None, True or False; got {predraw!r}.")
     if mesh is not None:
@@ -210,7 +267,8 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
             batch = draw(data_key)
         else:
             loss_key, batch = keys_and_batch
-        return _one_step(loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key)
+        return _one_step(loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key,
+                         microbatches=microbatches)
 
     def batches_fit(state):  # num_steps batches within PREDRAW_MAX_BYTES (shapes only)
         shapes = jax.eval_shape(data_fn, step_keys(state.rng, state.step)[1])
