@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import _checks
+from fmjax._field import as_field
 from fmjax.sampling import check_cond
 
 __all__ = ["classifier_free", "conditional"]
@@ -133,8 +134,7 @@ def conditional(v, cond):
     checked against x's batch when the field is called."""
     if not callable(v):
         raise ValueError(f"v must be a callable v(t, x, cond); got {type(v).__name__}.")
-    if not isinstance(v, jax.tree_util.Partial):
-        v = jax.tree_util.Partial(v)
+    v = as_field(v)
     return jax.tree_util.Partial(_conditional, v, cond)
 
 
@@ -184,8 +184,7 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         raise ValueError(f"v must be a callable v(t, x, cond); got {type(v).__name__}.")
     if not isinstance(batched, bool):
         raise ValueError(f"batched must be True or False; got {batched!r}.")
-    if not isinstance(v, jax.tree_util.Partial):
-        v = jax.tree_util.Partial(v)
+    v = as_field(v)
     if cond is not None:
         null = _null_like(null_cond, cond)
     elif not jax.tree_util.tree_leaves(null_cond):

@@ -46,6 +46,7 @@ import numpy as np
 
 from fmjax import schedules
 from fmjax._checks import real, traced
+from fmjax._field import as_field
 
 __all__ = [
     "PREDICTIONS",
@@ -288,8 +289,7 @@ class GaussianPath:
         check_prediction(prediction, "prediction")
         if not callable(f):
             raise ValueError(f"f must be a callable f(t, x); got {type(f).__name__}.")
-        if not isinstance(f, jax.tree_util.Partial):
-            f = jax.tree_util.Partial(f)
+        f = as_field(f)
         if prediction == "velocity":
             return f
         return jax.tree_util.Partial(_TO_VELOCITY[prediction], self, f)

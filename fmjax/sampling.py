@@ -6,6 +6,8 @@ traced: a ``(B, 1)`` output would otherwise broadcast against the state). Wrap a
 ``jax.tree_util.Partial(model.apply, params)`` (or call :func:`sample` inside your own
 ``jax.jit``): the solve is compiled once per (function, shapes, options) and the parameters
 stay runtime arguments. A fresh ``lambda`` on every call is a new function and recompiles.
+A module that holds its weights (Equinox, Flax NNX) can be passed as it is: its arrays are
+runtime arguments too (:func:`as_field`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
 from fmjax._checks import traced
+from fmjax._field import as_field
 
 __all__ = ["DATA_AXIS", "SampleStats", "as_field", "check_cond", "place_batch", "sample"]
 
@@ -37,15 +40,6 @@ class SampleStats(NamedTuple):
     num_rejected: Any
     success: Any
     trajectory: Any = None
-
-
-def as_field(v):
-    """Return ``v`` as a pytree callable so jit keys on the function, not on its arrays."""
-    if isinstance(v, jax.tree_util.Partial):
-        return v
-    if not callable(v):
-        raise ValueError(f"v must be a callable v(t, x) -> dx/dt; got {type(v).__name__}.")
-    return jax.tree_util.Partial(v)
 
 
 def batch_time(t, x):
