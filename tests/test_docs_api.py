@@ -45,7 +45,7 @@ def test_docs_build_without_warnings(built):
     assert proc.returncode == 0, f"sphinx-build failed:\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr.strip() == "", proc.stderr
     for page in ("index", "api/core", "api/models", "api/data", "api/train", "api/metrics",
-                 "conditional", "design"):
+                 "conditional", "frameworks", "design"):
         assert (html_dir / f"{page}.html").is_file(), page
 
 
