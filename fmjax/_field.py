@@ -6,6 +6,9 @@ pytree holding its weights (an Equinox module, a Flax NNX module) is split into 
 (the leaves of a ``Partial``) and the rest (its tree structure and non-array leaves, such as
 activation functions, compared by value): a module with new weights reuses the compiled
 solve instead of being compiled in as constants. A plain function is wrapped as is.
+NumPy arrays among the leaves count as arrays (traced, as under ``equinox.filter_jit``): a
+field that branches in Python on an array's values must keep it out of its leaves (e.g. in
+a static field).
 """
 
 from __future__ import annotations
