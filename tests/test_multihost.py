@@ -148,3 +148,68 @@ def test_two_processes_match_one_process(tmp_path):
     for a, b in zip(single, multi_leaves):
         # params, EMA, Adam moments and count: float32 reassociation of the all-reduce only
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
+
+
+STEPS_WORKER = r"""
+import json, sys
+import numpy as np
+import fmjax
+from fmjax.train import sharding
+mode = sys.argv[1]
+if mode == "two_processes":
+    pid, port = int(sys.argv[2]), sys.argv[3]
+    assert sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid,
+                                           initialization_timeout=120)
+else:
+    fmjax.use_cpu_devices(2)
+import jax, jax.numpy as jnp, optax
+from fmjax import train
+
+def loss_fn(params, key, batch):  # per-row mean, with the device's noise
+    noise = 0.1 * jax.random.normal(key, batch.shape)
+    h = jnp.tanh((batch + noise) @ params["w1"])
+    return jnp.mean(jnp.square(h @ params["w2"] - jnp.sin(batch)))
+
+mesh = sharding.make_mesh()
+tx = optax.adam(1e-2)
+params = {"w1": jnp.full((3, 8), 0.2), "w2": jnp.full((8, 3), -0.1)}
+state = sharding.replicate(train.TrainState.create(params, tx, jax.random.key(0)), mesh)
+step = train.make_train_step(loss_fn, tx, mesh=mesh, shard_loss=True, microbatches=2)
+rows = np.random.default_rng(0).standard_normal((3, 8, 3)).astype(np.float32)
+for i in range(3):  # each process feeds its half of every global batch of 8
+    local = rows[i] if mode == "one_process" else rows[i][4 * jax.process_index():][:4]
+    state, metrics = step(state, sharding.shard_batch(local, mesh))
+print("RESULT " + json.dumps({"devices": jax.device_count(), "loss": float(metrics["loss"]),
+      "w1": sharding.to_host(state.params["w1"]).tolist()}), flush=True)
+"""
+
+
+def test_microbatched_shard_loss_steps_across_processes(tmp_path):
+    """make_train_step(shard_loss=True, microbatches=2), the image trainer's step with
+    train.microbatches > 1: two processes with one device each take the steps of one process
+    with two devices (the same rows and keys per device; the all-reduce crosses processes)."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    runs = [subprocess.Popen([sys.executable, "-c", STEPS_WORKER, "two_processes", str(i),
+                              str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+    runs.append(subprocess.Popen([sys.executable, "-c", STEPS_WORKER, "one_process"], cwd=ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True))
+    try:
+        outs = [p.communicate(timeout=180) for p in runs]
+    except subprocess.TimeoutExpired:
+        for p in runs:
+            p.kill()
+        pytest.fail("multi-process steps timed out")
+    for p, (_, err) in zip(runs, outs):
+        assert p.returncode == 0, err[-4000:]
+    results = [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
+               for out, _ in outs]
+    assert [r["devices"] for r in results] == [2, 2, 2]
+    for r in results[:2]:
+        np.testing.assert_allclose(r["w1"], results[2]["w1"], rtol=1e-6, atol=1e-7)
+        assert r["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
+    assert not np.allclose(results[2]["w1"], 0.2)  # it trained
