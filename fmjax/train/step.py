@@ -200,7 +200,7 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
     global batch of 1024 on fewer accelerators. A loss whose rows interact (a minibatch OT
     coupling) then pairs within each microbatch. ``k`` must divide the batch size (with
     ``shard_loss``, each device's rows: those are split on the device and the gradients
-    all-reduced once per step).
+    all-reduced once per step; in the global view XLA all-reduces each part's gradients).
     """
     _check_decay(ema_decay)
     microbatches = integer(microbatches, "microbatches")
