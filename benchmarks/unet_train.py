@@ -134,11 +134,13 @@ def main():
     gbs = per_dev * ndev
     model = image_flow.build_model(config)
     tx, _ = image_flow.make_optimizer(config)
+    config.data.global_batch_size = gbs
     if args.microbatches is not None:
         config.train.microbatches = args.microbatches
-    if per_dev % int(config.train.microbatches):
-        raise SystemExit(f"--microbatches={config.train.microbatches} must divide the "
-                         f"batch per device ({per_dev}).")
+    try:
+        image_flow._check_microbatches(config, mesh)  # the trainer's check
+    except image_flow.ConfigError as e:
+        raise SystemExit(f"--microbatches: {e}") from None
     step = image_flow.build_train_step(config, model, image_flow.make_path(config), tx, mesh)
     init, abstract_state = image_flow._abstract_state(config, model, tx, mesh)
     data = sharding_lib.data_sharding(mesh)

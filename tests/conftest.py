@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,17 @@ def run_python(code, timeout):
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
+
+
+def run_markdown_examples(page, num_blocks, timeout=600):
+    """Run the ```python blocks of ``docs/<page>`` one after another as one script (see
+    :func:`run_python`); checks their count and the exit status, returns the stdout."""
+    with open(os.path.join(ROOT, "docs", page)) as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
+    assert len(blocks) == num_blocks, f"{page}: {len(blocks)} python blocks"
+    out = run_python("\n".join(blocks), timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
 
 
 def use_compile_cache():

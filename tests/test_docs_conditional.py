@@ -3,19 +3,13 @@ posterior of the simulation-based-inference example against its closed form, and
 guided samples of the class-conditional example, also solved per example with the labels
 given to the solve."""
 
-import os
 import re
 
-from conftest import ROOT, run_python
+from conftest import run_markdown_examples
 
 
 def test_conditional_guide_examples():
-    with open(os.path.join(ROOT, "docs", "conditional.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-    assert len(blocks) == 3
-    out = run_python("\n".join(blocks), timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    text = out.stdout
+    text = run_markdown_examples("conditional.md", 3)
     mean, std = map(float, re.search(r"posterior mean (\S+) .*, std (\S+) ", text).groups())
     logp, exact = map(float, re.search(r"x_obs = 1\) (\S+) \(exact (\S+)\)", text).groups())
     assert abs(mean - 0.5) < 0.05 and abs(std - 0.5**0.5) < 0.05, text

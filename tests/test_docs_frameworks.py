@@ -2,19 +2,13 @@
 hand-written Gaussian flow and its log-likelihood against their closed forms, and Equinox
 and Flax NNX models trained with cfm_loss and scored with the module passed as the field."""
 
-import os
 import re
 
-from conftest import ROOT, run_python
+from conftest import run_markdown_examples
 
 
 def test_frameworks_guide_examples():
-    with open(os.path.join(ROOT, "docs", "frameworks.md")) as f:
-        blocks = re.findall(r"```python\n(.*?)```", f.read(), re.DOTALL)
-    assert len(blocks) == 3
-    out = run_python("\n".join(blocks), timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    text = out.stdout
+    text = run_markdown_examples("frameworks.md", 3)
     flow_err = float(re.search(r"max \|x1 - \(mu \+ s x0\)\| (\S+)", text).group(1))
     logp_err = float(re.search(r"max \|log p - log N\(mu, s\^2\)\| (\S+),", text).group(1))
     assert flow_err < 1e-7 and logp_err < 1e-7, text

@@ -60,6 +60,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _run_workers(runs, timeout, what):
+    """Start ``python -c code *args`` for each ``[code, *args]`` in ``runs`` at once (the
+    processes of one distributed job wait for each other), CPU only with the tests' compile
+    cache; returns each one's ``RESULT`` JSON line, in order."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", *run], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for run in runs]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"{what} timed out")
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
+            for out, _ in outs]
+
+
 def _write_npz_dataset(folder, n_train=48, seed=0):
     """A tiny dataset in the official downsampled-ImageNet npz format."""
     os.makedirs(folder, exist_ok=True)
@@ -100,27 +124,8 @@ def test_two_processes_match_one_process(tmp_path):
     overrides = _overrides(data_dir)
     multi = str(tmp_path / "multi")
     port = _free_port()
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-    env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port), multi,
-                               json.dumps(overrides)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail("multi-process training timed out")
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    results = [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
-               for out, _ in outs]
+    results = _run_workers([[WORKER, str(i), str(port), multi, json.dumps(overrides)]
+                            for i in range(2)], timeout=300, what="multi-process training")
     assert sorted(r["process"] for r in results) == [0, 1]
     assert all(r["count"] == 2 and r["devices"] == 2 and r["step"] == NUM_STEPS
                for r in results)
@@ -188,26 +193,10 @@ def test_microbatched_shard_loss_steps_across_processes(tmp_path):
     """make_train_step(shard_loss=True, microbatches=2), the image trainer's step with
     train.microbatches > 1: two processes with one device each take the steps of one process
     with two devices (the same rows and keys per device; the all-reduce crosses processes)."""
-    env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
     port = _free_port()
-    runs = [subprocess.Popen([sys.executable, "-c", STEPS_WORKER, "two_processes", str(i),
-                              str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
-    runs.append(subprocess.Popen([sys.executable, "-c", STEPS_WORKER, "one_process"], cwd=ROOT,
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True))
-    try:
-        outs = [p.communicate(timeout=180) for p in runs]
-    except subprocess.TimeoutExpired:
-        for p in runs:
-            p.kill()
-        pytest.fail("multi-process steps timed out")
-    for p, (_, err) in zip(runs, outs):
-        assert p.returncode == 0, err[-4000:]
-    results = [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
-               for out, _ in outs]
+    results = _run_workers([[STEPS_WORKER, "two_processes", str(i), str(port)] for i in range(2)]
+                           + [[STEPS_WORKER, "one_process"]], timeout=180,
+                           what="multi-process steps")
     assert [r["devices"] for r in results] == [2, 2, 2]
     for r in results[:2]:
         np.testing.assert_allclose(r["w1"], results[2]["w1"], rtol=1e-6, atol=1e-7)
