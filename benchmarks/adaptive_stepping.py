@@ -32,20 +32,33 @@ def measure(cfg, path, n, per_example, error_norm="rms", repeats=3):
     x0 = jax.random.normal(jax.random.PRNGKey(w2d.SEED), (n, 2))
 
     def run():
-        x, stats = fmjax.sample(side.field(params), x0, solver="dopri5", rtol=1e-5, atol=1e-5,
-                                per_example=per_example, error_norm=error_norm)
+        x, stats = fmjax.sample(
+            side.field(params),
+            x0,
+            solver="dopri5",
+            rtol=1e-5,
+            atol=1e-5,
+            per_example=per_example,
+            error_norm=error_norm,
+        )
         jax.block_until_ready(x)
         return stats
 
     first, times, stats = w2d.bench(run, repeats)
     nfe = np.asarray(stats.nfe)
-    nfe_desc = (f"NFE {int(nfe)}" if nfe.ndim == 0 else
-                f"NFE per example {nfe.min()} / {int(np.median(nfe))} / {nfe.max()} "
-                "(min / median / max)")
+    nfe_desc = (
+        f"NFE {int(nfe)}"
+        if nfe.ndim == 0
+        else f"NFE per example {nfe.min()} / {int(np.median(nfe))} / {nfe.max()} "
+        "(min / median / max)"
+    )
     mode = "per example" if per_example else f"whole batch, error_norm={error_norm!r}"
-    print(f"hidden {cfg['hidden']:4d}, {n} points, {mode}: "
-          f"{statistics.median(times):.4g} s (min {min(times):.4g}, max {max(times):.4g}; "
-          f"first call {first:.3g} s), {nfe_desc}", flush=True)
+    print(
+        f"hidden {cfg['hidden']:4d}, {n} points, {mode}: "
+        f"{statistics.median(times):.4g} s (min {min(times):.4g}, max {max(times):.4g}; "
+        f"first call {first:.3g} s), {nfe_desc}",
+        flush=True,
+    )
 
 
 def main(argv=None):
@@ -61,8 +74,10 @@ def main(argv=None):
     for path in (args.weights, args.weights_small):
         if not os.path.exists(path):
             ap.error(f"no weights file {path!r}: run benchmarks/w2d.py with --weights first")
-    for name, cfg, path, n in (("W2D", w2d.W2D, args.weights, 50_000),
-                               ("W2D-small", w2d.W2D_SMALL, args.weights_small, 1000)):
+    for name, cfg, path, n in (
+        ("W2D", w2d.W2D, args.weights, 50_000),
+        ("W2D-small", w2d.W2D_SMALL, args.weights_small, 1000),
+    ):
         if name not in models:
             continue
         for per_example, norm in ((False, "rms"), (False, "max"), (True, "rms")):

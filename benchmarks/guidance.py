@@ -35,8 +35,10 @@ MODELS = {  # name: (hidden width, hidden layers, points, solver, steps)
 def init(key, width, depth):
     sizes = [2 + 1 + NUM_CLASSES + 1] + [width] * depth + [2]
     keys = jax.random.split(key, len(sizes) - 1)
-    return [(jax.random.normal(k, (a, b)) / jnp.sqrt(a), jnp.zeros(b))
-            for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)]
+    return [
+        (jax.random.normal(k, (a, b)) / jnp.sqrt(a), jnp.zeros(b))
+        for k, a, b in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
 
 
 def field(params, t, x, y):
@@ -52,6 +54,7 @@ def _runner(f, x0, solver, steps):
         x, stats = fmjax.sample(f, x0, solver=solver, steps=steps)
         jax.block_until_ready(x)
         return stats
+
     return run
 
 
@@ -69,9 +72,11 @@ def main(argv=None):
         fields = {
             "unguided (w = 1)": fmjax.guidance.classifier_free(v, y, NUM_CLASSES, 1.0),
             "guided, one call of 2B rows": fmjax.guidance.classifier_free(
-                v, y, NUM_CLASSES, args.scale),
+                v, y, NUM_CLASSES, args.scale
+            ),
             "guided, two calls of B rows": fmjax.guidance.classifier_free(
-                v, y, NUM_CLASSES, args.scale, batched=False),
+                v, y, NUM_CLASSES, args.scale, batched=False
+            ),
         }
 
         runs = {label: _runner(f, x0, solver, steps) for label, f in fields.items()}
@@ -83,9 +88,11 @@ def main(argv=None):
         base = statistics.median(times["unguided (w = 1)"])
         for label, ts in times.items():
             med = statistics.median(ts)
-            print(f"  {label:30s} {med * 1e3:9.2f} ms (min {min(ts) * 1e3:.2f}, max "
-                  f"{max(ts) * 1e3:.2f}; first call {firsts[label]:.2f} s)  "
-                  f"{med / base:.2f}x unguided")
+            print(
+                f"  {label:30s} {med * 1e3:9.2f} ms (min {min(ts) * 1e3:.2f}, max "
+                f"{max(ts) * 1e3:.2f}; first call {firsts[label]:.2f} s)  "
+                f"{med / base:.2f}x unguided"
+            )
 
 
 if __name__ == "__main__":

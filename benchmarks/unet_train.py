@@ -106,22 +106,40 @@ def measure_matmul_tflops(n: int = 2048, repeats: int = 5) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch_per_device", type=int, default=None,
-                   help="default: the preset's global batch / device count")
+    p.add_argument(
+        "--batch_per_device",
+        type=int,
+        default=None,
+        help="default: the preset's global batch / device count",
+    )
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16"])
-    p.add_argument("--microbatches", type=int, default=None,
-                   help="gradient accumulation parts per device (default: the preset's)")
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=None,
+        help="gradient accumulation parts per device (default: the preset's)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed train steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak TFLOP/s per device for MFU (default: measured fp32 matmul)")
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s per device for MFU (default: measured fp32 matmul)",
+    )
     p.add_argument("--sample_batch", type=int, default=None)
     p.add_argument("--sample_tol", type=float, default=1e-5)
     p.add_argument("--no_sample", action="store_true")
-    p.add_argument("--flops_only", action="store_true",
-                   help="count the step's FLOPs from abstract shapes; run nothing")
-    p.add_argument("--no_compile", action="store_true",
-                   help="with --flops_only: analyse the lowered HLO, skip XLA compilation")
+    p.add_argument(
+        "--flops_only",
+        action="store_true",
+        help="count the step's FLOPs from abstract shapes; run nothing",
+    )
+    p.add_argument(
+        "--no_compile",
+        action="store_true",
+        help="with --flops_only: analyse the lowered HLO, skip XLA compilation",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
 
@@ -145,15 +163,23 @@ def main():
     init, abstract_state = image_flow._abstract_state(config, model, tx, mesh)
     data = sharding_lib.data_sharding(mesh)
     batch_shapes = {
-        "image": jax.ShapeDtypeStruct((gbs, *image_flow.IMAGE_SHAPE), jnp.float32,
-                                      sharding=data),
-        "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=data)}
-    num_params = sum(int(np.prod(x.shape)) for x in
-                     jax.tree_util.tree_leaves(abstract_state.params))
-    res = {"preset": args.preset, "backend": jax.default_backend(),
-           "device": str(jax.devices()[0].device_kind), "num_devices": ndev,
-           "batch_per_device": per_dev, "global_batch": gbs, "dtype": config.model.dtype,
-           "microbatches": int(config.train.microbatches), "num_params": num_params}
+        "image": jax.ShapeDtypeStruct((gbs, *image_flow.IMAGE_SHAPE), jnp.float32, sharding=data),
+        "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=data),
+    }
+    num_params = sum(
+        int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params)
+    )
+    res = {
+        "preset": args.preset,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "num_devices": ndev,
+        "batch_per_device": per_dev,
+        "global_batch": gbs,
+        "dtype": config.model.dtype,
+        "microbatches": int(config.train.microbatches),
+        "num_params": num_params,
+    }
 
     # FLOPs: the whole step (forward, backward, Adam, EMA) and one forward per image.
     t0 = time.perf_counter()
@@ -178,8 +204,10 @@ def main():
         res["flops_per_step"] = _flops(step1.lower(abstract_state, batch_shapes))
         res["flops_source"] = "lowered, the same step without microbatches"
     fwd = jax.jit(lambda p, t, x: model.apply(p, t, x)).lower(
-        abstract_state.params, jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, *image_flow.IMAGE_SHAPE), jnp.float32))
+        abstract_state.params,
+        jax.ShapeDtypeStruct((1,), jnp.float32),
+        jax.ShapeDtypeStruct((1, *image_flow.IMAGE_SHAPE), jnp.float32),
+    )
     res["forward_flops_per_image"] = _flops(fwd)
     if res["flops_per_step"]:
         res["flops_per_step_per_image"] = res["flops_per_step"] / (gbs / ndev)
@@ -187,8 +215,10 @@ def main():
     if not args.flops_only:
         state = jax.jit(init, out_shardings=sharding_lib.replicated_sharding(mesh))()
         rng = np.random.default_rng(0)
-        host = {"image": rng.uniform(-1, 1, (gbs, *image_flow.IMAGE_SHAPE)).astype(np.float32),
-                "label": rng.integers(0, 10, gbs).astype(np.int32)}
+        host = {
+            "image": rng.uniform(-1, 1, (gbs, *image_flow.IMAGE_SHAPE)).astype(np.float32),
+            "label": rng.integers(0, 10, gbs).astype(np.int32),
+        }
         batch = jax.device_put(host, data)
         run = compiled if compiled is not None else step
         for _ in range(max(1, args.warmup)):
@@ -201,9 +231,14 @@ def main():
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t)
         st = statistics.median(times)
-        res.update(step_seconds_median=st, step_seconds_min=min(times),
-                   step_seconds_max=max(times), images_per_s=gbs / st,
-                   images_per_s_per_device=gbs / st / ndev, loss=float(m["loss"]))
+        res.update(
+            step_seconds_median=st,
+            step_seconds_min=min(times),
+            step_seconds_max=max(times),
+            images_per_s=gbs / st,
+            images_per_s_per_device=gbs / st / ndev,
+            loss=float(m["loss"]),
+        )
         peak = args.peak_tflops
         res["peak_source"] = "given" if peak else "measured fp32 matmul (2048^3)"
         if peak is None:
@@ -219,16 +254,19 @@ def main():
             params = state.ema_params
             kw = {"solver": "dopri5", "rtol": args.sample_tol, "atol": args.sample_tol}
             t = time.perf_counter()
-            _, stats = image_flow.sample_images(model, params, jax.random.key(1), nb, mesh,
-                                                **kw)
+            _, stats = image_flow.sample_images(model, params, jax.random.key(1), nb, mesh, **kw)
             first = time.perf_counter() - t
             t = time.perf_counter()
-            _, stats = image_flow.sample_images(model, params, jax.random.key(2), nb, mesh,
-                                                **kw)
+            _, stats = image_flow.sample_images(model, params, jax.random.key(2), nb, mesh, **kw)
             secs = time.perf_counter() - t
-            res.update(sample_batch=nb, sample_tol=args.sample_tol,
-                       sample_first_call_seconds=first, sample_seconds=secs,
-                       sample_nfe=int(np.asarray(stats.nfe)), sample_images_per_s=nb / secs)
+            res.update(
+                sample_batch=nb,
+                sample_tol=args.sample_tol,
+                sample_first_call_seconds=first,
+                sample_seconds=secs,
+                sample_nfe=int(np.asarray(stats.nfe)),
+                sample_images_per_s=nb / secs,
+            )
 
     print_table(res)
     if args.out:

@@ -123,22 +123,46 @@ W2D = {"hidden": 512, "depth": 4, "activation": "silu"}
 W2D_SMALL = {"hidden": 64, "depth": 3, "activation": "selu"}
 
 FULL = {
-    "train_batch": 4096, "train_steps": 20,         # timed steps per repeat
-    "sample_n": 50_000, "lik_n": 10_000, "step_size": 0.05, "tol": 1e-5,
-    "quality_steps": 3000, "quality_nll_n": 20_000, "quality_mmd_n": 20_000,
-    "weights_steps": 3000,                       # shared W2D weights when not loaded / reused
-    "small_batch": 256, "small_train_steps": 200, "small_weights_steps": 3000,
-    "small_sample_n": 1000, "small_euler_steps": 100, "small_lik_n": 1000,
-    "matmul_n": 4096, "matmul_repeats": 5, "torch_warm_n": 256,
+    "train_batch": 4096,
+    "train_steps": 20,  # timed steps per repeat
+    "sample_n": 50_000,
+    "lik_n": 10_000,
+    "step_size": 0.05,
+    "tol": 1e-5,
+    "quality_steps": 3000,
+    "quality_nll_n": 20_000,
+    "quality_mmd_n": 20_000,
+    "weights_steps": 3000,  # shared W2D weights when not loaded / reused
+    "small_batch": 256,
+    "small_train_steps": 200,
+    "small_weights_steps": 3000,
+    "small_sample_n": 1000,
+    "small_euler_steps": 100,
+    "small_lik_n": 1000,
+    "matmul_n": 4096,
+    "matmul_repeats": 5,
+    "torch_warm_n": 256,
 }
 QUICK = {
-    "train_batch": 256, "train_steps": 3,
-    "sample_n": 1000, "lik_n": 200, "step_size": 0.05, "tol": 1e-5,
-    "quality_steps": 30, "quality_nll_n": 500, "quality_mmd_n": 500,
+    "train_batch": 256,
+    "train_steps": 3,
+    "sample_n": 1000,
+    "lik_n": 200,
+    "step_size": 0.05,
+    "tol": 1e-5,
+    "quality_steps": 30,
+    "quality_nll_n": 500,
+    "quality_mmd_n": 500,
     "weights_steps": 30,
-    "small_batch": 256, "small_train_steps": 20, "small_weights_steps": 100,
-    "small_sample_n": 100, "small_euler_steps": 100, "small_lik_n": 100,
-    "matmul_n": 1024, "matmul_repeats": 3, "torch_warm_n": 16,
+    "small_batch": 256,
+    "small_train_steps": 20,
+    "small_weights_steps": 100,
+    "small_sample_n": 100,
+    "small_euler_steps": 100,
+    "small_lik_n": 100,
+    "matmul_n": 1024,
+    "matmul_repeats": 3,
+    "torch_warm_n": 16,
 }
 
 
@@ -158,9 +182,11 @@ def pkg_version(name):
 
 def available(framework):
     """(ok, reason) for a framework being importable."""
-    mods = {"fmjax": ["jax", "fmjax", "optax"], "flow_matching": ["torch", "flow_matching",
-                                                                    "torchdiffeq"],
-            "torchcfm": ["torch", "torchcfm", "torchdiffeq"]}[framework]
+    mods = {
+        "fmjax": ["jax", "fmjax", "optax"],
+        "flow_matching": ["torch", "flow_matching", "torchdiffeq"],
+        "torchcfm": ["torch", "torchcfm", "torchdiffeq"],
+    }[framework]
     for m in mods:
         try:
             importlib.import_module(m)
@@ -186,8 +212,12 @@ def bench(fn, repeats):
 
 
 def summarize(times):
-    return {"median": statistics.median(times), "min": min(times), "max": max(times),
-                "samples": list(times)}
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "samples": list(times),
+    }
 
 
 def interleave(fns, repeats, min_seconds=0.0):
@@ -287,8 +317,10 @@ def save_layers(path, layers):
 def load_layers(path):
     with np.load(path) as z:
         n = len([k for k in z.files if k.startswith("kernel_")])
-        return [(z[f"kernel_{i}"].astype(np.float32), z[f"bias_{i}"].astype(np.float32))
-                for i in range(n)]
+        return [
+            (z[f"kernel_{i}"].astype(np.float32), z[f"bias_{i}"].astype(np.float32))
+            for i in range(n)
+        ]
 
 
 def check_layers(layers, hidden, depth):
@@ -301,18 +333,21 @@ def check_layers(layers, hidden, depth):
 def flax_to_layers(variables):
     p = variables["params"]
     names = sorted(p.keys(), key=_layer_order)
-    return [(np.asarray(p[n]["kernel"], np.float32), np.asarray(p[n]["bias"], np.float32))
-            for n in names]
+    return [
+        (np.asarray(p[n]["kernel"], np.float32), np.asarray(p[n]["bias"], np.float32))
+        for n in names
+    ]
 
 
 def layers_to_flax(layers, template):
     import jax.numpy as jnp
+
     p = template["params"]
     names = sorted(p.keys(), key=_layer_order)
     if len(names) != len(layers):
         raise ValueError(f"flax model has {len(names)} Dense layers, weights {len(layers)}")
     new = {}
-    for n, (k, b) in zip(names, layers):
+    for n, (k, b) in zip(names, layers, strict=True):
         if p[n]["kernel"].shape != k.shape:
             raise ValueError(f"{n}: kernel {p[n]['kernel'].shape} vs weights {k.shape}")
         new[n] = {"kernel": jnp.asarray(k), "bias": jnp.asarray(b)}
@@ -321,21 +356,25 @@ def layers_to_flax(layers, template):
 
 def torch_linears(net):
     import torch
+
     return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def torch_to_layers(net):
-    return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
-            for m in torch_linears(net)]
+    return [
+        (m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+        for m in torch_linears(net)
+    ]
 
 
 def layers_to_torch(net, layers):
     import torch
+
     lins = torch_linears(net)
     if len(lins) != len(layers):
         raise ValueError(f"torch model has {len(lins)} Linear layers, weights {len(layers)}")
     with torch.no_grad():
-        for m, (k, b) in zip(lins, layers):
+        for m, (k, b) in zip(lins, layers, strict=True):
             m.weight.copy_(torch.from_numpy(np.array(k.T, np.float32)))
             m.bias.copy_(torch.from_numpy(np.array(b, np.float32)))
 
@@ -361,13 +400,17 @@ def mmd2_unbiased(x, y, bandwidths=MMD_BANDWIDTHS, block=1000, chunk=512):
     inv = jnp.asarray([1.0 / (2.0 * s * s) for s in bandwidths], jnp.float32)
 
     if "f" not in _MMD_FN:
+
         @jax.jit
         def partial_sums(a_blocks, b_chunks, inv):
             def one(a):  # a: (block, 2) -> (num_chunks, block, num_bandwidths)
-                d2 = ((a[None, :, None, 0] - b_chunks[:, None, :, 0]) ** 2
-                      + (a[None, :, None, 1] - b_chunks[:, None, :, 1]) ** 2)
+                d2 = (a[None, :, None, 0] - b_chunks[:, None, :, 0]) ** 2 + (
+                    a[None, :, None, 1] - b_chunks[:, None, :, 1]
+                ) ** 2
                 return jnp.stack([jnp.sum(jnp.exp(-d2 * w), axis=2) for w in inv], -1)
+
             return jax.lax.map(one, a_blocks)
+
         _MMD_FN["f"] = partial_sums
     f = _MMD_FN["f"]
 
@@ -405,14 +448,19 @@ class FmjaxSide:
         self.jax, self.jnp, self.fmjax = jax, jnp, fmjax
         self.spec = spec
         self.mesh = mesh  # data parallel over the CPU devices (fmjax.use_cpu_devices)
-        self.model = fmjax.models.MLP(hidden=spec["hidden"], depth=spec["depth"],
-                                      activation=spec["activation"], time_embedding="raw")
+        self.model = fmjax.models.MLP(
+            hidden=spec["hidden"],
+            depth=spec["depth"],
+            activation=spec["activation"],
+            time_embedding="raw",
+        )
         self.path = fmjax.paths.CondOT(sigma_min=0.0)
 
     def init(self, seed):
         jax, jnp = self.jax, self.jnp
-        return self.model.init(jax.random.PRNGKey(seed), jnp.zeros((1,), jnp.float32),
-                               jnp.zeros((1, 2), jnp.float32))
+        return self.model.init(
+            jax.random.PRNGKey(seed), jnp.zeros((1,), jnp.float32), jnp.zeros((1, 2), jnp.float32)
+        )
 
     def params_from_layers(self, layers):
         return layers_to_flax(layers, self.init(0))
@@ -422,6 +470,7 @@ class FmjaxSide:
         import optax
 
         import fmjax.train  # imported here: the sampling rows do not need it
+
         jax, fmjax = self.jax, self.fmjax
         model, path = self.model, self.path
         tx = optax.adam(lr)
@@ -429,12 +478,14 @@ class FmjaxSide:
         def loss_fn(params, key, _batch):
             k_data, k_loss = jax.random.split(key)
             x1 = fmjax.data.toy.checkerboard(k_data, batch)
-            return fmjax.losses.cfm_loss(lambda t, x: model.apply(params, t, x), path,
-                                         k_loss, x1, reduction="mean")
+            return fmjax.losses.cfm_loss(
+                lambda t, x: model.apply(params, t, x), path, k_loss, x1, reduction="mean"
+            )
 
         def loss_on_batch(params, key, x1):  # for the fused variant (data drawn by it)
-            return fmjax.losses.cfm_loss(lambda t, x: model.apply(params, t, x), path, key,
-                                         x1, reduction="mean")
+            return fmjax.losses.cfm_loss(
+                lambda t, x: model.apply(params, t, x), path, key, x1, reduction="mean"
+            )
 
         self._loss_fn, self._tx = loss_on_batch, tx
         params = self.init(seed)
@@ -466,13 +517,19 @@ class FmjaxSide:
         """``make_fused_train_steps``: ``run()`` makes ``steps`` steps in one compiled
         lax.scan call; the first call (compile + ``steps`` steps) is made here."""
         import fmjax.train
+
         jax, fmjax = self.jax, self.fmjax
         state, _, _ = self.make_trainer(batch, seed)
         if self.mesh is not None:
             state = fmjax.train.sharding.replicate(state, self.mesh)
         run_k = fmjax.train.make_fused_train_steps(
-            self._loss_fn, self._tx, lambda key: fmjax.data.toy.checkerboard(key, batch),
-            steps, ema_decay=None, mesh=self.mesh)
+            self._loss_fn,
+            self._tx,
+            lambda key: fmjax.data.toy.checkerboard(key, batch),
+            steps,
+            ema_decay=None,
+            mesh=self.mesh,
+        )
         box = {"state": state}
 
         def run():
@@ -507,13 +564,11 @@ class FmjaxSide:
         else:
             kw = {"step_size": step_size}
         kw["solver"] = solver
-        x, stats = self.fmjax.sample(self.field(params), self.jnp.asarray(x0), mesh=self.mesh,
-                                     **kw)
+        x, stats = self.fmjax.sample(self.field(params), self.jnp.asarray(x0), mesh=self.mesh, **kw)
         x = self.jax.block_until_ready(x)
         return x, int(np.asarray(stats.nfe))
 
-    def log_likelihood(self, params, x1, divergence, solver, step_size=None, tol=1e-5,
-                       seed=SEED):
+    def log_likelihood(self, params, x1, divergence, solver, step_size=None, tol=1e-5, seed=SEED):
         kw = {"divergence": divergence, "solver": solver}
         if solver == "dopri5":
             kw.update(rtol=tol, atol=tol)
@@ -521,8 +576,9 @@ class FmjaxSide:
             kw.update(step_size=step_size)
         if divergence == "hutchinson":
             kw.update(key=self.jax.random.PRNGKey(seed), num_probes=1)
-        logp, stats = self.fmjax.log_likelihood(self.field(params), self.jnp.asarray(x1),
-                                                mesh=self.mesh, **kw)
+        logp, stats = self.fmjax.log_likelihood(
+            self.field(params), self.jnp.asarray(x1), mesh=self.mesh, **kw
+        )
         logp = self.jax.block_until_ready(logp)
         return logp, int(np.asarray(stats.nfe))
 
@@ -556,9 +612,12 @@ class FmjaxSide:
 def torch_checkerboard(batch_size, device="cpu"):
     """``inf_train_gen`` of Meta's flow_matching 2-D example, verbatim."""
     import torch
+
     x1 = torch.rand(batch_size, device=device) * 4 - 2
-    x2_ = torch.rand(batch_size, device=device) - torch.randint(
-        high=2, size=(batch_size,), device=device) * 2
+    x2_ = (
+        torch.rand(batch_size, device=device)
+        - torch.randint(high=2, size=(batch_size,), device=device) * 2
+    )
     x2 = x2_ + (torch.floor(x1) % 2)
     data = 1.0 * torch.cat([x1[:, None], x2[:, None]], dim=1) / 0.45
     return data.float()
@@ -567,6 +626,7 @@ def torch_checkerboard(batch_size, device="cpu"):
 def torch_net(spec):
     """nn.Sequential Linear(3,h) act ... Linear(h,2) on concat(x, t)."""
     import torch
+
     act = {"silu": torch.nn.SiLU, "selu": torch.nn.SELU}[spec["activation"]]
     h, depth = spec["hidden"], spec["depth"]
     layers = [torch.nn.Linear(3, h), act()]
@@ -578,6 +638,7 @@ def torch_net(spec):
 
 def torch_gaussian_log_prob(x):
     import torch
+
     return -0.5 * torch.sum(x * x, dim=1) - x.shape[1] * 0.5 * math.log(2 * math.pi)
 
 
@@ -589,6 +650,7 @@ class TorchSide:
     def __init__(self, spec):
         import torch
         import torchdiffeq
+
         self.torch, self.torchdiffeq = torch, torchdiffeq
         self.spec = spec
         self.nfe = 0
@@ -652,12 +714,15 @@ class TorchSide:
         x0 = torch.as_tensor(np.asarray(x0))
         t_span = torch.tensor([0.0, 1.0])
         with torch.no_grad():
-            traj = self.torchdiffeq.odeint(lambda t, x: self.velocity(net, t, x), x0, t_span,
-                                           **self.odeint_kwargs(solver, step_size, steps, tol))
+            traj = self.torchdiffeq.odeint(
+                lambda t, x: self.velocity(net, t, x),
+                x0,
+                t_span,
+                **self.odeint_kwargs(solver, step_size, steps, tol),
+            )
         return traj[-1], self.nfe
 
-    def log_likelihood(self, net, x1, divergence, solver, step_size=None, tol=1e-5,
-                       seed=SEED):
+    def log_likelihood(self, net, x1, divergence, solver, step_size=None, tol=1e-5, seed=SEED):
         """torchdiffeq on [x, delta_logp] from t=1 to t=0; divergence by autograd."""
         torch = self.torch
         self.nfe = 0
@@ -685,8 +750,11 @@ class TorchSide:
         state0 = (x1, torch.zeros(x1.shape[0]))
         with torch.no_grad():
             xs, deltas = self.torchdiffeq.odeint(
-                aug, state0, torch.tensor([1.0, 0.0]),
-                **self.odeint_kwargs(solver, step_size, None, tol))
+                aug,
+                state0,
+                torch.tensor([1.0, 0.0]),
+                **self.odeint_kwargs(solver, step_size, None, tol),
+            )
         logp = torch_gaussian_log_prob(xs[-1]) + deltas[-1]
         return logp, self.nfe
 
@@ -747,23 +815,24 @@ class FlowMatchingSide(TorchSide):
         solver_obj = self.ODESolver(velocity_model=self.Wrapper(net))
         x0 = torch.as_tensor(np.asarray(x0))
         if solver == "dopri5":
-            x = solver_obj.sample(x_init=x0, step_size=None, method="dopri5", atol=tol,
-                                  rtol=tol)
+            x = solver_obj.sample(x_init=x0, step_size=None, method="dopri5", atol=tol, rtol=tol)
         else:
             if steps is not None:
                 step_size = 1.0 / steps
             x = solver_obj.sample(x_init=x0, step_size=step_size, method=solver)
         return x, self.nfe
 
-    def log_likelihood(self, net, x1, divergence, solver, step_size=None, tol=1e-5,
-                       seed=SEED):
+    def log_likelihood(self, net, x1, divergence, solver, step_size=None, tol=1e-5, seed=SEED):
         torch = self.torch
         self.nfe = 0
         solver_obj = self.ODESolver(velocity_model=self.Wrapper(net))
         x1 = torch.as_tensor(np.asarray(x1))
         torch.manual_seed(seed)
-        kw = {"x_1": x1, "log_p0": torch_gaussian_log_prob,
-                  "exact_divergence": divergence == "exact"}
+        kw = {
+            "x_1": x1,
+            "log_p0": torch_gaussian_log_prob,
+            "exact_divergence": divergence == "exact",
+        }
         if solver == "dopri5":
             kw.update(step_size=None, method="dopri5", atol=tol, rtol=tol)
         else:
@@ -780,11 +849,13 @@ class TorchCFMSide(TorchSide):
     def __init__(self, spec):
         super().__init__(spec)
         from torchcfm.conditional_flow_matching import ConditionalFlowMatcher
+
         self.fm = ConditionalFlowMatcher(sigma=0.0)
 
     def make_net(self):
         if self.spec == W2D_SMALL:  # torchcfm's own example MLP is exactly W2D-small
             from torchcfm.models import MLP
+
             return MLP(dim=2, time_varying=True, w=64)
         return torch_net(self.spec)
 
@@ -825,6 +896,7 @@ class Runner:
             spec = W2D if spec_name == "W2D" else W2D_SMALL
             if fw == DP:
                 import fmjax.train
+
                 self.sides[key] = FmjaxSide(spec, mesh=fmjax.train.sharding.make_mesh())
             else:
                 self.sides[key] = SIDES[fw](spec)
@@ -842,9 +914,11 @@ class Runner:
             log(f"{kw['row']}/{kw['case']}/{kw['framework']}: ERROR {kw['error']}")
         else:
             med = kw.get("median")
-            log(f"{kw['row']}/{kw['case']}/{kw['framework']}: "
+            log(
+                f"{kw['row']}/{kw['case']}/{kw['framework']}: "
                 f"{med if med is None else f'{med:.4g}'} {kw.get('unit', '')} "
-                f"nfe={kw.get('nfe')} first={kw.get('first_call_s')}")
+                f"nfe={kw.get('nfe')} first={kw.get('first_call_s')}"
+            )
 
     def guarded(self, row, case, fw, fn):
         try:
@@ -868,7 +942,7 @@ class Runner:
             return layers
         if spec_name == "W2D" and self.quality_models:
             fw, params = next(iter(self.quality_models.items()))
-            layers = (flax_to_layers(params) if fw == "fmjax" else torch_to_layers(params))
+            layers = flax_to_layers(params) if fw == "fmjax" else torch_to_layers(params)
             src = f"the {fw} model of the quality row ({self.cfg['quality_steps']} steps)"
         else:
             steps = self.cfg["weights_steps" if spec_name == "W2D" else "small_weights_steps"]
@@ -926,8 +1000,9 @@ class Runner:
 
         for key, label, method in lines:
             self.guarded(row, case, label, functools.partial(prepare, key, label, method))
-        times, losses, errors = interleave({k: v[1] for k, v in timers.items()},
-                                           self.args.repeats, self.args.min_turn)
+        times, losses, errors = interleave(
+            {k: v[1] for k, v in timers.items()}, self.args.repeats, self.args.min_turn
+        )
         ratios = self.peer_ratios(times)
         spec = W2D if spec_name == "W2D" else W2D_SMALL
         flop = train_flop_per_step(spec["hidden"], spec["depth"], batch)
@@ -936,9 +1011,18 @@ class Runner:
                 self.record(row=row, case=case, framework=label, error=errors[label])
                 continue
             rates = summarize([steps / t for t in times[label]])
-            self.record(row=row, case=case, framework=label, unit="steps/s", first_call_s=first,
-                        flop_per_step=flop, gflops=flop * rates["median"] / 1e9,
-                        loss=losses[label], **rates, **ratios.get(label, {}))
+            self.record(
+                row=row,
+                case=case,
+                framework=label,
+                unit="steps/s",
+                first_call_s=first,
+                flop_per_step=flop,
+                gflops=flop * rates["median"] / 1e9,
+                loss=losses[label],
+                **rates,
+                **ratios.get(label, {}),
+            )
 
     def run_solve_cases(self, row, spec_name, cases):
         """cases: list of (case label, kind 'sample'|'lik', inputs, kwargs, warm_n).
@@ -952,21 +1036,45 @@ class Runner:
                 fws.insert(fws.index("fmjax") + 1, DP)
             prepared = {}
             for fw in fws:
-                self.guarded(row, label, self.fw_label(fw), functools.partial(
-                    self.prepare_solve, prepared, spec_name, layers, fw, kind, inputs, kw,
-                    warm_n))
+                self.guarded(
+                    row,
+                    label,
+                    self.fw_label(fw),
+                    functools.partial(
+                        self.prepare_solve,
+                        prepared,
+                        spec_name,
+                        layers,
+                        fw,
+                        kind,
+                        inputs,
+                        kw,
+                        warm_n,
+                    ),
+                )
             turn = 0.0 if "(latency)" in label else self.args.min_turn
-            times, results, errors = interleave({fw: p["fn"] for fw, p in prepared.items()},
-                                                self.args.repeats, turn)
+            times, results, errors = interleave(
+                {fw: p["fn"] for fw, p in prepared.items()}, self.args.repeats, turn
+            )
             ratios = self.peer_ratios(times)
             outs = {}
             for fw, p in prepared.items():
                 if fw in errors:
-                    self.record(row=row, case=label, framework=self.fw_label(fw),
-                                error=errors[fw])
+                    self.record(row=row, case=label, framework=self.fw_label(fw), error=errors[fw])
                     continue
-                self.record_solve(row, label, kind, kw, inputs, fw, p, times[fw],
-                                  results[fw], outs, ratios.get(fw, {}))
+                self.record_solve(
+                    row,
+                    label,
+                    kind,
+                    kw,
+                    inputs,
+                    fw,
+                    p,
+                    times[fw],
+                    results[fw],
+                    outs,
+                    ratios.get(fw, {}),
+                )
 
     def _compare(self, outs, fw, out):
         """max |out - first framework's out| (numpy)."""
@@ -991,14 +1099,21 @@ class Runner:
             method(params, inputs, **kw)
             first = time.perf_counter() - t0
         else:
-            warm_x = (np.zeros((warm_n, 2), np.float32) if kind == "sample"
-                      else checkerboard_np(np.random.default_rng(1), warm_n))
+            warm_x = (
+                np.zeros((warm_n, 2), np.float32)
+                if kind == "sample"
+                else checkerboard_np(np.random.default_rng(1), warm_n)
+            )
             method(params, warm_x, **kw)
         if fw == "fmjax" and not self.args.no_nfe_check:  # (DP: the same NFE, tested)
             extra["nfe_counted"] = side.counted_nfe(
-                "sample" if kind == "sample" else "log_likelihood", params, inputs, **kw)
-        prepared[fw] = {"fn": functools.partial(method, params, inputs, **kw), "first": first,
-                        "extra": extra}
+                "sample" if kind == "sample" else "log_likelihood", params, inputs, **kw
+            )
+        prepared[fw] = {
+            "fn": functools.partial(method, params, inputs, **kw),
+            "first": first,
+            "extra": extra,
+        }
 
     def record_solve(self, row, label, kind, kw, inputs, fw, prep, times, result, outs, ratio):
         out, nfe = result
@@ -1013,32 +1128,76 @@ class Runner:
                 extra["note"] = "own random probes: logp differs per framework"
         else:
             extra["max_abs_diff_x_vs_first"] = diff
-        self.record(row=row, case=label, framework=self.fw_label(fw), unit="s", nfe=nfe,
-                    first_call_s=first, n=int(inputs.shape[0]), **res, **extra, **ratio)
+        self.record(
+            row=row,
+            case=label,
+            framework=self.fw_label(fw),
+            unit="s",
+            nfe=nfe,
+            first_call_s=first,
+            n=int(inputs.shape[0]),
+            **res,
+            **extra,
+            **ratio,
+        )
 
     def run_sample(self):
         c = self.cfg
         rng = np.random.default_rng(SEED + 1)
         x0 = rng.standard_normal((c["sample_n"], 2)).astype(np.float32)
         n, h, tol, w = c["sample_n"], c["step_size"], c["tol"], c["torch_warm_n"]
-        self.run_solve_cases("sample", "W2D", [
-            (f"sample {n} midpoint h={h}", "sample", x0,
-             {"solver": "midpoint", "step_size": h}, w),
-            (f"sample {n} dopri5 tol={tol:g}", "sample", x0, {"solver": "dopri5", "tol": tol}, w),
-        ])
+        self.run_solve_cases(
+            "sample",
+            "W2D",
+            [
+                (
+                    f"sample {n} midpoint h={h}",
+                    "sample",
+                    x0,
+                    {"solver": "midpoint", "step_size": h},
+                    w,
+                ),
+                (
+                    f"sample {n} dopri5 tol={tol:g}",
+                    "sample",
+                    x0,
+                    {"solver": "dopri5", "tol": tol},
+                    w,
+                ),
+            ],
+        )
 
     def run_likelihood(self):
         c = self.cfg
         x1 = checkerboard_np(np.random.default_rng(SEED + 2), c["lik_n"])
         n, h, tol, w = c["lik_n"], c["step_size"], c["tol"], c["torch_warm_n"]
-        self.run_solve_cases("likelihood", "W2D", [
-            (f"loglik {n} exact midpoint h={h}", "lik", x1,
-             {"divergence": "exact", "solver": "midpoint", "step_size": h}, w),
-            (f"loglik {n} hutchinson(1) midpoint h={h}", "lik", x1,
-             {"divergence": "hutchinson", "solver": "midpoint", "step_size": h}, w),
-            (f"loglik {n} exact dopri5 tol={tol:g}", "lik", x1,
-             {"divergence": "exact", "solver": "dopri5", "tol": tol}, w),
-        ])
+        self.run_solve_cases(
+            "likelihood",
+            "W2D",
+            [
+                (
+                    f"loglik {n} exact midpoint h={h}",
+                    "lik",
+                    x1,
+                    {"divergence": "exact", "solver": "midpoint", "step_size": h},
+                    w,
+                ),
+                (
+                    f"loglik {n} hutchinson(1) midpoint h={h}",
+                    "lik",
+                    x1,
+                    {"divergence": "hutchinson", "solver": "midpoint", "step_size": h},
+                    w,
+                ),
+                (
+                    f"loglik {n} exact dopri5 tol={tol:g}",
+                    "lik",
+                    x1,
+                    {"divergence": "exact", "solver": "dopri5", "tol": tol},
+                    w,
+                ),
+            ],
+        )
 
     def run_small(self):
         c = self.cfg
@@ -1048,16 +1207,40 @@ class Runner:
         x0 = rng.standard_normal((n, 2)).astype(np.float32)
         x0_one = rng.standard_normal((1, 2)).astype(np.float32)
         x1 = checkerboard_np(np.random.default_rng(SEED + 4), c["small_lik_n"])
-        self.run_solve_cases("small", "W2D-small", [
-            (f"small sample {n} euler {ns} steps", "sample", x0,
-             {"solver": "euler", "steps": ns}, 4),
-            (f"small sample {n} dopri5 tol={tol:g}", "sample", x0,
-             {"solver": "dopri5", "tol": tol}, 4),
-            (f"small sample 1 dopri5 tol={tol:g} (latency)", "sample", x0_one,
-             {"solver": "dopri5", "tol": tol}, 1),
-            (f"small loglik {x1.shape[0]} exact dopri5 tol={tol:g}", "lik", x1,
-             {"divergence": "exact", "solver": "dopri5", "tol": tol}, 4),
-        ])
+        self.run_solve_cases(
+            "small",
+            "W2D-small",
+            [
+                (
+                    f"small sample {n} euler {ns} steps",
+                    "sample",
+                    x0,
+                    {"solver": "euler", "steps": ns},
+                    4,
+                ),
+                (
+                    f"small sample {n} dopri5 tol={tol:g}",
+                    "sample",
+                    x0,
+                    {"solver": "dopri5", "tol": tol},
+                    4,
+                ),
+                (
+                    f"small sample 1 dopri5 tol={tol:g} (latency)",
+                    "sample",
+                    x0_one,
+                    {"solver": "dopri5", "tol": tol},
+                    1,
+                ),
+                (
+                    f"small loglik {x1.shape[0]} exact dopri5 tol={tol:g}",
+                    "lik",
+                    x1,
+                    {"divergence": "exact", "solver": "dopri5", "tol": tol},
+                    4,
+                ),
+            ],
+        )
 
     def run_quality(self):
         c = self.cfg
@@ -1065,14 +1248,24 @@ class Runner:
         held_out = checkerboard_np(np.random.default_rng(SEED + 5), c["quality_nll_n"])
         data_a = checkerboard_np(np.random.default_rng(SEED + 6), c["quality_mmd_n"])
         data_b = checkerboard_np(np.random.default_rng(SEED + 8), c["quality_mmd_n"])
-        x0 = np.random.default_rng(SEED + 9).standard_normal(
-            (c["quality_mmd_n"], 2)).astype(np.float32)
+        x0 = (
+            np.random.default_rng(SEED + 9)
+            .standard_normal((c["quality_mmd_n"], 2))
+            .astype(np.float32)
+        )
         t0 = time.perf_counter()
         floor = mmd2_unbiased(data_b, data_a)
         mmd_s = time.perf_counter() - t0
-        self.record(row="quality", case="reference: data vs data", framework="-",
-                    unit="", mmd2=floor, mmd_s=mmd_s, nll=checkerboard_entropy(),
-                    note="true entropy and the MMD^2 of two independent data sets")
+        self.record(
+            row="quality",
+            case="reference: data vs data",
+            framework="-",
+            unit="",
+            mmd2=floor,
+            mmd_s=mmd_s,
+            nll=checkerboard_entropy(),
+            note="true entropy and the MMD^2 of two independent data sets",
+        )
         n_seeds = c["quality_seeds"]
         for fw in self.frameworks:
             case = f"after {c['quality_steps']} steps"
@@ -1081,8 +1274,9 @@ class Runner:
             def go(fw=fw, seed_i=0, case=case, per_seed=per_seed):
                 side = self.side(fw, "W2D")
                 # seed_i = 0 is the seed of every earlier single-seed run
-                params, tr = side.train(c["train_batch"], c["quality_steps"],
-                                        seed=SEED + 11 + 100 * seed_i)
+                params, tr = side.train(
+                    c["train_batch"], c["quality_steps"], seed=SEED + 11 + 100 * seed_i
+                )
                 self.quality_models.setdefault(fw, params)
                 t1 = time.perf_counter()
                 logp, nfe_l = side.log_likelihood(params, held_out, "exact", "dopri5", tol=tol)
@@ -1092,32 +1286,45 @@ class Runner:
                 sample_s = time.perf_counter() - t1
                 logp = np.asarray(logp.detach().numpy() if hasattr(logp, "detach") else logp)
                 xs = np.asarray(xs.detach().numpy() if hasattr(xs, "detach") else xs)
-                rec = dict(nll=float(-np.mean(logp)),
-                           nll_sem=float(np.std(logp) / math.sqrt(len(logp))),
-                           nll_nfe=nfe_l, nll_s=nll_s, mmd2=mmd2_unbiased(xs, data_a),
-                           sample_nfe=nfe_s, sample_s=sample_s, **tr)
+                rec = dict(
+                    nll=float(-np.mean(logp)),
+                    nll_sem=float(np.std(logp) / math.sqrt(len(logp))),
+                    nll_nfe=nfe_l,
+                    nll_s=nll_s,
+                    mmd2=mmd2_unbiased(xs, data_a),
+                    sample_nfe=nfe_s,
+                    sample_s=sample_s,
+                    **tr,
+                )
                 per_seed.append(rec)
                 label = case if n_seeds == 1 else f"{case}, training seed {seed_i}"
                 self.record(row="quality", case=label, framework=fw, unit="", **rec)
+
             for i in range(n_seeds):
                 self.guarded("quality", case, fw, functools.partial(go, seed_i=i))
             if n_seeds > 1 and per_seed:
                 nll = np.array([r["nll"] for r in per_seed])
                 mmd = np.array([r["mmd2"] for r in per_seed])
-                self.record(row="quality", case=f"{case}, mean of {len(per_seed)} training "
-                            "seeds", framework=fw, unit="", nll=float(nll.mean()),
-                            nll_seed_sd=float(nll.std(ddof=1)) if len(nll) > 1 else None,
-                            mmd2=float(mmd.mean()),
-                            mmd2_seed_sd=float(mmd.std(ddof=1)) if len(mmd) > 1 else None,
-                            nll_nfe=float(np.mean([r["nll_nfe"] for r in per_seed])),
-                            sample_nfe=float(np.mean([r["sample_nfe"] for r in per_seed])),
-                            note="+- between seeds is the sample standard deviation")
+                self.record(
+                    row="quality",
+                    case=f"{case}, mean of {len(per_seed)} training seeds",
+                    framework=fw,
+                    unit="",
+                    nll=float(nll.mean()),
+                    nll_seed_sd=float(nll.std(ddof=1)) if len(nll) > 1 else None,
+                    mmd2=float(mmd.mean()),
+                    mmd2_seed_sd=float(mmd.std(ddof=1)) if len(mmd) > 1 else None,
+                    nll_nfe=float(np.mean([r["nll_nfe"] for r in per_seed])),
+                    sample_nfe=float(np.mean([r["sample_nfe"] for r in per_seed])),
+                    note="+- between seeds is the sample standard deviation",
+                )
 
     def run_matmul(self):
         n, reps = self.cfg["matmul_n"], self.cfg["matmul_repeats"]
-        flop = 2.0 * n ** 3
+        flop = 2.0 * n**3
         import jax
         import jax.numpy as jnp
+
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
         b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
         dot = jax.jit(jnp.dot)
@@ -1128,12 +1335,19 @@ class Runner:
             dot(a, b).block_until_ready()
             times.append(time.perf_counter() - t0)
         self.matmul_gflops = flop / min(times) / 1e9
-        self.record(row="matmul", case=f"jnp.dot {n}x{n} fp32 (best of {reps})",
-                    framework="jax", unit="GFLOP/s", median=flop / statistics.median(times)
-                    / 1e9, min=flop / max(times) / 1e9, max=self.matmul_gflops,
-                    best=self.matmul_gflops)
+        self.record(
+            row="matmul",
+            case=f"jnp.dot {n}x{n} fp32 (best of {reps})",
+            framework="jax",
+            unit="GFLOP/s",
+            median=flop / statistics.median(times) / 1e9,
+            min=flop / max(times) / 1e9,
+            max=self.matmul_gflops,
+            best=self.matmul_gflops,
+        )
         try:
             import torch
+
             ta, tb = torch.randn(n, n), torch.randn(n, n)
             torch.mm(ta, tb)
             times = []
@@ -1141,11 +1355,16 @@ class Runner:
                 t0 = time.perf_counter()
                 torch.mm(ta, tb)
                 times.append(time.perf_counter() - t0)
-            self.record(row="matmul", case=f"torch.mm {n}x{n} fp32 (best of {reps})",
-                        framework="torch", unit="GFLOP/s",
-                        median=flop / statistics.median(times) / 1e9,
-                        min=flop / max(times) / 1e9, max=flop / min(times) / 1e9,
-                        best=flop / min(times) / 1e9)
+            self.record(
+                row="matmul",
+                case=f"torch.mm {n}x{n} fp32 (best of {reps})",
+                framework="torch",
+                unit="GFLOP/s",
+                median=flop / statistics.median(times) / 1e9,
+                min=flop / max(times) / 1e9,
+                max=flop / min(times) / 1e9,
+                best=flop / min(times) / 1e9,
+            )
         except ImportError:
             pass
 
@@ -1192,10 +1411,12 @@ def fmt(x, digits=4):
 def markdown(records, meta):
     loads = [r["loadavg_1m"] for r in records if "loadavg_1m" in r]
     lines = [
-        (f"W2D benchmark ({'quick' if meta['quick'] else 'full'}), {meta['date']}, "
-         f"{meta['cpu']}, {meta['nproc']} cores, repeats={meta['repeats']}, 1-min load average "
-         f"{meta['loadavg_start']:.2f} at start, max {max(loads, default=0.0):.2f} at a row's "
-         f"end"),
+        (
+            f"W2D benchmark ({'quick' if meta['quick'] else 'full'}), {meta['date']}, "
+            f"{meta['cpu']}, {meta['nproc']} cores, repeats={meta['repeats']}, 1-min load average "
+            f"{meta['loadavg_start']:.2f} at start, max {max(loads, default=0.0):.2f} at a row's "
+            f"end"
+        ),
         "",
         "| row | case | framework | median | min-max | unit | NFE | first call (s) | notes |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1204,17 +1425,27 @@ def markdown(records, meta):
         notes = []
         if "error" in r:
             notes.append(f"ERROR {r['error']}")
-        for k, label in (("compile_s_est", "compile~"), ("nfe_counted", "counted NFE"),
-                         ("max_abs_diff_x_vs_first", "max|dx|"),
-                         ("mean_logp", "mean logp"),
-                         ("max_abs_diff_logp_vs_first", "max|dlogp|"),
-                         ("gflops", "GFLOP/s"), ("fraction_of_matmul", "of matmul"),
-                         ("loss", "loss"), ("nll", "NLL"), ("nll_sem", "+-"),
-                         ("nll_seed_sd", "seed sd"), ("mmd2", "MMD^2"),
-                         ("mmd2_seed_sd", "seed sd"), ("nll_nfe", "NLL NFE"),
-                         ("sample_nfe", "sample NFE"), ("steps_per_s", "train steps/s"),
-                         ("train_s", "train s"), ("final_loss", "final loss"),
-                         ("note", "")):
+        for k, label in (
+            ("compile_s_est", "compile~"),
+            ("nfe_counted", "counted NFE"),
+            ("max_abs_diff_x_vs_first", "max|dx|"),
+            ("mean_logp", "mean logp"),
+            ("max_abs_diff_logp_vs_first", "max|dlogp|"),
+            ("gflops", "GFLOP/s"),
+            ("fraction_of_matmul", "of matmul"),
+            ("loss", "loss"),
+            ("nll", "NLL"),
+            ("nll_sem", "+-"),
+            ("nll_seed_sd", "seed sd"),
+            ("mmd2", "MMD^2"),
+            ("mmd2_seed_sd", "seed sd"),
+            ("nll_nfe", "NLL NFE"),
+            ("sample_nfe", "sample NFE"),
+            ("steps_per_s", "train steps/s"),
+            ("train_s", "train s"),
+            ("final_loss", "final loss"),
+            ("note", ""),
+        ):
             if r.get(k) is not None:
                 v = r[k]
                 if k == "fraction_of_matmul":
@@ -1224,16 +1455,28 @@ def markdown(records, meta):
         if r.get("ratio_median") is not None:
             notes.insert(0, f"vs faster peer {ratio_text(r)}")
         mm = "" if r.get("min") is None else f"{fmt(r['min'])}-{fmt(r['max'])}"
-        lines.append(f"| {r['row']} | {r['case']} | {r['framework']} | {fmt(r.get('median'))} "
-                     f"| {mm} | {r.get('unit', '')} | {fmt(r.get('nfe'))} "
-                     f"| {fmt(r.get('first_call_s'))} | {'; '.join(notes)} |")
+        lines.append(
+            f"| {r['row']} | {r['case']} | {r['framework']} | {fmt(r.get('median'))} "
+            f"| {mm} | {r.get('unit', '')} | {fmt(r.get('nfe'))} "
+            f"| {fmt(r.get('first_call_s'))} | {'; '.join(notes)} |"
+        )
     ratio_rows = [r for r in records if r.get("ratio_median") is not None]
     if ratio_rows:
-        lines += ["", ("Per-round ratios: the faster peer's time over the fmjax line's time in "
-                       "the same round (> 1: fmjax is faster), median (min-max) over the rounds."),
-                  "", "| row | case | fmjax line | ratio | rounds |", "|---|---|---|---|---|"]
-        lines += [f"| {r['row']} | {r['case']} | {r['framework']} | {ratio_text(r)} "
-                  f"| {len(r['ratio_samples'])} |" for r in ratio_rows]
+        lines += [
+            "",
+            (
+                "Per-round ratios: the faster peer's time over the fmjax line's time in "
+                "the same round (> 1: fmjax is faster), median (min-max) over the rounds."
+            ),
+            "",
+            "| row | case | fmjax line | ratio | rounds |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['row']} | {r['case']} | {r['framework']} | {ratio_text(r)} "
+            f"| {len(r['ratio_samples'])} |"
+            for r in ratio_rows
+        ]
     return "\n".join(lines)
 
 
@@ -1242,37 +1485,69 @@ def ratio_text(r):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke check)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default=",".join(FRAMEWORKS),
-                    help="comma-separated subset of " + ",".join(FRAMEWORKS))
-    ap.add_argument("--rows", default=",".join(ROWS),
-                    help="comma-separated subset of " + ",".join(ROWS))
-    ap.add_argument("--out", default=None, help="raw JSON output (default "
-                    "docs/benchmarks_w2d_raw.json; --quick: the temp directory)")
-    ap.add_argument("--weights", default=None,
-                    help="W2D shared weights .npz: loaded if it exists, else written there")
+    ap.add_argument(
+        "--only",
+        default=",".join(FRAMEWORKS),
+        help="comma-separated subset of " + ",".join(FRAMEWORKS),
+    )
+    ap.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS)
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="raw JSON output (default docs/benchmarks_w2d_raw.json; --quick: the temp directory)",
+    )
+    ap.add_argument(
+        "--weights",
+        default=None,
+        help="W2D shared weights .npz: loaded if it exists, else written there",
+    )
     ap.add_argument("--weights-small", default=None, help="the same for W2D-small")
     ap.add_argument("--quality-steps", type=int, default=None, help="override (3000)")
-    ap.add_argument("--quality-seeds", type=int, default=1,
-                    help="training runs (seeds) per framework in the quality row; with more "
-                    "than one, a line per seed and their mean and standard deviation")
+    ap.add_argument(
+        "--quality-seeds",
+        type=int,
+        default=1,
+        help="training runs (seeds) per framework in the quality row; with more "
+        "than one, a line per seed and their mean and standard deviation",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    ap.add_argument("--no-fused", action="store_true",
-                    help="skip the extra fmjax row with make_fused_train_steps (lax.scan)")
-    ap.add_argument("--no-nfe-check", action="store_true",
-                    help="skip the untimed fmjax NFE count by jax.debug.callback")
-    ap.add_argument("--cpu-devices", type=int, default=None,
-                    help="fmjax.use_cpu_devices(N) first, and extra fmjax lines that split "
-                    "each batch over the N CPU devices (default: one per core; 1: none)")
-    ap.add_argument("--min-turn", type=float, default=0.5,
-                    help="seconds each framework's turn in a round lasts at least (calls "
-                    "repeated, mean per call); 0: one call per turn")
-    ap.add_argument("--tune-allocator", action="store_true",
-                    help="call fmjax.tune_cpu_allocator() first (process-wide: the PyTorch "
-                    "peers in this process get it too)")
+    ap.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="skip the extra fmjax row with make_fused_train_steps (lax.scan)",
+    )
+    ap.add_argument(
+        "--no-nfe-check",
+        action="store_true",
+        help="skip the untimed fmjax NFE count by jax.debug.callback",
+    )
+    ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="fmjax.use_cpu_devices(N) first, and extra fmjax lines that split "
+        "each batch over the N CPU devices (default: one per core; 1: none)",
+    )
+    ap.add_argument(
+        "--min-turn",
+        type=float,
+        default=0.5,
+        help="seconds each framework's turn in a round lasts at least (calls "
+        "repeated, mean per call); 0: one call per turn",
+    )
+    ap.add_argument(
+        "--tune-allocator",
+        action="store_true",
+        help="call fmjax.tune_cpu_allocator() first (process-wide: the PyTorch "
+        "peers in this process get it too)",
+    )
     args = ap.parse_args(argv)
 
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -1292,9 +1567,13 @@ def main(argv=None):
         ap.error(f"--quality-seeds must be >= 1; got {args.quality_seeds}")
     cfg["quality_seeds"] = args.quality_seeds
     if args.out is None:
-        args.out = (os.path.join(tempfile.gettempdir(), "benchmarks_w2d_quick.json")
-                    if args.quick else os.path.join(os.path.dirname(__file__), os.pardir,
-                                                    "docs", "benchmarks_w2d_raw.json"))
+        args.out = (
+            os.path.join(tempfile.gettempdir(), "benchmarks_w2d_quick.json")
+            if args.quick
+            else os.path.join(
+                os.path.dirname(__file__), os.pardir, "docs", "benchmarks_w2d_raw.json"
+            )
+        )
 
     import fmjax  # starts no JAX backend: the two settings below must come before one
 
@@ -1316,6 +1595,7 @@ def main(argv=None):
             print(f"NOTE: skipping {fw}: {why}")
     try:
         import torch
+
         torch.set_num_threads(args.threads)
     except ImportError:
         pass
@@ -1323,32 +1603,61 @@ def main(argv=None):
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
     meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-        "quick": args.quick, "repeats": args.repeats, "config": cfg, "frameworks": frameworks,
-        "skipped": skipped, "rows": args.rows, "cpu": cpu, "nproc": os.cpu_count(),
-        "python": platform.python_version(), "torch_threads": args.threads,
-        "tuned_allocator": tuned_allocator, "cpu_devices": args.cpu_devices,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "config": cfg,
+        "frameworks": frameworks,
+        "skipped": skipped,
+        "rows": args.rows,
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch_threads": args.threads,
+        "tuned_allocator": tuned_allocator,
+        "cpu_devices": args.cpu_devices,
         "min_turn_s": args.min_turn,
-        "versions": {p: pkg_version(p) for p in ("fmjax", "jax", "jaxlib", "flax", "optax",
-                                              "diffrax", "torch", "flow_matching", "torchcfm",
-                                              "torchdiffeq", "numpy")},
-        "W2D": dict(**W2D, params=num_params(W2D["hidden"], W2D["depth"]),
-                 train_flop_per_step=train_flop_per_step(W2D["hidden"], W2D["depth"],
-                                                         cfg["train_batch"])),
-        "W2D_small": dict(**W2D_SMALL, params=num_params(W2D_SMALL["hidden"],
-                                                      W2D_SMALL["depth"])),
-        "true_entropy_nats": checkerboard_entropy(), "mmd_bandwidths": list(MMD_BANDWIDTHS),
+        "versions": {
+            p: pkg_version(p)
+            for p in (
+                "fmjax",
+                "jax",
+                "jaxlib",
+                "flax",
+                "optax",
+                "diffrax",
+                "torch",
+                "flow_matching",
+                "torchcfm",
+                "torchdiffeq",
+                "numpy",
+            )
+        },
+        "W2D": dict(
+            **W2D,
+            params=num_params(W2D["hidden"], W2D["depth"]),
+            train_flop_per_step=train_flop_per_step(
+                W2D["hidden"], W2D["depth"], cfg["train_batch"]
+            ),
+        ),
+        "W2D_small": dict(**W2D_SMALL, params=num_params(W2D_SMALL["hidden"], W2D_SMALL["depth"])),
+        "true_entropy_nats": checkerboard_entropy(),
+        "mmd_bandwidths": list(MMD_BANDWIDTHS),
     }
     meta["loadavg_start"] = os.getloadavg()[0]
     if meta["loadavg_start"] > 0.5:
-        print(f"WARNING: 1-min load average {meta['loadavg_start']:.2f} before the start: other "
-              "processes compete for the cores and skew the timings (torch with 2 threads "
-              "suffers most: its threads wait for each other at every op).")
+        print(
+            f"WARNING: 1-min load average {meta['loadavg_start']:.2f} before the start: other "
+            "processes compete for the cores and skew the timings (torch with 2 threads "
+            "suffers most: its threads wait for each other at every op)."
+        )
     log(f"frameworks {frameworks}, rows {args.rows}, {'quick' if args.quick else 'full'}")
     runner = Runner(args, cfg, frameworks)
     t0 = time.perf_counter()
@@ -1361,8 +1670,9 @@ def main(argv=None):
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "records": runner.records, "table": table}, f, indent=1,
-                  default=float)
+        json.dump(
+            {"meta": meta, "records": runner.records, "table": table}, f, indent=1, default=float
+        )
     print(f"\nraw numbers: {os.path.abspath(args.out)}")
     return 0 if not any("error" in r for r in runner.records) else 1
 

@@ -37,11 +37,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--fused-steps", type=int, default=200)
     ap.add_argument("--per-step-steps", type=int, default=50)
-    ap.add_argument("--min-turn", type=float, default=0.5,
-                    help="seconds each variant's turn in a round lasts at least")
+    ap.add_argument(
+        "--min-turn",
+        type=float,
+        default=0.5,
+        help="seconds each variant's turn in a round lasts at least",
+    )
     args = ap.parse_args(argv)
 
     import fmjax
+
     n = fmjax.use_cpu_devices(args.cpu_devices or fmjax.cpu_devices.num_cores())
     import jax
     import jax.numpy as jnp
@@ -54,8 +59,12 @@ def main(argv=None):
     from fmjax.train import sharding
 
     spec, batch = w2d.W2D_SMALL, args.batch
-    model = fmjax.models.MLP(hidden=spec["hidden"], depth=spec["depth"],
-                             activation=spec["activation"], time_embedding="raw")
+    model = fmjax.models.MLP(
+        hidden=spec["hidden"],
+        depth=spec["depth"],
+        activation=spec["activation"],
+        time_embedding="raw",
+    )
     path = fmjax.paths.CondOT(sigma_min=0.0)
     tx = optax.adam(1e-3)
 
@@ -94,8 +103,8 @@ def main(argv=None):
 
     def fused(label, on_mesh, predraw):
         run_k = fmjax.train.make_fused_train_steps(
-            loss_fn, tx, data_fn, args.fused_steps, mesh=mesh if on_mesh else None,
-            predraw=predraw)
+            loss_fn, tx, data_fn, args.fused_steps, mesh=mesh if on_mesh else None, predraw=predraw
+        )
         box = {"state": new_state(on_mesh)}
 
         def run():
@@ -115,8 +124,10 @@ def main(argv=None):
             fused(f"fused x{args.fused_steps}, {n} devices, predraw={predraw}", True, predraw)
 
     times, _, errors = w2d.interleave(fns, args.rounds, args.min_turn)
-    print(f"W2D-small training, batch {batch}, {n} CPU device(s), {args.rounds} rounds, "
-          f"jax {jax.__version__}\n")
+    print(
+        f"W2D-small training, batch {batch}, {n} CPU device(s), {args.rounds} rounds, "
+        f"jax {jax.__version__}\n"
+    )
     print("| variant | steps/s, median | min-max |\n|---|---|---|")
     for label, ts in times.items():
         if label in errors:

@@ -99,12 +99,18 @@ def build_model(config) -> unet_lib.UNet:
     if m.dtype not in _DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(_DTYPES)}; got {m.dtype!r}.")
     return unet_lib.UNet(
-        ch=int(m.ch), ch_mult=tuple(m.ch_mult), num_res_blocks=int(m.num_res_blocks),
-        attn_resolutions=tuple(m.attn_resolutions), num_heads=int(m.num_heads),
+        ch=int(m.ch),
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=int(m.num_res_blocks),
+        attn_resolutions=tuple(m.attn_resolutions),
+        num_heads=int(m.num_heads),
         num_head_channels=None if m.num_head_channels is None else int(m.num_head_channels),
-        dropout=float(m.dropout), num_classes=m.num_classes,
+        dropout=float(m.dropout),
+        num_classes=m.num_classes,
         resblock_updown=bool(m.resblock_updown),
-        use_scale_shift_norm=bool(m.use_scale_shift_norm), dtype=_DTYPES[m.dtype])
+        use_scale_shift_norm=bool(m.use_scale_shift_norm),
+        dtype=_DTYPES[m.dtype],
+    )
 
 
 def make_schedule(config):
@@ -112,8 +118,9 @@ def make_schedule(config):
     ``end_learning_rate`` at ``num_steps`` (power 1: the paper's linear decay)."""
     t = config.train
     lr, warm, total = float(t.learning_rate), int(t.warmup_steps), int(t.num_steps)
-    decay = optax.polynomial_schedule(lr, float(t.end_learning_rate), float(t.decay_power),
-                                      transition_steps=max(1, total - warm))
+    decay = optax.polynomial_schedule(
+        lr, float(t.end_learning_rate), float(t.decay_power), transition_steps=max(1, total - warm)
+    )
     if warm <= 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm])
@@ -123,8 +130,7 @@ def make_optimizer(config):
     """Adam (no weight decay) on the paper's schedule, after optional clipping."""
     t = config.train
     schedule = make_schedule(config)
-    adam = optax.adam(schedule, b1=float(t.adam_b1), b2=float(t.adam_b2),
-                      eps=float(t.adam_eps))
+    adam = optax.adam(schedule, b1=float(t.adam_b1), b2=float(t.adam_b2), eps=float(t.adam_eps))
     if t.grad_clip_norm and t.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(float(t.grad_clip_norm)), adam), schedule
     return adam, schedule
@@ -165,8 +171,9 @@ def make_loss_fn(model, path, config):
         def v(t, x):
             return model.apply(params, t, x, y, train=True, rngs={"dropout": k_dropout})
 
-        return fmjax.losses.cfm_loss(v, path, k_cfm, batch["image"], reduction=reduction,
-                                     prediction=prediction)
+        return fmjax.losses.cfm_loss(
+            v, path, k_cfm, batch["image"], reduction=reduction, prediction=prediction
+        )
 
     return loss_fn
 
@@ -178,9 +185,14 @@ def build_train_step(config, model, path, tx, mesh):
     k = int(config.train.microbatches)
     # with microbatches each device accumulates its parts and all-reduces once per step
     # (the global view would all-reduce every part's gradients inside the scan)
-    return make_train_step(make_loss_fn(model, path, config), tx,
-                           ema_decay=float(config.train.ema_decay) or None, mesh=mesh,
-                           shard_loss=k > 1, microbatches=k)
+    return make_train_step(
+        make_loss_fn(model, path, config),
+        tx,
+        ema_decay=float(config.train.ema_decay) or None,
+        mesh=mesh,
+        shard_loss=k > 1,
+        microbatches=k,
+    )
 
 
 def _apply_velocity(model, params, t, x, y=None):
@@ -207,21 +219,23 @@ def model_velocity(model, params, path=None, prediction="velocity", t_margin=1e-
     v = jax.tree_util.Partial(_field(model), params)
     if path is None:
         if prediction != "velocity":
-            raise ValueError(f"a model that predicts {prediction!r} needs its path to be "
-                             "sampled or scored (path=...).")
+            raise ValueError(
+                f"a model that predicts {prediction!r} needs its path to be "
+                "sampled or scored (path=...)."
+            )
         return v, (0.0, 1.0)
     return path.velocity_field(v, prediction), path.velocity_range(prediction, t_margin)
 
 
 def _model_velocity(config, model, params):
-    return model_velocity(model, params, make_path(config), config.train.prediction,
-                          float(config.eval.t_margin))
+    return model_velocity(
+        model, params, make_path(config), config.train.prediction, float(config.eval.t_margin)
+    )
 
 
 def _t_range(config):
     """The span :func:`_model_velocity`'s field is solved over."""
-    return make_path(config).velocity_range(config.train.prediction,
-                                            float(config.eval.t_margin))
+    return make_path(config).velocity_range(config.train.prediction, float(config.eval.t_margin))
 
 
 def _check_trained_as(config, meta, what):
@@ -239,21 +253,36 @@ def _check_trained_as(config, meta, what):
     if was != config.train.prediction:
         diffs.append(f"train.prediction={was!r} (this config: {config.train.prediction!r})")
     if diffs:
-        raise ConfigError(f"{what} was trained with " + "; ".join(diffs) + ": set the config "
-                          "to match, or use another --workdir.")
+        raise ConfigError(
+            f"{what} was trained with " + "; ".join(diffs) + ": set the config "
+            "to match, or use another --workdir."
+        )
 
 
 # integer config fields: (section, name, least allowed value), 0 where the configs document
 # 0 as "off" or "all"; FID needs two samples for a covariance
 _INT_FIELDS = (
-    ("data", "global_batch_size", 1), ("data", "worker_count", 0), ("data", "read_threads", 1),
-    ("train", "num_steps", 1), ("train", "warmup_steps", 0), ("train", "log_every", 1),
-    ("train", "checkpoint_every", 1), ("train", "keep_checkpoints", 1), ("train", "microbatches", 1),
-    ("train", "sample_every", 0), ("train", "num_sample_images", 1),
-    ("train", "eval_every", 0), ("eval", "checkpoint_step", 0),
-    ("eval", "global_batch_size", 1), ("eval", "num_batches", 0), ("eval", "num_dequant", 1),
-    ("eval", "nfe_num_samples", 0), ("eval", "sample_batch_size", 1),
-    ("eval", "fid_num_samples", 2), ("model", "num_classes", 1))
+    ("data", "global_batch_size", 1),
+    ("data", "worker_count", 0),
+    ("data", "read_threads", 1),
+    ("train", "num_steps", 1),
+    ("train", "warmup_steps", 0),
+    ("train", "log_every", 1),
+    ("train", "checkpoint_every", 1),
+    ("train", "keep_checkpoints", 1),
+    ("train", "microbatches", 1),
+    ("train", "sample_every", 0),
+    ("train", "num_sample_images", 1),
+    ("train", "eval_every", 0),
+    ("eval", "checkpoint_step", 0),
+    ("eval", "global_batch_size", 1),
+    ("eval", "num_batches", 0),
+    ("eval", "num_dequant", 1),
+    ("eval", "nfe_num_samples", 0),
+    ("eval", "sample_batch_size", 1),
+    ("eval", "fid_num_samples", 2),
+    ("model", "num_classes", 1),
+)
 _OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
 # real config fields: (section, name, keyword bounds of fmjax._checks.real)
 _REAL_FIELDS = (
@@ -268,7 +297,8 @@ _REAL_FIELDS = (
     ("model", "dropout", {"low": 0.0, "high": 1.0, "high_open": True}),
     ("model", "class_dropout", {"low": 0.0, "high": 1.0}),  # label -> null class
     ("eval", "t_margin", {"low": 0.0, "high": 0.5, "low_open": True, "high_open": True}),
-    ("eval", "guidance_scale", {}))  # classifier-free guidance weight w (1: off)
+    ("eval", "guidance_scale", {}),
+)  # classifier-free guidance weight w (1: off)
 _LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 
 
@@ -293,22 +323,25 @@ def _check_config(config):
             raise ConfigError(str(e)) from None
     t = config.train
     if t.loss_reduction not in _LOSS_REDUCTIONS:
-        raise ConfigError(f"train.loss_reduction must be one of {_LOSS_REDUCTIONS}; got "
-                          f"{t.loss_reduction!r}.")
+        raise ConfigError(
+            f"train.loss_reduction must be one of {_LOSS_REDUCTIONS}; got {t.loss_reduction!r}."
+        )
     e = config.eval
     if e.probe not in fmjax.likelihood.PROBES:
-        raise ConfigError(f"eval.probe must be one of {fmjax.likelihood.PROBES}; got "
-                          f"{e.probe!r}.")
+        raise ConfigError(f"eval.probe must be one of {fmjax.likelihood.PROBES}; got {e.probe!r}.")
     if e.fid_reference_stats and not os.path.isfile(e.fid_reference_stats):
-        raise ConfigError(f"eval.fid_reference_stats: no file {e.fid_reference_stats!r} (set "
-                          "it to '' to compute the statistics from the train split).")
+        raise ConfigError(
+            f"eval.fid_reference_stats: no file {e.fid_reference_stats!r} (set "
+            "it to '' to compute the statistics from the train split)."
+        )
     for solver_key, solver, tol_keys, rtol, atol in (
-            ("train.sample_solver", t.sample_solver, "train.sample_tol", t.sample_tol,
-             t.sample_tol),
-            ("eval.solver", e.solver, "eval.rtol / eval.atol", e.rtol, e.atol)):
+        ("train.sample_solver", t.sample_solver, "train.sample_tol", t.sample_tol, t.sample_tol),
+        ("eval.solver", e.solver, "eval.rtol / eval.atol", e.rtol, e.atol),
+    ):
         if solver not in _ADAPTIVE:
-            raise ConfigError(f"{solver_key} must be an adaptive solver {_ADAPTIVE}; got "
-                              f"{solver!r}.")
+            raise ConfigError(
+                f"{solver_key} must be an adaptive solver {_ADAPTIVE}; got {solver!r}."
+            )
         try:
             fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
         except (TypeError, ValueError) as err:
@@ -318,17 +351,20 @@ def _check_config(config):
     except ValueError as err:
         raise ConfigError(str(err)) from None
     make_path(config).velocity_range(t.prediction, float(e.t_margin))
-    if (config.model.num_classes is not None
-            and config.data.source == "downsampled_imagenet/32x32"):
-        raise ConfigError("downsampled_imagenet/32x32 has no labels: a class-conditional "
-                          "model (model.num_classes) needs another source.")
-    if float(e.guidance_scale) != 1.0 and (config.model.num_classes is None
-                                           or float(config.model.class_dropout) == 0.0):
+    if config.model.num_classes is not None and config.data.source == "downsampled_imagenet/32x32":
+        raise ConfigError(
+            "downsampled_imagenet/32x32 has no labels: a class-conditional "
+            "model (model.num_classes) needs another source."
+        )
+    if float(e.guidance_scale) != 1.0 and (
+        config.model.num_classes is None or float(config.model.class_dropout) == 0.0
+    ):
         raise ConfigError(
             f"eval.guidance_scale={e.guidance_scale} needs a class-conditional model trained "
             "with a null class: set model.num_classes and model.class_dropout > 0 (got "
             f"num_classes={config.model.num_classes}, class_dropout="
-            f"{config.model.class_dropout}), or leave eval.guidance_scale at 1.")
+            f"{config.model.class_dropout}), or leave eval.guidance_scale at 1."
+        )
     build_model(config)  # model.dtype
 
 
@@ -345,7 +381,8 @@ def _check_microbatches(config, mesh):
         raise ConfigError(
             f"train.microbatches={k} must divide each device's rows of the global batch "
             f"(data.global_batch_size={gbs} over {mesh.size} device(s): {gbs // mesh.size} "
-            "rows each).")
+            "rows each)."
+        )
 
 
 def _init_fn(config, model, tx):
@@ -353,8 +390,9 @@ def _init_fn(config, model, tx):
     y = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
 
     def init():
-        params = model.init({"params": k_init, "dropout": k_init}, jnp.zeros((1,)),
-                            jnp.zeros((1, *IMAGE_SHAPE)), y)
+        params = model.init(
+            {"params": k_init, "dropout": k_init}, jnp.zeros((1,)), jnp.zeros((1, *IMAGE_SHAPE)), y
+        )
         return TrainState.create(params, tx, k_train)
 
     return init
@@ -371,16 +409,24 @@ def _abstract_state(config, model, tx, mesh):
 
 @jax.jit
 def _all_finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _train_iterator(config, **overrides):
     d = config.data
-    kwargs = {"global_batch_size": int(d.global_batch_size), "seed": int(config.seed),
-                  "data_dir": d.data_dir, "random_flip": bool(d.random_flip),
-                  "worker_count": int(d.worker_count), "read_threads": int(d.read_threads)}
+    kwargs = {
+        "global_batch_size": int(d.global_batch_size),
+        "seed": int(config.seed),
+        "data_dir": d.data_dir,
+        "random_flip": bool(d.random_flip),
+        "worker_count": int(d.worker_count),
+        "read_threads": int(d.read_threads),
+    }
     kwargs.update(overrides)
     return images_lib.make_train_iterator(d.source, **kwargs)
 
@@ -390,9 +436,23 @@ def _rounded_up(n, mesh):
     return int(math.ceil(n / k) * k)
 
 
-def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="dopri5",
-                  rtol=1e-5, atol=1e-5, source_std=1.0, guidance_scale=1.0, path=None,
-                  prediction="velocity", t_margin=1e-3):
+def sample_images(
+    model,
+    params,
+    key,
+    num,
+    mesh,
+    *,
+    num_classes=None,
+    solver="dopri5",
+    rtol=1e-5,
+    atol=1e-5,
+    source_std=1.0,
+    guidance_scale=1.0,
+    path=None,
+    prediction="velocity",
+    t_margin=1e-3,
+):
     """``num`` images from ``N(0, source_std^2 I)`` noise (the path's source: see
     :func:`source_std`) by the flow of the UNet, data parallel over the mesh.
 
@@ -409,14 +469,14 @@ def sample_images(model, params, key, num, mesh, *, num_classes=None, solver="do
     n = _rounded_up(num, mesh)
     data = sharding_lib.data_sharding(mesh)
     s0 = float(source_std)
-    x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
-                 out_shardings=data)(key)
+    x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)), out_shardings=data)(key)
     y = None
     if num_classes is not None:  # guidance weight 1: the conditional field itself
         y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % num_classes, out_shardings=data)()
         v = fmjax.guidance.classifier_free(v, None, num_classes, float(guidance_scale))
-    x1, stats = fmjax.sample(v, x0, cond=y, solver=solver, rtol=rtol, atol=atol, t0=t0, t1=t1,
-                             throw=False)
+    x1, stats = fmjax.sample(
+        v, x0, cond=y, solver=solver, rtol=rtol, atol=atol, t0=t0, t1=t1, throw=False
+    )
     return sharding_lib.to_host(x1)[:num], stats
 
 
@@ -433,8 +493,7 @@ def _restore_or_init(config, ckpt, model, tx, mesh, iterator):
     return state, 0
 
 
-def train(config, workdir, *, progress: bool | None = None, stop_at: int | None = None,
-          mesh=None):
+def train(config, workdir, *, progress: bool | None = None, stop_at: int | None = None, mesh=None):
     """Train (resuming from ``workdir/checkpoints`` if there is a checkpoint).
 
     ``stop_at``: return after that step (a checkpoint is saved there), as a preemption
@@ -454,9 +513,14 @@ def train(config, workdir, *, progress: bool | None = None, stop_at: int | None 
     iterator = _train_iterator(config)  # a missing dataset fails here, before any compile
 
     ckpt = CheckpointManager(
-        checkpoint_dir(workdir), save_every=int(t.checkpoint_every),
-        keep=int(t.keep_checkpoints), best_metric=t.best_metric or None, best_mode="min",
-        async_save=bool(t.async_checkpointing), config=config)
+        checkpoint_dir(workdir),
+        save_every=int(t.checkpoint_every),
+        keep=int(t.keep_checkpoints),
+        best_metric=t.best_metric or None,
+        best_mode="min",
+        async_save=bool(t.async_checkpointing),
+        config=config,
+    )
     writer = None
     try:
         state, start = _restore_or_init(config, ckpt, model, tx, mesh, iterator)
@@ -464,15 +528,33 @@ def train(config, workdir, *, progress: bool | None = None, stop_at: int | None 
         writer.write_config(config)
         num_steps = int(t.num_steps)
         end = num_steps if stop_at is None else min(num_steps, int(stop_at))
-        summary = {"start_step": start, "resumed": start > 0, "num_params": state.num_params(),
-                   "num_devices": int(mesh.size), "num_processes": jax.process_count(),
-                   "dataset": config.data.source}
+        summary = {
+            "start_step": start,
+            "resumed": start > 0,
+            "num_params": state.num_params(),
+            "num_devices": int(mesh.size),
+            "num_processes": jax.process_count(),
+            "dataset": config.data.source,
+        }
         if start >= end:
             summary.update(end_step=start, stopped_early=start < num_steps)
             return state, summary
-        state, loop_summary = _train_loop(config, workdir, state, start, end, model, tx,
-                                          schedule, path, iterator, ckpt, writer, mesh,
-                                          progress)
+        state, loop_summary = _train_loop(
+            config,
+            workdir,
+            state,
+            start,
+            end,
+            model,
+            tx,
+            schedule,
+            path,
+            iterator,
+            ckpt,
+            writer,
+            mesh,
+            progress,
+        )
         summary.update(loop_summary, end_step=end, stopped_early=end < num_steps)
         return state, summary
     finally:
@@ -490,11 +572,26 @@ def _check_labels(labels, num_classes, source):
         raise ConfigError(
             f"model.num_classes={num_classes}, but {source} has labels in "
             f"[{labels.min()}, {labels.max()}] in this batch; set model.num_classes to the "
-            "dataset's number of classes (1000 for ImageNet, 10 for CIFAR-10).")
+            "dataset's number of classes (1000 for ImageNet, 10 for CIFAR-10)."
+        )
 
 
-def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, iterator,
-                ckpt, writer, mesh, progress):
+def _train_loop(
+    config,
+    workdir,
+    state,
+    start,
+    end,
+    model,
+    tx,
+    schedule,
+    path,
+    iterator,
+    ckpt,
+    writer,
+    mesh,
+    progress,
+):
     from tqdm.auto import tqdm
 
     t = config.train
@@ -502,8 +599,9 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
     step_fn = build_train_step(config, model, path, tx, mesh)
     sample_key = jax.random.fold_in(jax.random.key(int(config.seed)), 7)
     main = jax.process_index() == 0
-    bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
-               disable=not (progress and main))
+    bar = tqdm(
+        total=end, initial=start, desc="train", dynamic_ncols=True, disable=not (progress and main)
+    )
     pending, last_loss = [], None
     t_last, step_last, paused = time.perf_counter(), start, 0.0
     t_start = t_last
@@ -517,7 +615,8 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
         raise NonFiniteLossError(
             f"non-finite loss ({loss}) by step {step}; stopping. The last good checkpoint is "
             f"step {good} in {ckpt.directory} (nothing non-finite was saved). Lower "
-            "train.learning_rate or set train.grad_clip_norm, then rerun to resume from it.")
+            "train.learning_rate or set train.grad_clip_norm, then rerun to resume from it."
+        )
 
     num_classes = config.model.num_classes
     for step in range(start + 1, end + 1):
@@ -539,17 +638,26 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
             sps = (step - step_last) / max(now - t_last - paused, 1e-9)
             t_last, step_last, paused = now, step, 0.0
             last_loss = float(losses.mean())
-            rec = {"loss": last_loss, "grad_norm": float(host[-1]["grad_norm"]),
-                   "learning_rate": float(schedule(step - 1)), "steps_per_s": sps,
-                   "images_per_s": sps * gbs, "images_per_s_per_device": sps * gbs / mesh.size,
-                   "eta_s": (int(config.train.num_steps) - step) / max(sps, 1e-9)}
+            rec = {
+                "loss": last_loss,
+                "grad_norm": float(host[-1]["grad_norm"]),
+                "learning_rate": float(schedule(step - 1)),
+                "steps_per_s": sps,
+                "images_per_s": sps * gbs,
+                "images_per_s_per_device": sps * gbs / mesh.size,
+                "eta_s": (int(config.train.num_steps) - step) / max(sps, 1e-9),
+            }
             writer.write_scalars(step, rec)
             history.append({"step": step, **rec})
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{last_loss:.4f}", steps_s=f"{sps:.2f}")
 
-        eval_now = (config.mode == "train_and_eval" and int(t.eval_every) > 0
-                    and step % int(t.eval_every) == 0 and step != end)
+        eval_now = (
+            config.mode == "train_and_eval"
+            and int(t.eval_every) > 0
+            and step % int(t.eval_every) == 0
+            and step != end
+        )
         t_other = time.perf_counter()
         if ckpt.should_save(step) or step == end or eval_now:
             loss_now = float(jax.device_get(metrics["loss"]))
@@ -557,20 +665,36 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
                 fail(step, loss_now)
             save_metrics = {"loss": loss_now if last_loss is None else last_loss}
             if eval_now:
-                res = _bpd(config, model, state.ema_params if config.eval.use_ema
-                           else state.params, mesh, workdir, step=step, progress=False)
+                res = _bpd(
+                    config,
+                    model,
+                    state.ema_params if config.eval.use_ema else state.params,
+                    mesh,
+                    workdir,
+                    step=step,
+                    progress=False,
+                )
                 save_metrics["eval_bpd"] = res["value"]
                 writer.write_scalars(step, {"eval_bpd": res["value"]})
             ckpt.save(step, state, iterator, metrics=save_metrics, force=step == end or eval_now)
 
         if int(t.sample_every) > 0 and (step % int(t.sample_every) == 0 or step == end):
             imgs, stats = sample_images(
-                model, state.ema_params, sample_key, int(t.num_sample_images),
-                mesh, num_classes=config.model.num_classes, solver=t.sample_solver,
-                rtol=float(t.sample_tol), atol=float(t.sample_tol),
+                model,
+                state.ema_params,
+                sample_key,
+                int(t.num_sample_images),
+                mesh,
+                num_classes=config.model.num_classes,
+                solver=t.sample_solver,
+                rtol=float(t.sample_tol),
+                atol=float(t.sample_tol),
                 source_std=float(path.source_std()),
-                guidance_scale=float(config.eval.guidance_scale), path=path,
-                prediction=config.train.prediction, t_margin=float(config.eval.t_margin))
+                guidance_scale=float(config.eval.guidance_scale),
+                path=path,
+                prediction=config.train.prediction,
+                t_margin=float(config.eval.t_margin),
+            )
             writer.write_images(step, "samples_ema", imgs)
             writer.write_scalars(step, {"sample_nfe": float(np.asarray(stats.nfe))})
         paused += time.perf_counter() - t_other
@@ -578,9 +702,13 @@ def _train_loop(config, workdir, state, start, end, model, tx, schedule, path, i
     bar.close()
     seconds = time.perf_counter() - t_start
     done = end - start
-    return state, {"train_seconds": seconds, "steps_run": done,
-                   "steps_per_s": done / max(seconds, 1e-9), "final_loss": last_loss,
-                   "history": history}
+    return state, {
+        "train_seconds": seconds,
+        "steps_run": done,
+        "steps_per_s": done / max(seconds, 1e-9),
+        "final_loss": last_loss,
+        "history": history,
+    }
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -599,8 +727,13 @@ def _eval_iterator_factory(config, mesh):
 
     def make_iterator():
         return images_lib.make_eval_iterator(
-            config.data.source, global_batch_size=gbs, data_dir=config.data.data_dir,
-            split=e.split, dequantize=False, read_threads=int(config.data.read_threads))
+            config.data.source,
+            global_batch_size=gbs,
+            data_dir=config.data.data_dir,
+            split=e.split,
+            dequantize=False,
+            read_threads=int(config.data.read_threads),
+        )
 
     return make_iterator
 
@@ -609,8 +742,9 @@ def _eval_iterator_factory(config, mesh):
 def _params_sample(params):
     """The first and last 4 values of every parameter array (one small transfer)."""
     leaves = jax.tree_util.tree_leaves(params)
-    return jnp.concatenate([jnp.concatenate([x.ravel()[:4], x.ravel()[-4:]]).astype(
-        jnp.float32) for x in leaves])
+    return jnp.concatenate(
+        [jnp.concatenate([x.ravel()[:4], x.ravel()[-4:]]).astype(jnp.float32) for x in leaves]
+    )
 
 
 def _bpd_id(config, params, s0) -> str:
@@ -619,12 +753,21 @@ def _bpd_id(config, params, s0) -> str:
     e, d = config.eval, config.data
     shapes = [list(x.shape) for x in jax.tree_util.tree_leaves(params)]
     values = np.asarray(sharding_lib.to_host(_params_sample(params)), np.float32)
-    about = {"shapes": shapes, "values": hashlib.sha256(values.tobytes()).hexdigest(),
-             "params": "ema" if e.use_ema else "raw", "source": d.source,
-             "split": _dataset_name(config, e.split), "data_dir": str(d.data_dir),
-             "num_dequant": int(e.num_dequant), "solver": e.solver, "rtol": float(e.rtol),
-             "atol": float(e.atol), "probe": e.probe, "seed": int(config.seed),
-             "source_std": s0}
+    about = {
+        "shapes": shapes,
+        "values": hashlib.sha256(values.tobytes()).hexdigest(),
+        "params": "ema" if e.use_ema else "raw",
+        "source": d.source,
+        "split": _dataset_name(config, e.split),
+        "data_dir": str(d.data_dir),
+        "num_dequant": int(e.num_dequant),
+        "solver": e.solver,
+        "rtol": float(e.rtol),
+        "atol": float(e.atol),
+        "probe": e.probe,
+        "seed": int(config.seed),
+        "source_std": s0,
+    }
     span = _t_range(config)
     if config.train.prediction != "velocity" or span != (0.0, 1.0):  # (absent otherwise,
         about.update(prediction=config.train.prediction, t_range=list(span))  # as before)
@@ -650,8 +793,13 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
     state_file = os.path.join(workdir, "eval", f"bpd_step{step}_{_bpd_id(config, params, s0)}.json")
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(state_file), exist_ok=True)
-    bar = tqdm(desc=f"eval bpd (step {step})", unit="batch", total=int(e.num_batches) or None,
-               disable=not (progress and jax.process_index() == 0), dynamic_ncols=True)
+    bar = tqdm(
+        desc=f"eval bpd (step {step})",
+        unit="batch",
+        total=int(e.num_batches) or None,
+        disable=not (progress and jax.process_index() == 0),
+        dynamic_ncols=True,
+    )
 
     def callback(summary):
         bar.update(summary["num_batches"] - bar.n)
@@ -659,11 +807,23 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
 
     try:
         res = nll.evaluate_bpd(
-            v, _eval_iterator_factory(config, mesh), jax.random.key(int(config.seed) + 1),
-            num_dequant=int(e.num_dequant), mesh=mesh, state_file=state_file,
-            max_batches=int(e.num_batches) or None, callback=callback,
-            divergence="hutchinson", solver=e.solver, rtol=float(e.rtol), atol=float(e.atol),
-            probe=e.probe, source_std=s0, t0=t0, t1=t1)
+            v,
+            _eval_iterator_factory(config, mesh),
+            jax.random.key(int(config.seed) + 1),
+            num_dequant=int(e.num_dequant),
+            mesh=mesh,
+            state_file=state_file,
+            max_batches=int(e.num_batches) or None,
+            callback=callback,
+            divergence="hutchinson",
+            solver=e.solver,
+            rtol=float(e.rtol),
+            atol=float(e.atol),
+            probe=e.probe,
+            source_std=s0,
+            t0=t0,
+            t1=t1,
+        )
     finally:
         bar.close()
     return {"value": float(res["bpd"]), **res}
@@ -671,8 +831,11 @@ def _bpd(config, model, params, mesh, workdir, *, step, progress=True):
 
 def _prediction_kw(config):
     """:func:`sample_images`' arguments for the model's prediction type."""
-    return {"path": make_path(config), "prediction": config.train.prediction,
-            "t_margin": float(config.eval.t_margin)}
+    return {
+        "path": make_path(config),
+        "prediction": config.train.prediction,
+        "t_margin": float(config.eval.t_margin),
+    }
 
 
 def _guidance(config):
@@ -695,23 +858,38 @@ def _nfe(config, model, params, mesh):
     done, i = 0, 0
     t0 = time.perf_counter()
     while done < total:
-        _, stats = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
-                                 num_classes=config.model.num_classes, solver=e.solver,
-                                 rtol=float(e.rtol), atol=float(e.atol),
-                                 source_std=s0, guidance_scale=float(e.guidance_scale),
-                                 **prediction_kw)
+        _, stats = sample_images(
+            model,
+            params,
+            jax.random.fold_in(key, i),
+            per,
+            mesh,
+            num_classes=config.model.num_classes,
+            solver=e.solver,
+            rtol=float(e.rtol),
+            atol=float(e.atol),
+            source_std=s0,
+            guidance_scale=float(e.guidance_scale),
+            **prediction_kw,
+        )
         nfes.append(float(np.asarray(stats.nfe)))
         ok = ok and bool(np.all(np.asarray(stats.success)))
         counts.append(min(per, total - done))
         done += per
         i += 1
-    return {"value": float(np.average(nfes, weights=counts)), "num_samples": total,
-            "batch_size": per, "solver": e.solver, "rtol": float(e.rtol),
-            "guidance_scale": _guidance(config),
-            "atol": float(e.atol), "all_solves_succeeded": ok,
-            "seconds": time.perf_counter() - t0,
-            "note": "NFE per batch solve (one adaptive step sequence per batch, batch-wide "
-                    "error norm), averaged over batches"}
+    return {
+        "value": float(np.average(nfes, weights=counts)),
+        "num_samples": total,
+        "batch_size": per,
+        "solver": e.solver,
+        "rtol": float(e.rtol),
+        "guidance_scale": _guidance(config),
+        "atol": float(e.atol),
+        "all_solves_succeeded": ok,
+        "seconds": time.perf_counter() - t0,
+        "note": "NFE per batch solve (one adaptive step sequence per batch, batch-wide "
+        "error norm), averaged over batches",
+    }
 
 
 def _fid_weights(config):
@@ -734,8 +912,10 @@ def _fid(config, model, params, mesh, workdir):
     e = config.eval
     weights = _fid_weights(config)
     if weights is None:
-        return {"value": None, "skipped": "no Inception weights configured "
-                                           "(eval.fid_inception_weights)"}
+        return {
+            "value": None,
+            "skipped": "no Inception weights configured (eval.fid_inception_weights)",
+        }
     from fmjax.metrics import fid
 
     num = int(e.fid_num_samples)
@@ -745,18 +925,28 @@ def _fid(config, model, params, mesh, workdir):
     prediction_kw = _prediction_kw(config)
 
     def sample_fn(i):
-        imgs, _ = sample_images(model, params, jax.random.fold_in(key, i), per, mesh,
-                                num_classes=config.model.num_classes, solver=e.solver,
-                                rtol=float(e.rtol), atol=float(e.atol),
-                                source_std=s0, guidance_scale=float(e.guidance_scale),
-                                **prediction_kw)
+        imgs, _ = sample_images(
+            model,
+            params,
+            jax.random.fold_in(key, i),
+            per,
+            mesh,
+            num_classes=config.model.num_classes,
+            solver=e.solver,
+            rtol=float(e.rtol),
+            atol=float(e.atol),
+            source_std=s0,
+            guidance_scale=float(e.guidance_scale),
+            **prediction_kw,
+        )
         return imgs
 
     ref_stats = e.fid_reference_stats or None
     save_ref = None
     if ref_stats is None:
-        cached = os.path.join(workdir, "eval", "fid_reference_stats_"
-                              f"{config.data.source.replace('/', '_')}_{num}.npz")
+        cached = os.path.join(
+            workdir, "eval", f"fid_reference_stats_{config.data.source.replace('/', '_')}_{num}.npz"
+        )
         if os.path.exists(cached):
             ref_stats = cached
         elif jax.process_index() == 0:
@@ -764,32 +954,57 @@ def _fid(config, model, params, mesh, workdir):
             save_ref = cached
     # every process computes the same FID on all images (the reference iterator is not
     # split over processes; generated images are gathered)
-    ref_iter = None if ref_stats is not None else _train_iterator(
-        config, random_flip=False, dequantize=False, num_epochs=1, process_index=0,
-        process_count=1, global_batch_size=per)
+    ref_iter = (
+        None
+        if ref_stats is not None
+        else _train_iterator(
+            config,
+            random_flip=False,
+            dequantize=False,
+            num_epochs=1,
+            process_index=0,
+            process_count=1,
+            global_batch_size=per,
+        )
+    )
     t0 = time.perf_counter()
-    value = fid.compute_fid(sample_fn, ref_iter, weights, num, num_ref=num,
-                            ref_stats=ref_stats, save_ref_stats=save_ref)
-    return {"value": float(value), "num_samples": num, "num_reference": num,
-            "reference_stats": ref_stats or save_ref, "solver": e.solver,
-            "guidance_scale": _guidance(config),
-            "rtol": float(e.rtol), "atol": float(e.atol), "weights": weights,
-            "seconds": time.perf_counter() - t0}
+    value = fid.compute_fid(
+        sample_fn, ref_iter, weights, num, num_ref=num, ref_stats=ref_stats, save_ref_stats=save_ref
+    )
+    return {
+        "value": float(value),
+        "num_samples": num,
+        "num_reference": num,
+        "reference_stats": ref_stats or save_ref,
+        "solver": e.solver,
+        "guidance_scale": _guidance(config),
+        "rtol": float(e.rtol),
+        "atol": float(e.atol),
+        "weights": weights,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _load_for_eval(config, workdir, model, mesh):
     tx, _ = make_optimizer(config)
-    ckpt = CheckpointManager(checkpoint_dir(workdir), save_every=int(config.train.checkpoint_every),
-                             keep=int(config.train.keep_checkpoints),
-                             best_metric=config.train.best_metric or None)
+    ckpt = CheckpointManager(
+        checkpoint_dir(workdir),
+        save_every=int(config.train.checkpoint_every),
+        keep=int(config.train.keep_checkpoints),
+        best_metric=config.train.best_metric or None,
+    )
     try:
         step = config.eval.checkpoint_step
         if ckpt.latest_step() is None:
             raise FileNotFoundError(
                 f"no checkpoint in {ckpt.directory}: train first (mode 'train' or "
-                "'train_and_eval') or point --workdir at a trained run.")
-        _check_trained_as(config, ckpt.metadata(step),
-                          f"checkpoint {step if step is not None else ckpt.latest_step()}")
+                "'train_and_eval') or point --workdir at a trained run."
+            )
+        _check_trained_as(
+            config,
+            ckpt.metadata(step),
+            f"checkpoint {step if step is not None else ckpt.latest_step()}",
+        )
         _, abstract = _abstract_state(config, model, tx, mesh)
         state, meta = ckpt.restore(abstract, step=step)
         return state, int(meta.get("step", int(state.step)))
@@ -819,28 +1034,41 @@ def evaluate(config, workdir, *, state=None, mesh=None, progress: bool | None = 
     t0 = time.perf_counter()
     results = {}
     bpd = _bpd(config, model, params, mesh, workdir, step=step, progress=progress)
-    results["bpd"] = {**bpd, "dataset": dataset, "num_dequant": int(e.num_dequant),
-                      "divergence": "hutchinson", "probe": e.probe, "solver": e.solver,
-                      "rtol": float(e.rtol), "atol": float(e.atol),
-                      "requested_batches": int(e.num_batches) or "all"}
+    results["bpd"] = {
+        **bpd,
+        "dataset": dataset,
+        "num_dequant": int(e.num_dequant),
+        "divergence": "hutchinson",
+        "probe": e.probe,
+        "solver": e.solver,
+        "rtol": float(e.rtol),
+        "atol": float(e.atol),
+        "requested_batches": int(e.num_batches) or "all",
+    }
     nfe = _nfe(config, model, params, mesh)
     if nfe is not None:
         results["nfe"] = {**nfe, "dataset": f"{config.data.source} (model trained on)"}
-    results["fid"] = {**_fid(config, model, params, mesh, workdir),
-                      "dataset": f"{config.data.source}:train (reference statistics)"}
+    results["fid"] = {
+        **_fid(config, model, params, mesh, workdir),
+        "dataset": f"{config.data.source}:train (reference statistics)",
+    }
     span = _t_range(config)
     out = {
-        "dataset": {"source": config.data.source, "split": dataset.split(":", 1)[1],
-                    "name": dataset},
+        "dataset": {
+            "source": config.data.source,
+            "split": dataset.split(":", 1)[1],
+            "name": dataset,
+        },
         "checkpoint_step": step,
         "prediction": config.train.prediction,
         "t_range": list(span),  # the span samples and bits/dim are solved over
         "params": "ema" if e.use_ema else "raw",
         "results": results,
-        "summary": {f"bpd[{dataset}]": results["bpd"]["value"],
-                    **({f"nfe[{config.data.source}]": results["nfe"]["value"]}
-                       if "nfe" in results else {}),
-                    f"fid[{config.data.source}]": results["fid"].get("value")},
+        "summary": {
+            f"bpd[{dataset}]": results["bpd"]["value"],
+            **({f"nfe[{config.data.source}]": results["nfe"]["value"]} if "nfe" in results else {}),
+            f"fid[{config.data.source}]": results["fid"].get("value"),
+        },
         "eval_seconds": time.perf_counter() - t0,
         "num_devices": int(mesh.size),
     }
@@ -881,16 +1109,22 @@ def define_flags(default_config_path: str):
     from absl import flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", default_config_path,
-                                    "Config file (path[:preset]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics go.",
-                        required=True)
-    flags.DEFINE_string("coordinator_address", None,
-                        "Multi-host: host:port of process 0 (else auto-detected, or none).")
+    config_flags.DEFINE_config_file(
+        "config", default_config_path, "Config file (path[:preset]).", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics go.", required=True)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host: host:port of process 0 (else auto-detected, or none).",
+    )
     flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
     flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-    flags.DEFINE_boolean("tune_cpu_allocator", True,
-                         "Keep XLA's per-step scratch memory mapped (fmjax.tune_cpu_allocator).")
+    flags.DEFINE_boolean(
+        "tune_cpu_allocator",
+        True,
+        "Keep XLA's per-step scratch memory mapped (fmjax.tune_cpu_allocator).",
+    )
 
 
 def main(argv):

@@ -17,5 +17,6 @@ from experiments import image_flow
 
 if __name__ == "__main__":
     image_flow.define_flags(
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "imagenet32.py"))
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "imagenet32.py")
+    )
     app.run(image_flow.main)

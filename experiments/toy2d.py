@@ -34,10 +34,17 @@ def make_path(cfg):
 
 
 # integer config fields: (section, name, least allowed value)
-_INT_FIELDS = (("train", "num_steps", 1), ("train", "batch_size", 1),
-               ("train", "steps_per_call", 1), ("train", "log_every", 1),
-               ("train", "warmup_steps", 0), ("eval", "num_nll", 1), ("eval", "num_samples", 1),
-               ("eval", "grid_size", 1), ("eval", "num_trajectories", 1))
+_INT_FIELDS = (
+    ("train", "num_steps", 1),
+    ("train", "batch_size", 1),
+    ("train", "steps_per_call", 1),
+    ("train", "log_every", 1),
+    ("train", "warmup_steps", 0),
+    ("eval", "num_nll", 1),
+    ("eval", "num_samples", 1),
+    ("eval", "grid_size", 1),
+    ("eval", "num_trajectories", 1),
+)
 
 
 def _check_config(cfg):
@@ -53,14 +60,19 @@ def _check_config(cfg):
     except ValueError as err:
         raise ValueError(f"eval.t_margin: {err}") from None
     if t.warmup_steps >= t.num_steps:
-        raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be below "
-                         f"train.num_steps ({t.num_steps}).")
+        raise ValueError(
+            f"train.warmup_steps ({t.warmup_steps}) must be below train.num_steps ({t.num_steps})."
+        )
     if t.num_steps % t.steps_per_call:
-        raise ValueError(f"train.num_steps ({t.num_steps}) must be a multiple of "
-                         f"train.steps_per_call ({t.steps_per_call}).")
+        raise ValueError(
+            f"train.num_steps ({t.num_steps}) must be a multiple of "
+            f"train.steps_per_call ({t.steps_per_call})."
+        )
     e = cfg.eval  # checked before training, not after it
-    for keys, rtol, atol in (("eval.rtol / eval.atol", e.rtol, e.atol),
-                             ("eval.grid_rtol", e.grid_rtol, e.grid_rtol)):
+    for keys, rtol, atol in (
+        ("eval.rtol / eval.atol", e.rtol, e.atol),
+        ("eval.grid_rtol", e.grid_rtol, e.grid_rtol),
+    ):
         try:
             fmjax.ode.check_solver_args("dopri5", None, None, 0.0, 1.0, rtol=rtol, atol=atol)
         except ValueError as err:
@@ -70,6 +82,7 @@ def _check_config(cfg):
 def _velocity(model):
     def v(params, t, x):
         return model.apply(params, t, x)
+
     return v
 
 
@@ -77,32 +90,54 @@ def train(cfg, *, progress=True, log_fn=None):
     """Train the MLP velocity field; returns ``(model, state, history, seconds)``."""
     _check_config(cfg)
     path = make_path(cfg)
-    model = MLP(hidden=cfg.model.hidden, depth=cfg.model.depth,
-                activation=cfg.model.activation, time_embedding=cfg.model.time_embedding)
+    model = MLP(
+        hidden=cfg.model.hidden,
+        depth=cfg.model.depth,
+        activation=cfg.model.activation,
+        time_embedding=cfg.model.time_embedding,
+    )
     key = jax.random.key(cfg.seed)
     k_init, k_train = jax.random.split(key)
     params = model.init(k_init, jnp.zeros((1,)), jnp.zeros((1, 2)))
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.train.learning_rate, cfg.train.warmup_steps, cfg.train.num_steps,
-        end_value=cfg.train.learning_rate * 0.01)
+        0.0,
+        cfg.train.learning_rate,
+        cfg.train.warmup_steps,
+        cfg.train.num_steps,
+        end_value=cfg.train.learning_rate * 0.01,
+    )
     tx = optax.adam(schedule)
     state = fmjax.train.TrainState.create(params, tx, k_train)
     v = _velocity(model)
 
     def loss_fn(p, k, x1):
-        return fmjax.losses.cfm_loss(jax.tree_util.Partial(v, p), path, k, x1,
-                                     coupling=cfg.coupling, prediction=cfg.train.prediction)
+        return fmjax.losses.cfm_loss(
+            jax.tree_util.Partial(v, p),
+            path,
+            k,
+            x1,
+            coupling=cfg.coupling,
+            prediction=cfg.train.prediction,
+        )
 
     def data_fn(k):
         return toy.sample(cfg.dataset, k, cfg.train.batch_size)
 
-    run = fmjax.train.make_fused_train_steps(loss_fn, tx, data_fn, cfg.train.steps_per_call,
-                                             ema_decay=cfg.train.ema_decay)
+    run = fmjax.train.make_fused_train_steps(
+        loss_fn, tx, data_fn, cfg.train.steps_per_call, ema_decay=cfg.train.ema_decay
+    )
     t0 = time.perf_counter()
-    state, history = fmjax.train.fit(state, run, None, cfg.train.num_steps,
-                                     log_every=cfg.train.log_every,
-                                     steps_per_call=cfg.train.steps_per_call,
-                                     progress=progress, on_log=log_fn, desc="toy2d")
+    state, history = fmjax.train.fit(
+        state,
+        run,
+        None,
+        cfg.train.num_steps,
+        log_every=cfg.train.log_every,
+        steps_per_call=cfg.train.steps_per_call,
+        progress=progress,
+        on_log=log_fn,
+        desc="toy2d",
+    )
     jax.block_until_ready(state)
     return model, state, history, time.perf_counter() - t0
 
@@ -127,9 +162,16 @@ def evaluate(cfg, model, params, workdir):
     # held-out NLL (exact divergence, dopri5)
     x_test = toy.sample(cfg.dataset, k_nll, e.num_nll)
     t0 = time.perf_counter()
-    logp, lstats = fmjax.log_likelihood(v, x_test, divergence="exact", solver="dopri5",
-                                        rtol=e.rtol, atol=e.atol,
-                                        base_log_prob=path.source_log_prob, **span)
+    logp, lstats = fmjax.log_likelihood(
+        v,
+        x_test,
+        divergence="exact",
+        solver="dopri5",
+        rtol=e.rtol,
+        atol=e.atol,
+        base_log_prob=path.source_log_prob,
+        **span,
+    )
     out["nll_seconds"] = time.perf_counter() - t0
     nll = -np.asarray(logp, np.float64)
     out["nll_nats"] = float(nll.mean())
@@ -153,24 +195,33 @@ def evaluate(cfg, model, params, workdir):
     ref2 = toy.sample(cfg.dataset, k_ref2, e.num_samples)
     out["mmd_data_vs_data"] = float(fmjax.metrics.mmd(ref2, ref))
     out["sliced_wasserstein_data_vs_data"] = float(
-        fmjax.metrics.sliced_wasserstein(k_sw, ref2, ref))
+        fmjax.metrics.sliced_wasserstein(k_sw, ref2, ref)
+    )
 
     # density on a grid
     lim = e.plot_lim
     g = np.linspace(-lim, lim, e.grid_size, dtype=np.float32)
     grid = np.stack(np.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)
-    grid_logp, _ = fmjax.log_likelihood(v, jnp.asarray(grid), solver="dopri5",
-                                        rtol=e.grid_rtol, atol=e.grid_rtol,
-                                        base_log_prob=path.source_log_prob, **span)
+    grid_logp, _ = fmjax.log_likelihood(
+        v,
+        jnp.asarray(grid),
+        solver="dopri5",
+        rtol=e.grid_rtol,
+        atol=e.grid_rtol,
+        base_log_prob=path.source_log_prob,
+        **span,
+    )
     grid_logp = np.asarray(grid_logp).reshape(e.grid_size, e.grid_size)
 
     # trajectories
     ts = jnp.linspace(t_lo, t_hi, 33)[1:-1]
     xt0 = path.sample_source(k_traj, (e.num_trajectories, 2))
-    xt1, tstats = fmjax.sample(v, xt0, solver="dopri5", rtol=e.rtol, atol=e.atol, save_times=ts,
-                               **span)
-    traj = np.concatenate([np.asarray(xt0)[None], np.asarray(tstats.trajectory),
-                           np.asarray(xt1)[None]])
+    xt1, tstats = fmjax.sample(
+        v, xt0, solver="dopri5", rtol=e.rtol, atol=e.atol, save_times=ts, **span
+    )
+    traj = np.concatenate(
+        [np.asarray(xt0)[None], np.asarray(tstats.trajectory), np.asarray(xt1)[None]]
+    )
 
     _plot(cfg, workdir, np.asarray(samples), np.asarray(ref), traj, grid_logp, out)
     return out
@@ -184,11 +235,11 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
 
     lim = cfg.eval.plot_lim
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    for ax, pts, title in [(axes[0], ref, f"data: {cfg.dataset}"),
-                           (axes[1], samples, (f"fmjax samples (dopri5, NFE "
-                                               f"{metrics['nfe_sample']})"))]:
-        ax.hist2d(pts[:, 0], pts[:, 1], bins=200, range=[[-lim, lim], [-lim, lim]],
-                  cmap="viridis")
+    for ax, pts, title in [
+        (axes[0], ref, f"data: {cfg.dataset}"),
+        (axes[1], samples, (f"fmjax samples (dopri5, NFE {metrics['nfe_sample']})")),
+    ]:
+        ax.hist2d(pts[:, 0], pts[:, 1], bins=200, range=[[-lim, lim], [-lim, lim]], cmap="viridis")
         ax.set_title(title)
         ax.set_aspect("equal")
     fig.tight_layout()
@@ -210,8 +261,7 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(np.exp(grid_logp), origin="lower", extent=[-lim, lim, -lim, lim],
-              cmap="viridis")
+    ax.imshow(np.exp(grid_logp), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")
     ax.set_title(f"learned density exp(log p) — held-out NLL {metrics['nll_nats']:.3f} nats")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "density.png"), dpi=100)
@@ -246,11 +296,22 @@ def main(argv):
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
     metrics = train_and_evaluate(cfg, workdir)
-    keys = ["nll_nats", "nll_stderr", "true_entropy_nats", "nfe_sample", "nfe_likelihood",
-            "mmd", "mmd_data_vs_data", "sliced_wasserstein", "train_seconds"]
+    keys = [
+        "nll_nats",
+        "nll_stderr",
+        "true_entropy_nats",
+        "nfe_sample",
+        "nfe_likelihood",
+        "mmd",
+        "mmd_data_vs_data",
+        "sliced_wasserstein",
+        "train_seconds",
+    ]
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
-    print(f"wrote samples.png, trajectories.png, density.png, metrics.json to "
-          f"{os.path.abspath(workdir)}")
+    print(
+        f"wrote samples.png, trajectories.png, density.png, metrics.json to "
+        f"{os.path.abspath(workdir)}"
+    )
 
 
 def _define_flags():
@@ -259,8 +320,11 @@ def _define_flags():
 
     here = os.path.dirname(os.path.abspath(__file__))
     config_flags.DEFINE_config_file(
-        "config", os.path.join(here, "configs", "toy2d.py"), "Config file (path[:preset]).",
-        lock_config=True)
+        "config",
+        os.path.join(here, "configs", "toy2d.py"),
+        "Config file (path[:preset]).",
+        lock_config=True,
+    )
     flags.DEFINE_string("workdir", "out/toy2d", "Where to write plots and metrics.")
 
 

@@ -28,23 +28,34 @@ def integer(value, name: str, *, minimum: int = 1, allow_none: bool = False):
     if value is None and allow_none:
         return None
     kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
-        minimum, f"an integer >= {minimum}")
+        minimum, f"an integer >= {minimum}"
+    )
     expected = kind + (" or None" if allow_none else "")
     n = None
     if not isinstance(value, (bool, np.bool_)):
         try:
             n = operator.index(value)
         except TypeError:
-            if isinstance(value, (float, np.floating)) and math.isfinite(value) \
-                    and float(value).is_integer():
+            if (
+                isinstance(value, (float, np.floating))
+                and math.isfinite(value)
+                and float(value).is_integer()
+            ):
                 n = int(value)
     if n is None or n < minimum:
         raise ValueError(f"{name} must be {expected}; got {value!r}.")
     return n
 
 
-def real(value, name: str, *, low: float = -math.inf, high: float = math.inf,
-         low_open: bool = False, high_open: bool = False) -> float:
+def real(
+    value,
+    name: str,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """``value`` as a finite Python float in the interval from ``low`` to ``high`` (each end
     closed unless ``*_open``); anything else (bools, strings, NaN, inf, out of range) is a
     ``ValueError`` that names ``name`` and the interval."""
@@ -54,13 +65,18 @@ def real(value, name: str, *, low: float = -math.inf, high: float = math.inf,
             x = float(value)
         except (TypeError, ValueError):
             x = None
-    ok = x is not None and math.isfinite(x) and (x > low if low_open else x >= low) and (
-        x < high if high_open else x <= high)
+    ok = (
+        x is not None
+        and math.isfinite(x)
+        and (x > low if low_open else x >= low)
+        and (x < high if high_open else x <= high)
+    )
     if not ok:
         lo = "(" if low_open else "["
         hi = ")" if high_open or high == math.inf else "]"
         if low == -math.inf:
             lo = "("
-        raise ValueError(f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}; got "
-                         f"{value!r}.")
+        raise ValueError(
+            f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}; got {value!r}."
+        )
     return x

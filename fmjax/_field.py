@@ -34,14 +34,19 @@ class _Rebuild:
         self.treedef, self.statics = treedef, statics
 
     def __call__(self, arrays, *args, **kwargs):
-        leaves = [a if s is _ARRAY else s for a, s in zip(arrays, self.statics)]
+        leaves = [a if s is _ARRAY else s for a, s in zip(arrays, self.statics, strict=True)]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)(*args, **kwargs)
 
     def __eq__(self, other):
-        return (type(other) is _Rebuild and self.treedef == other.treedef
-                and len(self.statics) == len(other.statics)
-                and all(a is b or (a is not _ARRAY and b is not _ARRAY and a == b)
-                        for a, b in zip(self.statics, other.statics)))
+        return (
+            type(other) is _Rebuild
+            and self.treedef == other.treedef
+            and len(self.statics) == len(other.statics)
+            and all(
+                a is b or (a is not _ARRAY and b is not _ARRAY and a == b)
+                for a, b in zip(self.statics, other.statics, strict=True)
+            )
+        )
 
     def __hash__(self):
         return hash((self.treedef, tuple(None if s is _ARRAY else s for s in self.statics)))

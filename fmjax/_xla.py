@@ -33,7 +33,8 @@ _DIVERGENCE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_T
 def _supported(items: tuple) -> bool:
     try:
         jax.jit(lambda a: a @ a, compiler_options=dict(items)).lower(
-            jnp.ones((2, 2), jnp.float32)).compile()
+            jnp.ones((2, 2), jnp.float32)
+        ).compile()
     except Exception:  # noqa: BLE001 - any rejection means: do not use the option
         return False
     return True

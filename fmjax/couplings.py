@@ -47,7 +47,7 @@ def independent(key, x0, x1):
 def _sq_cost(x0, x1):
     a = x0.reshape(x0.shape[0], -1)
     b = x1.reshape(x1.shape[0], -1)
-    return (jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T)
+    return jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
 
 
 def _check_finite_cost(cost, method: str) -> None:
@@ -57,7 +57,8 @@ def _check_finite_cost(cost, method: str) -> None:
         raise ValueError(
             f"{method} OT coupling: the squared-distance cost has non-finite entries, so x0 "
             f"or x1 holds NaN or inf ({np.sum(~np.isfinite(cost))} of {cost.size} costs); no "
-            "pairing is optimal.")
+            "pairing is optimal."
+        )
 
 
 def _lsa_host(cost):

@@ -55,7 +55,9 @@ def use_cpu_devices(n: int | None = None, *, warn_if_late: bool = True) -> int:
             warnings.warn(
                 f"fmjax.use_cpu_devices({n}) must run before the first JAX computation; the "
                 f"CPU backend already started with {have} device(s), nothing changed.",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return have
     jax.config.update("jax_num_cpu_devices", n)
     return n

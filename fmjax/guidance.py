@@ -38,7 +38,8 @@ _ONE_ROW_HINT = (
     " fmjax.sample(per_example=True) calls the field on one row at a time: give the "
     "conditions to the solve instead, fmjax.sample(v, x0, cond=cond, per_example=True) with "
     "the conditional v itself or classifier_free(v, None, null_cond, scale), so that they go "
-    "row by row with x.")
+    "row by row with x."
+)
 
 
 def _leading(cond, batch: int, where: str):
@@ -62,7 +63,8 @@ def _null_like(null, cond):
             "null_cond must have cond's tree structure, with arrays that broadcast to cond's "
             "(one example's null condition, e.g. the null class id, or one per example); got "
             f"cond shapes {jax.tree_util.tree_map(jnp.shape, cond)} and null_cond "
-            f"{jax.tree_util.tree_map(jnp.shape, null)}: {e}") from e
+            f"{jax.tree_util.tree_map(jnp.shape, null)}: {e}"
+        ) from e
 
 
 def _scale_like(scale, x):
@@ -73,9 +75,13 @@ def _scale_like(scale, x):
         raise ValueError(
             f"classifier_free: scale must be a scalar or one weight per example, shape "
             f"({x.shape[0]},); got shape {scale.shape}."
-            + (" fmjax.sample(per_example=True) calls the field on one row at a time: "
-               "per-example weights need the batch-wide step control (the default)."
-               if x.shape[0] == 1 else ""))
+            + (
+                " fmjax.sample(per_example=True) calls the field on one row at a time: "
+                "per-example weights need the batch-wide step control (the default)."
+                if x.shape[0] == 1
+                else ""
+            )
+        )
     return scale.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
@@ -96,7 +102,8 @@ def _guided(v, cond, null, scale, t, x, *, batched=True):
             raise ValueError(
                 f"classifier_free: v(t, x, cond) on the doubled batch must return x's shape "
                 f"with {2 * batch} rows, {(2 * batch, *x.shape[1:])}; got shape "
-                f"{jnp.shape(out)}.")
+                f"{jnp.shape(out)}."
+            )
         out = out.reshape((batch, 2, *x.shape[1:]))
         v_cond, v_uncond = out[:, 0], out[:, 1]
     else:  # two calls of B rows: half the peak memory
@@ -206,6 +213,6 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
                 return conditional(v, null)
     if cond is None:
         return jax.tree_util.Partial(
-            _guided_given if batched else _guided_given_in_two_calls, v, null_cond, scale)
-    return jax.tree_util.Partial(_guided if batched else _guided_in_two_calls, v, cond, null,
-                                 scale)
+            _guided_given if batched else _guided_given_in_two_calls, v, null_cond, scale
+        )
+    return jax.tree_util.Partial(_guided if batched else _guided_in_two_calls, v, cond, null, scale)

@@ -65,9 +65,12 @@ def tune_cpu_allocator(*, warn_if_late: bool = True) -> bool:
     """
     if _jax_backends_started():
         if warn_if_late:
-            warnings.warn("fmjax.tune_cpu_allocator() must run before the first JAX computation "
-                          "(JAX's threads already own their malloc arenas); nothing changed.",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "fmjax.tune_cpu_allocator() must run before the first JAX computation "
+                "(JAX's threads already own their malloc arenas); nothing changed.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return False
     libc = _glibc()
     if libc is None:

@@ -102,6 +102,7 @@ def _exact_divergence(f, x, chunk_size):
         return jnp.broadcast_to(e.reshape(x.shape[1:]), x.shape)
 
     if chunk_size is None or chunk_size >= d:
+
         def one(e):
             y, tan = jax.jvp(f, (x,), (tangent(e),))
             return y, jnp.sum(tan.reshape(b, d) * e, axis=1)
@@ -109,8 +110,9 @@ def _exact_divergence(f, x, chunk_size):
         y, diag = jax.vmap(one, out_axes=(None, 0))(eye)
         return y, jnp.sum(diag, axis=0)
     y, f_jvp = jax.linearize(f, x)
-    diag = jax.lax.map(lambda e: jnp.sum(f_jvp(tangent(e)).reshape(b, d) * e, axis=1), eye,
-                       batch_size=chunk_size)
+    diag = jax.lax.map(
+        lambda e: jnp.sum(f_jvp(tangent(e)).reshape(b, d) * e, axis=1), eye, batch_size=chunk_size
+    )
     return y, jnp.sum(diag, axis=0)
 
 
@@ -132,9 +134,28 @@ def _draw_probes(key, shape, kind, dtype):
     return jax.random.normal(key, shape, dtype=dtype)
 
 
-def _log_likelihood_impl(v, x1, key, cond, *, base_log_prob, divergence, num_probes, probe,
-                         hutchinson_mode, solver, t0, t1, steps, step_size, rtol, atol,
-                         max_steps, chunk_size, error_norm):
+def _log_likelihood_impl(
+    v,
+    x1,
+    key,
+    cond,
+    *,
+    base_log_prob,
+    divergence,
+    num_probes,
+    probe,
+    hutchinson_mode,
+    solver,
+    t0,
+    t1,
+    steps,
+    step_size,
+    rtol,
+    atol,
+    max_steps,
+    chunk_size,
+    error_norm,
+):
     probes = None
     if divergence == "hutchinson":
         probes = _draw_probes(key, (num_probes,) + x1.shape, probe, x1.dtype)
@@ -146,6 +167,7 @@ def _log_likelihood_impl(v, x1, key, cond, *, base_log_prob, divergence, num_pro
             dy = call_field(v, batch_time(t, y), y, cond)
             check_field_output(dy, y)
             return dy
+
         if divergence == "exact":
             dx, div = _exact_divergence(f, x, chunk_size)
         else:
@@ -154,14 +176,25 @@ def _log_likelihood_impl(v, x1, key, cond, *, base_log_prob, divergence, num_pro
 
     y0 = (x1, jnp.zeros((x1.shape[0],), x1.dtype))
     (latent, delta), _, stats = ode.solve(
-        field, y0, t0=t1, t1=t0, solver=solver, steps=steps, step_size=step_size,
-        rtol=rtol, atol=atol, max_steps=max_steps, args=probes, error_norm=error_norm,
+        field,
+        y0,
+        t0=t1,
+        t1=t0,
+        solver=solver,
+        steps=steps,
+        step_size=step_size,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        args=probes,
+        error_norm=error_norm,
     )
-    base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(
-        latent)
+    base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(latent)
     if jnp.shape(base) != jnp.shape(delta):
-        raise ValueError(f"base_log_prob(x0) must return one log-density per example, shape "
-                         f"{jnp.shape(delta)}; got shape {jnp.shape(base)}.")
+        raise ValueError(
+            f"base_log_prob(x0) must return one log-density per example, shape "
+            f"{jnp.shape(delta)}; got shape {jnp.shape(base)}."
+        )
     return base + delta, LikelihoodStats(*stats, latent=latent, delta_logp=delta)
 
 
@@ -169,9 +202,23 @@ def _log_likelihood_impl(v, x1, key, cond, *, base_log_prob, divergence, num_pro
 # XLA:CPU); Hutchinson solves measured the same either way and use the plain jit.
 _log_likelihood = _xla.jit_with_cpu_options(
     _log_likelihood_impl,
-    static_argnames=("base_log_prob", "divergence", "num_probes", "probe", "hutchinson_mode",
-                     "solver", "t0", "t1", "steps", "step_size", "rtol", "atol", "max_steps",
-                     "chunk_size", "error_norm"),
+    static_argnames=(
+        "base_log_prob",
+        "divergence",
+        "num_probes",
+        "probe",
+        "hutchinson_mode",
+        "solver",
+        "t0",
+        "t1",
+        "steps",
+        "step_size",
+        "rtol",
+        "atol",
+        "max_steps",
+        "chunk_size",
+        "error_norm",
+    ),
 )
 
 
@@ -242,18 +289,32 @@ def log_likelihood(
         if hutchinson_mode not in ("jvp", "vjp"):
             raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {hutchinson_mode!r}.")
     chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
-    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
-                          max_steps=max_steps)
+    ode.check_solver_args(
+        solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol, max_steps=max_steps
+    )
     check_span(t0, t1)
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "fmjax.log_likelihood")
         cond = _place_cond(cond, mesh, x1)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
-        as_field(v), place_batch(jnp.asarray(x1), mesh, "x1"), key, cond,
-        base_log_prob=base_log_prob, divergence=divergence, num_probes=int(num_probes),
-        probe=probe, hutchinson_mode=hutchinson_mode, solver=solver, t0=float(t0),
-        t1=float(t1), steps=steps, step_size=None if step_size is None else float(step_size),
-        rtol=float(rtol), atol=float(atol), max_steps=int(max_steps), chunk_size=chunk_size,
+        as_field(v),
+        place_batch(jnp.asarray(x1), mesh, "x1"),
+        key,
+        cond,
+        base_log_prob=base_log_prob,
+        divergence=divergence,
+        num_probes=int(num_probes),
+        probe=probe,
+        hutchinson_mode=hutchinson_mode,
+        solver=solver,
+        t0=float(t0),
+        t1=float(t1),
+        steps=steps,
+        step_size=None if step_size is None else float(step_size),
+        rtol=float(rtol),
+        atol=float(atol),
+        max_steps=int(max_steps),
+        chunk_size=chunk_size,
         error_norm=error_norm,
     )
     if throw:

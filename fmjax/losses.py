@@ -50,8 +50,10 @@ def _check(x1, reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
     if not jnp.issubdtype(jnp.result_type(x1), jnp.floating):
-        raise ValueError(f"x1 must be floating point (e.g. images scaled to [-1, 1]); got "
-                         f"dtype {jnp.result_type(x1)}.")
+        raise ValueError(
+            f"x1 must be floating point (e.g. images scaled to [-1, 1]); got "
+            f"dtype {jnp.result_type(x1)}."
+        )
 
 
 def _prediction(v, t, xt, cond=None):
@@ -74,8 +76,20 @@ def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
     return x0, t, kc
 
 
-def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=None,
-             reduction="mean", prediction="velocity", cond=None):
+def cfm_loss(
+    v,
+    path,
+    key,
+    x1,
+    *,
+    x0=None,
+    t=None,
+    time_sampler=None,
+    coupling=None,
+    reduction="mean",
+    prediction="velocity",
+    cond=None,
+):
     """Conditional Flow Matching loss on a batch of data ``x1``.
 
     Args:
@@ -111,8 +125,9 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
     paths_lib.check_prediction(prediction, "prediction")
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "cfm_loss")
-    x0, t, kc = _draw(path, key, x1, x0, t, time_sampler,
-                      need_key=coupling not in (None, "independent", "ot"))
+    x0, t, kc = _draw(
+        path, key, x1, x0, t, time_sampler, need_key=coupling not in (None, "independent", "ot")
+    )
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
         data = x1
@@ -121,7 +136,8 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
             raise ValueError(
                 f"cfm_loss(cond=...): the coupling {coupling!r} returned a new x1; with "
                 "conditions it must re-pair x0 and return x1 as given (cond[i] belongs to "
-                "x1[i]), as fmjax.couplings do.")
+                "x1[i]), as fmjax.couplings do."
+            )
     if prediction == "velocity":
         xt, target = path.interpolate_and_target(x0, x1, t)
     else:
@@ -130,8 +146,7 @@ def cfm_loss(v, path, key, x1, *, x0=None, t=None, time_sampler=None, coupling=N
     return _reduce(jnp.square(_prediction(v, t, xt, cond) - target), reduction)
 
 
-def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None,
-            reduction="mean"):
+def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None, reduction="mean"):
     """Flow Matching loss against the exact marginal field of ``marginal``.
 
     ``x_t`` is drawn exactly as in :func:`cfm_loss` (so ``x1`` must be samples of

@@ -95,8 +95,7 @@ class EmpiricalData(_Marginal):
         return self.points.shape[1]
 
     def sample(self, key, n):
-        logits = (jnp.zeros(self.points.shape[0]) if self.log_weights is None
-                  else self.log_weights)
+        logits = jnp.zeros(self.points.shape[0]) if self.log_weights is None else self.log_weights
         return self.points[jax.random.categorical(key, logits, shape=(n,))]
 
     def _components(self, path, x, t):
@@ -105,8 +104,11 @@ class EmpiricalData(_Marginal):
         mu = jnp.broadcast_to(mu, (x.shape[0],) + self.points.shape)
         sq = jnp.sum(jnp.square(x[:, None, :] - mu), axis=-1)
         var = jnp.square(s).reshape(-1, 1)
-        log_w = (jax.nn.log_softmax(self.log_weights) if self.log_weights is not None
-                 else -jnp.log(self.points.shape[0]))
+        log_w = (
+            jax.nn.log_softmax(self.log_weights)
+            if self.log_weights is not None
+            else -jnp.log(self.points.shape[0])
+        )
         log_joint = log_w + _gauss_logpdf(sq, var, self.dim)
         means = jnp.broadcast_to(self.points, (x.shape[0],) + self.points.shape)
         return log_joint, means
@@ -119,8 +121,9 @@ def _check_mixture_values(means, stds, weights):
     if not (np.all(np.isfinite(s)) and np.all(s >= 0)):
         raise ValueError(f"GaussianMixture stds must be finite and >= 0; got {s.tolist()}.")
     if not (np.all(np.isfinite(w)) and np.all(w >= 0) and np.sum(w) > 0):
-        raise ValueError("GaussianMixture weights must be finite, >= 0 and not all 0; got "
-                         f"{w.tolist()}.")
+        raise ValueError(
+            f"GaussianMixture weights must be finite, >= 0 and not all 0; got {w.tolist()}."
+        )
 
 
 @_pytree_dataclass
@@ -147,8 +150,7 @@ class GaussianMixture(_Marginal):
         means = jnp.atleast_2d(jnp.asarray(means, dtype))
         k = means.shape[0]
         stds = jnp.broadcast_to(jnp.asarray(stds, dtype), (k,))
-        weights = (jnp.full((k,), 1.0 / k, dtype) if weights is None
-                   else jnp.asarray(weights, dtype))
+        weights = jnp.full((k,), 1.0 / k, dtype) if weights is None else jnp.asarray(weights, dtype)
         if not traced(means, stds, weights):
             _check_mixture_values(means, stds, weights)
         return cls(means, stds, weights / jnp.sum(weights))
@@ -171,7 +173,8 @@ class GaussianMixture(_Marginal):
         var_k = jnp.square(a * self.stds) + jnp.square(s)
         diff = x[:, None, :] - a[..., None] * self.means  # (B, K, D)
         log_joint = jnp.log(self.weights) + _gauss_logpdf(
-            jnp.sum(jnp.square(diff), axis=-1), var_k, self.dim)
+            jnp.sum(jnp.square(diff), axis=-1), var_k, self.dim
+        )
         return log_joint, diff, var_k, (a, s, da, ds)
 
     def _components(self, path, x, t):
@@ -196,8 +199,7 @@ class GaussianMixture(_Marginal):
         sigma_t = 0 as long as the components have spread."""
         self._check(x)
         log_joint, diff, var_k, _ = self._terms(path, x, t)
-        return jnp.einsum("bk,bkd->bd", jax.nn.softmax(log_joint, axis=1),
-                          -diff / var_k[..., None])
+        return jnp.einsum("bk,bkd->bd", jax.nn.softmax(log_joint, axis=1), -diff / var_k[..., None])
 
 
 del _broadcast_t

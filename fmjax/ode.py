@@ -45,9 +45,21 @@ import numpy as np
 
 from fmjax._checks import integer, traced
 
-__all__ = ["ADAPTIVE_SOLVERS", "ERROR_NORMS", "FIXED_SOLVERS", "RK4", "SOLVERS", "SolveStats",
-           "check_derivative", "check_save_times", "check_solver_args", "initial_step_size",
-           "leaf_rms_norm", "max_example_rms_norm", "solve"]
+__all__ = [
+    "ADAPTIVE_SOLVERS",
+    "ERROR_NORMS",
+    "FIXED_SOLVERS",
+    "RK4",
+    "SOLVERS",
+    "SolveStats",
+    "check_derivative",
+    "check_save_times",
+    "check_solver_args",
+    "initial_step_size",
+    "leaf_rms_norm",
+    "max_example_rms_norm",
+    "solve",
+]
 
 #: Adaptive error norms of :func:`solve` (``error_norm=``).
 ERROR_NORMS = ("rms", "max")
@@ -152,9 +164,18 @@ def _finite(value) -> bool:
         return False
 
 
-def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
-                      error_norm: str = "rms", *, rtol=None, atol=None,
-                      max_steps=None) -> None:
+def check_solver_args(
+    solver: str,
+    steps,
+    step_size,
+    t0: float,
+    t1: float,
+    error_norm: str = "rms",
+    *,
+    rtol=None,
+    atol=None,
+    max_steps=None,
+) -> None:
     """Validate solver options eagerly with errors that say what was expected (rtol, atol and
     max_steps are checked when given)."""
     if solver not in FIXED_SOLVERS and solver not in ADAPTIVE_SOLVERS:
@@ -162,8 +183,10 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
     if error_norm not in ERROR_NORMS:
         raise ValueError(f"unknown error_norm {error_norm!r}; choose one of {list(ERROR_NORMS)}.")
     if error_norm != "rms" and solver in FIXED_SOLVERS:
-        raise ValueError(f"error_norm={error_norm!r} controls adaptive step sizes; the "
-                         f"fixed-step solver {solver!r} has none.")
+        raise ValueError(
+            f"error_norm={error_norm!r} controls adaptive step sizes; the "
+            f"fixed-step solver {solver!r} has none."
+        )
     if solver in FIXED_SOLVERS:
         if (steps is None) == (step_size is None):
             raise ValueError(
@@ -183,9 +206,11 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
             raise ValueError(f"{name} must be a finite time; got {t!r}.")
     times_traced = traced(t0, t1)
     if times_traced and solver in FIXED_SOLVERS and steps is None:
-        raise ValueError(f"step_size= needs concrete t0 and t1 (the number of steps is "
-                         f"static); with traced times give steps= or use an adaptive solver "
-                         f"(got step_size={step_size!r}).")
+        raise ValueError(
+            f"step_size= needs concrete t0 and t1 (the number of steps is "
+            f"static); with traced times give steps= or use an adaptive solver "
+            f"(got step_size={step_size!r})."
+        )
     if not times_traced and t0 == t1:
         raise ValueError(f"t0 and t1 must differ; got t0=t1={t0}.")
     integer(max_steps, "max_steps", allow_none=True)
@@ -194,12 +219,20 @@ def check_solver_args(solver: str, steps, step_size, t0: float, t1: float,
             if tol is not None and not (math.isfinite(float(tol)) and float(tol) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}.")
         if rtol is not None and atol is not None and float(rtol) == float(atol) == 0:
-            raise ValueError("rtol and atol cannot both be 0: the adaptive solver could never "
-                             "accept a step.")
+            raise ValueError(
+                "rtol and atol cannot both be 0: the adaptive solver could never accept a step."
+            )
 
 
-def check_derivative(dy, y, *, fn: str = "field(t, y, args)", out: str = "dy/dt",
-                     state: str = "the state", where: str = "") -> None:
+def check_derivative(
+    dy,
+    y,
+    *,
+    fn: str = "field(t, y, args)",
+    out: str = "dy/dt",
+    state: str = "the state",
+    where: str = "",
+) -> None:
     """At trace time: ``field(t, y, args)`` must return ``dy/dt`` with ``y``'s tree structure
     and leaf shapes, in floating point (a ``(B, 1)`` leaf for a ``(B, 2)`` state would
     otherwise broadcast inside the solver and give a silently wrong solution). ``fn``,
@@ -208,12 +241,16 @@ def check_derivative(dy, y, *, fn: str = "field(t, y, args)", out: str = "dy/dt"
     y_def, dy_def = jax.tree_util.tree_structure(y), jax.tree_util.tree_structure(dy)
     if y_def != dy_def:
         if jax.tree_util.treedef_is_leaf(y_def):  # one array: say what came back instead
-            raise ValueError(f"{fn} must return {out}, one array of {state}'s shape "
-                             f"{jnp.shape(y)}; got {type(dy).__name__}{where}.")
-        raise ValueError(f"{fn} must return {out} with {state}'s structure {y_def}; got "
-                         f"{dy_def}{where}.")
-    for (path, leaf), d in zip(jax.tree_util.tree_leaves_with_path(y),
-                               jax.tree_util.tree_leaves(dy)):
+            raise ValueError(
+                f"{fn} must return {out}, one array of {state}'s shape "
+                f"{jnp.shape(y)}; got {type(dy).__name__}{where}."
+            )
+        raise ValueError(
+            f"{fn} must return {out} with {state}'s structure {y_def}; got {dy_def}{where}."
+        )
+    for (path, leaf), d in zip(
+        jax.tree_util.tree_leaves_with_path(y), jax.tree_util.tree_leaves(dy), strict=False
+    ):
         name = out + jax.tree_util.keystr(path)
         try:
             shape, dtype = jnp.shape(d), jnp.result_type(d)
@@ -221,11 +258,11 @@ def check_derivative(dy, y, *, fn: str = "field(t, y, args)", out: str = "dy/dt"
             shape = dtype = None
         if shape is None or shape != jnp.shape(leaf):
             got = type(d).__name__ if shape is None else f"shape {shape}"
-            raise ValueError(f"{fn} must return {name} with {state}'s shape "
-                             f"{jnp.shape(leaf)}; got {got}{where}.")
+            raise ValueError(
+                f"{fn} must return {name} with {state}'s shape {jnp.shape(leaf)}; got {got}{where}."
+            )
         if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"{fn} must return floating-point {name}; got dtype "
-                             f"{dtype}{where}.")
+            raise ValueError(f"{fn} must return floating-point {name}; got dtype {dtype}{where}.")
 
 
 def check_save_times(save_times, t0, t1) -> None:
@@ -237,17 +274,21 @@ def check_save_times(save_times, t0, t1) -> None:
         return
     ts = save_times if traced(save_times) else np.asarray(save_times)
     shape, dtype = ts.shape, ts.dtype
-    if len(shape) != 1 or not (jnp.issubdtype(dtype, jnp.floating)  # (bfloat16 too)
-                               or jnp.issubdtype(dtype, jnp.integer)):
-        raise ValueError(f"save_times must be a 1-D sequence of real times; got shape "
-                         f"{shape} and dtype {dtype}.")
+    if len(shape) != 1 or not (
+        jnp.issubdtype(dtype, jnp.floating)  # (bfloat16 too)
+        or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"save_times must be a 1-D sequence of real times; got shape {shape} and dtype {dtype}."
+        )
     if traced(save_times, t0, t1):
         return
     t0, t1 = float(t0), float(t1)
     lo, hi = min(t0, t1), max(t0, t1)
     if ts.size and not (np.all(np.isfinite(ts)) and ts.min() >= lo and ts.max() <= hi):
-        raise ValueError(f"save_times must lie in [{lo}, {hi}] (between t0={t0} and "
-                         f"t1={t1}); got {ts.tolist()}.")
+        raise ValueError(
+            f"save_times must lie in [{lo}, {hi}] (between t0={t0} and t1={t1}); got {ts.tolist()}."
+        )
     gaps = np.diff(ts.astype(np.float64)) * (1.0 if t1 > t0 else -1.0)  # along the solve
     if np.any(gaps < 0):
         order = "increasing" if t1 > t0 else "decreasing (the solve runs from t0 down to t1)"
@@ -294,8 +335,11 @@ def initial_step_size(field, y0, *, t0, t1, error_order, rtol, atol, norm):
     d2 = norm(tree_map(lambda a, b, c: (a - b) / c, f1, f0, scale)) / h0
     dmax = jnp.maximum(d1, d2)
     flat = dmax <= 1e-15
-    h1 = jnp.where(flat, jnp.maximum(1e-6, 1e-3 * h0),
-                   (0.01 / jnp.where(flat, 1.0, dmax)) ** (1.0 / error_order))
+    h1 = jnp.where(
+        flat,
+        jnp.maximum(1e-6, 1e-3 * h0),
+        (0.01 / jnp.where(flat, 1.0, dmax)) ** (1.0 / error_order),
+    )
     return jnp.minimum(100.0 * h0, h1), f0
 
 
@@ -311,8 +355,11 @@ def _fsal_state(solver, term, t0, t1, y0, args, f0):
     want = jax.eval_shape(lambda: solver.init(term, t0, t1, y0, args))
     got = jax.eval_shape(lambda: state)
     if jax.tree_util.tree_structure(want) != jax.tree_util.tree_structure(got) or any(
-            (w.shape, w.dtype) != (g.shape, g.dtype) for w, g in
-            zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got))):
+        (w.shape, w.dtype) != (g.shape, g.dtype)
+        for w, g in zip(
+            jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got), strict=True
+        )
+    ):
         return None
     return state
 
@@ -343,8 +390,9 @@ def solve(
     traced (not with ``step_size=``, whose number of steps is static). ``throw=False``: check
     ``stats.success``.
     """
-    check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
-                      max_steps=max_steps)
+    check_solver_args(
+        solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol, max_steps=max_steps
+    )
     check_save_times(save_times, t0, t1)
 
     def checked_field(t, y, args):  # the check runs while tracing: no cost per step
@@ -356,13 +404,15 @@ def solve(
     # the time dtype, and Python-float times are float64 under jax_enable_x64, which would
     # silently turn a float32 solve (and every call of the field) into float64.
     state_dtypes = [jnp.result_type(y) for y in jax.tree_util.tree_leaves(y0)]
-    time_dtype = jnp.result_type(jnp.float32, *[
-        d for d in state_dtypes if jnp.issubdtype(d, jnp.floating)])
+    time_dtype = jnp.result_type(
+        jnp.float32, *[d for d in state_dtypes if jnp.issubdtype(d, jnp.floating)]
+    )
     t0_, t1_ = jnp.asarray(t0, time_dtype), jnp.asarray(t1, time_dtype)
     # the state promoted as diffeqsolve promotes it (a bfloat16 state solves in float32), so
     # the starting step's evaluations see what the solver's do
     y0 = jax.tree_util.tree_map(
-        lambda y: jnp.asarray(y, jnp.promote_types(jnp.result_type(y), time_dtype)), y0)
+        lambda y: jnp.asarray(y, jnp.promote_types(jnp.result_type(y), time_dtype)), y0
+    )
     term = diffrax.ODETerm(checked_field)
     solver_state = None
     if solver in FIXED_SOLVERS:
@@ -375,13 +425,21 @@ def solve(
         norm = leaf_rms_norm if error_norm == "rms" else max_example_rms_norm
         controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
         solver_obj = ADAPTIVE_SOLVERS[solver]()
-        h, f0 = initial_step_size(lambda t, y: checked_field(t, y, args), y0, t0=t0_, t1=t1_,
-                                  error_order=solver_obj.error_order(term), rtol=rtol,
-                                  atol=atol, norm=norm)
+        h, f0 = initial_step_size(
+            lambda t, y: checked_field(t, y, args),
+            y0,
+            t0=t0_,
+            t1=t1_,
+            error_order=solver_obj.error_order(term),
+            rtol=rtol,
+            atol=atol,
+            norm=norm,
+        )
         dt0 = jnp.sign(t1_ - t0_) * jax.lax.stop_gradient(h).astype(time_dtype)
-        if adjoint is None or isinstance(adjoint, (diffrax.RecursiveCheckpointAdjoint,
-                                                   diffrax.DirectAdjoint,
-                                                   diffrax.ForwardMode)):
+        if adjoint is None or isinstance(
+            adjoint,
+            (diffrax.RecursiveCheckpointAdjoint, diffrax.DirectAdjoint, diffrax.ForwardMode),
+        ):
             # (the other adjoints refuse to differentiate through a passed solver state)
             solver_state = _fsal_state(solver_obj, term, t0_, t1_, y0, args, f0)
     if save_times is not None:

@@ -264,6 +264,7 @@ class GaussianPath:
         check_prediction(prediction, "prediction")
         margin = real(margin, "margin", low=0.0, high=0.5, low_open=True, high_open=True)
         lo, hi = self.t_range
+
         def vanishes(c):  # zero up to float32 rounding (cos(pi / 2) is -4e-8 there)
             return abs(float(c)) < 1e-6
 
@@ -307,14 +308,14 @@ def prediction_of(f, t, x, name: str = "f", args: tuple = ()):
     pred = f(t, x, *args)
     if jnp.shape(pred) != jnp.shape(x):
         call = "(t, x" + ", cond" * len(args) + ")"
-        raise ValueError(f"{name}{call} must return x's shape {jnp.shape(x)}; got "
-                         f"{jnp.shape(pred)}.")
+        raise ValueError(
+            f"{name}{call} must return x's shape {jnp.shape(x)}; got {jnp.shape(pred)}."
+        )
     return pred
 
 
 def _velocity_from(prediction, path, f, t, x, *args):
-    return path.convert(prediction_of(f, t, x, args=args), x, t, src=prediction,
-                        dst="velocity")
+    return path.convert(prediction_of(f, t, x, args=args), x, t, src=prediction, dst="velocity")
 
 
 # one function object per prediction, made once: a Partial's function is part of its static
@@ -462,15 +463,20 @@ class VP(GaussianPath):
 
 def rectified_flow() -> AffinePath:
     """``x_t = (1 - t) x0 + t x1`` (rectified flow, I-CFM; same as ``CondOT(0)``)."""
-    return AffinePath(alpha=schedules.Linear(0.0, 1.0), sigma=schedules.Linear(1.0, -1.0),
-                      d_alpha=schedules.Constant(1.0), d_sigma=schedules.Constant(-1.0),
-                      name="rectified_flow")
+    return AffinePath(
+        alpha=schedules.Linear(0.0, 1.0),
+        sigma=schedules.Linear(1.0, -1.0),
+        d_alpha=schedules.Constant(1.0),
+        d_sigma=schedules.Constant(-1.0),
+        name="rectified_flow",
+    )
 
 
 def cosine() -> AffinePath:
     """``alpha_t = sin(pi t / 2)``, ``sigma_t = cos(pi t / 2)`` (variance preserving)."""
-    return AffinePath(alpha=schedules.Cosine(sine=True), sigma=schedules.Cosine(sine=False),
-                      name="cosine")
+    return AffinePath(
+        alpha=schedules.Cosine(sine=True), sigma=schedules.Cosine(sine=False), name="cosine"
+    )
 
 
 def polynomial(n: float, eps: float = 1e-5) -> AffinePath:
@@ -483,8 +489,12 @@ def polynomial(n: float, eps: float = 1e-5) -> AffinePath:
     if not 0.0 < float(eps) < 1.0:
         raise ValueError(f"polynomial eps must lie in (0, 1); got {eps!r}.")
     lo = float(eps) if float(n) < 1.0 else 0.0
-    return AffinePath(alpha=schedules.Power(float(n)), sigma=schedules.OneMinusPower(float(n)),
-                      t_range=(lo, 1.0), name=f"polynomial({float(n)})")
+    return AffinePath(
+        alpha=schedules.Power(float(n)),
+        sigma=schedules.OneMinusPower(float(n)),
+        t_range=(lo, 1.0),
+        name=f"polynomial({float(n)})",
+    )
 
 
 _NAMED = {

@@ -66,8 +66,9 @@ def _check_batch(x, name):
             f"shape {jnp.shape(x)}. For one example use {name}[None]."
         )
     if jnp.shape(x)[0] == 0:
-        raise ValueError(f"{name} is an empty batch (shape {jnp.shape(x)}); pass at least one "
-                         "example.")
+        raise ValueError(
+            f"{name} is an empty batch (shape {jnp.shape(x)}); pass at least one example."
+        )
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
         raise ValueError(f"{name} must be floating point; got dtype {jnp.asarray(x).dtype}.")
 
@@ -80,13 +81,16 @@ def check_cond(cond, batch: int, where: str, hint: str = ""):
         raise ValueError(f"{where}: cond has no arrays; got {cond!r}.")
     for leaf in leaves:
         if not hasattr(leaf, "shape"):  # a list or tuple is a pytree of its items
-            raise ValueError(f"{where}: cond must be an array or a pytree of arrays; got a "
-                             f"leaf of type {type(leaf).__name__} ({leaf!r}) in {cond!r} (pass "
-                             "np.asarray(...) for a list of labels).")
+            raise ValueError(
+                f"{where}: cond must be an array or a pytree of arrays; got a "
+                f"leaf of type {type(leaf).__name__} ({leaf!r}) in {cond!r} (pass "
+                "np.asarray(...) for a list of labels)."
+            )
         if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != batch:
             raise ValueError(
                 f"{where}: every array of cond must have the batch's leading size {batch} "
-                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}." + hint)
+                f"(cond[i] conditions x[i]); got shape {jnp.shape(leaf)}." + hint
+            )
 
 
 def _place_cond(cond, mesh: Mesh | None, x):
@@ -109,8 +113,10 @@ def auto_mesh(mesh: Mesh) -> Mesh:
     """:func:`auto_axes` of a mesh that has the ``"data"`` axis (else a ValueError)."""
     mesh = auto_axes(mesh)
     if DATA_AXIS not in mesh.axis_names:
-        raise ValueError(f"mesh must have a {DATA_AXIS!r} axis to shard the batch over; got "
-                         f"axes {mesh.axis_names}.")
+        raise ValueError(
+            f"mesh must have a {DATA_AXIS!r} axis to shard the batch over; got "
+            f"axes {mesh.axis_names}."
+        )
     return mesh
 
 
@@ -128,8 +134,11 @@ def place_batch(x, mesh: Mesh | None, name: str = "x"):
     """
     if mesh is None:
         sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-        if (isinstance(sharding, NamedSharding) and not traced(x)
-                and any(t != AxisType.Auto for t in sharding.mesh.axis_types)):
+        if (
+            isinstance(sharding, NamedSharding)
+            and not traced(x)
+            and any(t != AxisType.Auto for t in sharding.mesh.axis_types)
+        ):
             x = jax.device_put(x, NamedSharding(auto_axes(sharding.mesh), sharding.spec))
         return x
     mesh = auto_mesh(mesh)
@@ -144,31 +153,73 @@ def check_rows_divisible(x, mesh: Mesh, name: str):
     if jnp.ndim(x) < 1 or jnp.shape(x)[0] % n:
         raise ValueError(
             f"{name} (shape {jnp.shape(x)}) must have a leading batch axis divisible by the "
-            f"{n} devices of the mesh's {DATA_AXIS!r} axis.")
+            f"{n} devices of the mesh's {DATA_AXIS!r} axis."
+        )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("solver", "t0", "t1", "steps", "step_size", "rtol", "atol", "max_steps",
-                     "per_example", "error_norm"),
+    static_argnames=(
+        "solver",
+        "t0",
+        "t1",
+        "steps",
+        "step_size",
+        "rtol",
+        "atol",
+        "max_steps",
+        "per_example",
+        "error_norm",
+    ),
 )
-def _sample(v, x0, save_times, cond, *, solver, t0, t1, steps, step_size, rtol, atol,
-            max_steps, per_example, error_norm):
+def _sample(
+    v,
+    x0,
+    save_times,
+    cond,
+    *,
+    solver,
+    t0,
+    t1,
+    steps,
+    step_size,
+    rtol,
+    atol,
+    max_steps,
+    per_example,
+    error_norm,
+):
     def field(t, x, cond):
         dx = call_field(v, batch_time(t, x), x, cond)
-        check_field_output(dx, x, " (per_example=True: x is one example, a batch of one row)"
-                           if per_example else "")
+        check_field_output(
+            dx,
+            x,
+            " (per_example=True: x is one example, a batch of one row)" if per_example else "",
+        )
         return dx
 
     def run(x, cond):
-        return ode.solve(field, x, t0=t0, t1=t1, solver=solver, steps=steps,
-                         step_size=step_size, rtol=rtol, atol=atol, save_times=save_times,
-                         max_steps=max_steps, error_norm=error_norm, args=cond)
+        return ode.solve(
+            field,
+            x,
+            t0=t0,
+            t1=t1,
+            solver=solver,
+            steps=steps,
+            step_size=step_size,
+            rtol=rtol,
+            atol=atol,
+            save_times=save_times,
+            max_steps=max_steps,
+            error_norm=error_norm,
+            args=cond,
+        )
 
     if per_example:
         # each example its own solve, with its own row of cond (a batch of one row each)
-        x1, ys, stats = jax.vmap(lambda x, c: run(
-            x[None], jax.tree_util.tree_map(lambda a: a[None], c)))(x0, cond)
+        x1, ys, stats = jax.vmap(
+            lambda x, c: run(x[None], jax.tree_util.tree_map(lambda a: a[None], c))
+        )(x0, cond)
         x1 = x1[:, 0]
         if ys is not None:
             ys = jnp.moveaxis(ys[:, :, 0], 0, 1)
@@ -233,20 +284,29 @@ def sample(
       under ``jax_enable_x64``; pass float64 points for a float64 solve.
     """
     _check_batch(x0, "x0")
-    ode.check_solver_args(solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol,
-                          max_steps=max_steps)
+    ode.check_solver_args(
+        solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol, max_steps=max_steps
+    )
     ode.check_save_times(save_times, t0, t1)
     if cond is not None:
         check_cond(cond, jnp.shape(x0)[0], "fmjax.sample")
         cond = _place_cond(cond, mesh, x0)
     x1, stats = _sample(
-        as_field(v), place_batch(jnp.asarray(x0), mesh, "x0"),
+        as_field(v),
+        place_batch(jnp.asarray(x0), mesh, "x0"),
         # Times keep their own precision here; ode.solve gives them the solve's time dtype
         # (x0's float dtype, at least float32), so bfloat16 points do not round them.
-        None if save_times is None else jnp.asarray(save_times), cond,
-        solver=solver, t0=float(t0), t1=float(t1), steps=steps,
-        step_size=None if step_size is None else float(step_size), rtol=float(rtol),
-        atol=float(atol), max_steps=int(max_steps), per_example=bool(per_example),
+        None if save_times is None else jnp.asarray(save_times),
+        cond,
+        solver=solver,
+        t0=float(t0),
+        t1=float(t1),
+        steps=steps,
+        step_size=None if step_size is None else float(step_size),
+        rtol=float(rtol),
+        atol=float(atol),
+        max_steps=int(max_steps),
+        per_example=bool(per_example),
         error_norm=error_norm,
     )
     if throw:

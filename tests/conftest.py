@@ -32,11 +32,21 @@ XLA_CACHE = os.path.join(tempfile.gettempdir(), "fmjax-test-xla-cache")
 def run_python(code, timeout):
     """Run ``code`` in a fresh CPU-only Python process from the repo root (the repo on its
     path, no XLA_FLAGS inherited); returns the ``CompletedProcess`` with text output."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def run_markdown_examples(page, num_blocks, timeout=600):

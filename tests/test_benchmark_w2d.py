@@ -16,7 +16,8 @@ import pytest
 from conftest import ROOT
 
 _spec = importlib.util.spec_from_file_location(
-    "w2d_bench", os.path.join(ROOT, "benchmarks", "w2d.py"))
+    "w2d_bench", os.path.join(ROOT, "benchmarks", "w2d.py")
+)
 w2d = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(w2d)
 
@@ -28,11 +29,12 @@ def test_interleave_rotates_the_order_and_times_every_call():
         def fn():
             calls.append(label)
             return f"out-{label}-{len(calls)}"
+
         return fn
 
     times, outputs, errors = w2d.interleave({k: make(k) for k in "abc"}, repeats=4)
     # round r starts at label r mod 3, each label once per round
-    assert calls == list("abc" "bca" "cab" "abc")
+    assert calls == list("abcbcacababc")
     assert errors == {}
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(t >= 0 for v in times.values() for t in v)
@@ -62,11 +64,13 @@ def test_interleave_repeats_calls_for_min_seconds_and_records_the_mean_per_call(
             calls[label] += 1
             time.sleep(seconds)
             return calls[label]
+
         return fn
 
     t0 = time.perf_counter()
-    times, outputs, _ = w2d.interleave({"slow": make("slow", 0.03), "fast": make("fast", 0.002)},
-                                       repeats=2, min_seconds=0.02)
+    times, outputs, _ = w2d.interleave(
+        {"slow": make("slow", 0.03), "fast": make("fast", 0.002)}, repeats=2, min_seconds=0.02
+    )
     total = time.perf_counter() - t0
     assert calls["slow"] == 2  # one call per turn: it already lasts min_seconds
     # each fast turn repeats its >= 2 ms call until 0.02 s have passed, and stops then
@@ -89,13 +93,33 @@ def test_round_ratios_take_the_faster_peer_of_each_round():
 
 
 def test_markdown_lists_the_ratios_of_the_fmjax_lines():
-    rec = {"row": "small", "case": "c", "framework": "fmjax", "median": 1.0, "min": 0.9,
-           "max": 1.1, "unit": "s", **{f"ratio_{k}": v for k, v in
-                                       w2d.summarize([2.0, 3.0, 2.5]).items()}}
-    peer = {"row": "small", "case": "c", "framework": "torchcfm", "median": 2.5, "min": 2.0,
-            "max": 3.0, "unit": "s"}
-    meta = {"quick": True, "date": "d", "cpu": "cpu", "nproc": 2, "repeats": 3,
-            "loadavg_start": 0.0}
+    rec = {
+        "row": "small",
+        "case": "c",
+        "framework": "fmjax",
+        "median": 1.0,
+        "min": 0.9,
+        "max": 1.1,
+        "unit": "s",
+        **{f"ratio_{k}": v for k, v in w2d.summarize([2.0, 3.0, 2.5]).items()},
+    }
+    peer = {
+        "row": "small",
+        "case": "c",
+        "framework": "torchcfm",
+        "median": 2.5,
+        "min": 2.0,
+        "max": 3.0,
+        "unit": "s",
+    }
+    meta = {
+        "quick": True,
+        "date": "d",
+        "cpu": "cpu",
+        "nproc": 2,
+        "repeats": 3,
+        "loadavg_start": 0.0,
+    }
     table = w2d.markdown([rec, peer], meta)
     assert "vs faster peer 2.50x (2.00-3.00)" in table
     assert "| small | c | fmjax | 2.50x (2.00-3.00) | 3 |" in table
@@ -106,9 +130,27 @@ def test_quick_run_of_the_fmjax_side(tmp_path):
     """The script end to end (no peers): every W2D-small case is timed and recorded."""
     out = tmp_path / "raw.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "w2d.py"), "--quick", "--only",
-         "fmjax", "--rows", "small", "--repeats", "2", "--cpu-devices", "1", "--out",
-         str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "w2d.py"),
+            "--quick",
+            "--only",
+            "fmjax",
+            "--rows",
+            "small",
+            "--repeats",
+            "2",
+            "--cpu-devices",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads(out.read_text())["records"]
     assert all("error" not in r for r in records)
@@ -126,10 +168,29 @@ def test_quality_row_over_several_training_seeds(tmp_path):
     """--quality-seeds 2: one line per training seed (different models) and their mean / sd."""
     out = tmp_path / "raw.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "w2d.py"), "--quick", "--only",
-         "fmjax", "--rows", "quality", "--quality-steps", "5", "--quality-seeds", "2",
-         "--cpu-devices", "1", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "w2d.py"),
+            "--quick",
+            "--only",
+            "fmjax",
+            "--rows",
+            "quality",
+            "--quality-steps",
+            "5",
+            "--quality-seeds",
+            "2",
+            "--cpu-devices",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [r for r in json.loads(out.read_text())["records"] if r["framework"] == "fmjax"]
     assert all("error" not in r for r in records)

@@ -17,8 +17,10 @@ from fmjax.train import checkpoint, step
 BAD = [0, -2, 2.5, True, np.bool_(True), "3", float("nan"), float("inf"), np.ones(2, int)]
 
 
-@pytest.mark.parametrize("value,expected", [
-    (3, 3), (np.int64(4), 4), (jnp.asarray(5), 5), (1e3, 1000), (np.float32(2.0), 2)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [(3, 3), (np.int64(4), 4), (jnp.asarray(5), 5), (1e3, 1000), (np.float32(2.0), 2)],
+)
 def test_integer_accepts_integral_values(value, expected):
     out = integer(value, "n")
     assert out == expected and type(out) is int
@@ -40,15 +42,18 @@ def test_integer_minimum_none_and_traced_values():
         jax.jit(lambda n: integer(n, "n"))(3)
 
 
-@pytest.mark.parametrize("value,expected", [
-    (0.5, 0.5), (1, 1.0), (np.float32(0.25), 0.25), (jnp.asarray(0.75), 0.75)])
+@pytest.mark.parametrize(
+    "value,expected", [(0.5, 0.5), (1, 1.0), (np.float32(0.25), 0.25), (jnp.asarray(0.75), 0.75)]
+)
 def test_real_accepts_numbers(value, expected):
     out = real(value, "w", low=0.0, high=1.0)
     assert out == expected and type(out) is float
 
 
-@pytest.mark.parametrize("value", [
-    "0.5", b"0.5", True, np.bool_(False), None, float("nan"), float("inf"), np.ones(2), 1.0, 0.0])
+@pytest.mark.parametrize(
+    "value",
+    ["0.5", b"0.5", True, np.bool_(False), None, float("nan"), float("inf"), np.ones(2), 1.0, 0.0],
+)
 def test_real_refuses_with_the_name_and_interval(value):
     with pytest.raises(ValueError, match=r"^decay must be a finite number in \(0, 1\); got "):
         real(value, "decay", low=0.0, high=1.0, low_open=True, high_open=True)
@@ -71,15 +76,15 @@ def _fused(n):
 SITES = {
     "steps": lambda n: fmjax.sample(_v, X, solver="euler", steps=n),
     "max_steps": lambda n: fmjax.sample(_v, X, max_steps=n),
-    "num_probes": lambda n: fmjax.log_likelihood(_v, X, divergence="hutchinson", key=KEY,
-                                                 num_probes=n),
+    "num_probes": lambda n: fmjax.log_likelihood(
+        _v, X, divergence="hutchinson", key=KEY, num_probes=n
+    ),
     "chunk_size": lambda n: fmjax.log_likelihood(_v, X, chunk_size=n),
     "num_dims": lambda n: fmjax.bits_per_dim(jnp.zeros(3), n),
     "num_steps": _fused,
     "n (the number of samples)": lambda n: toy.sample("checkerboard", KEY, n),
     "n (the number of CPU devices)": lambda n: fmjax.use_cpu_devices(n),
-    "num_dequant": lambda n: nll.image_bpd(_v, jnp.zeros((2, 4)), KEY,
-                                           num_dequant=n),
+    "num_dequant": lambda n: nll.image_bpd(_v, jnp.zeros((2, 4)), KEY, num_dequant=n),
 }
 
 
@@ -103,8 +108,11 @@ def test_count_arguments_accept_integral_floats_and_numpy_ints():
 
 
 def test_other_count_limits(tmp_path):
-    with pytest.raises(ValueError, match=r"num_dims=\(32, 0, 3\): each size must be a "
-                                         "positive integer; got 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_dims=\(32, 0, 3\): each size must be a "
+        "positive integer; got 0",
+    ):
         fmjax.bits_per_dim(jnp.zeros(1), (32, 0, 3))
     with pytest.raises(ValueError, match="num_levels must be an integer >= 2; got 1"):
         fmjax.bits_per_dim(jnp.zeros(1), 3, num_levels=1)

@@ -5,16 +5,27 @@ import json
 
 from conftest import run_python
 
-CORE = ["fmjax", "fmjax.paths", "fmjax.schedules", "fmjax.couplings", "fmjax.losses",
-        "fmjax.marginals", "fmjax.sampling", "fmjax.likelihood", "fmjax.ode",
-        "fmjax.guidance"]
+CORE = [
+    "fmjax",
+    "fmjax.paths",
+    "fmjax.schedules",
+    "fmjax.couplings",
+    "fmjax.losses",
+    "fmjax.marginals",
+    "fmjax.sampling",
+    "fmjax.likelihood",
+    "fmjax.ode",
+    "fmjax.guidance",
+]
 
 
 def test_core_imports_no_flax_models_data_or_train():
-    code = ("import importlib, json, sys\n"
-            f"for m in {CORE!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'flax' or "
-            "m.startswith(('fmjax.models', 'fmjax.data', 'fmjax.train', 'experiments')))))")
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {CORE!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'flax' or "
+        "m.startswith(('fmjax.models', 'fmjax.data', 'fmjax.train', 'experiments')))))"
+    )
     out = run_python(code, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

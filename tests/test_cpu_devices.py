@@ -193,7 +193,7 @@ def worker():
     out = run_python(WORKER, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_use_cpu_devices_before_and_after_start(worker):
@@ -203,9 +203,19 @@ def test_use_cpu_devices_before_and_after_start(worker):
     assert "use_cpu_devices(2)" in msg and "4 device(s)" in msg
 
 
-@pytest.mark.parametrize("name", ["sample_dopri5", "sample_euler", "lik_exact",
-                                  "lik_exact_max_norm", "lik_hutch", "sample_guided",
-                                  "sample_guided_cond", "lik_exact_cond"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sample_dopri5",
+        "sample_euler",
+        "lik_exact",
+        "lik_exact_max_norm",
+        "lik_hutch",
+        "sample_guided",
+        "sample_guided_cond",
+        "lik_exact_cond",
+    ],
+)
 def test_sharded_solve_equals_one_device_solve(worker, name):
     r = worker[name]
     assert r["nfe"][0] == r["nfe"][1]  # batch-wide step control: the same step sequence
@@ -264,7 +274,7 @@ def test_microbatched_steps_on_a_mesh(worker):
     collective but the gradient all-reduce), and with ``shard_loss`` that all-reduce runs
     once per step, after the device has accumulated its microbatches."""
     r, one = worker["microbatched"], worker["per_step"]
-    for w, loss in zip(r["w"], r["loss"]):
+    for w, loss in zip(r["w"], r["loss"], strict=True):
         np.testing.assert_allclose(w, one["w"][0], rtol=1e-5)
         np.testing.assert_allclose(loss, one["loss"][0], rtol=1e-5)
     global_view, shard_loss = r["collectives"]
@@ -296,8 +306,9 @@ def test_mesh_arguments_are_checked_on_one_device():
     with pytest.raises(TypeError, match="Mesh"):
         fmjax.log_likelihood(lambda t, x: -x, x, solver="euler", steps=4, mesh="data")
     with pytest.raises(ValueError, match="data"):
-        train.make_fused_train_steps(lambda p, k, b: jnp.sum(p), optax.sgd(0.1),
-                                     lambda k: x, 1, mesh=other)
+        train.make_fused_train_steps(
+            lambda p, k, b: jnp.sum(p), optax.sgd(0.1), lambda k: x, 1, mesh=other
+        )
     loss = lambda p, k, b: jnp.sum(p)
     with pytest.raises(ValueError, match="'data' axis"):
         train.make_train_step(loss, optax.sgd(0.1), mesh=other)

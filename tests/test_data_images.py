@@ -61,7 +61,7 @@ def _take(it, k):
 
 def _assert_batches_equal(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
@@ -144,7 +144,7 @@ def test_dequantized_values_in_range_and_within_one_bin():
 def test_non_dequantized_values_are_exact_levels():
     with indexed_tfds(8):
         b = next(_train(global_batch_size=8, random_flip=False, dequantize=False))
-    for img, label in zip(b["image"], b["label"]):
+    for img, label in zip(b["image"], b["label"], strict=True):
         np.testing.assert_array_equal(img, _level(_image(int(label))))
         np.testing.assert_array_equal(di.to_uint8(img), _image(int(label)))
 
@@ -186,8 +186,15 @@ def test_npz_chw_to_hwc_with_known_channel_values(tmp_path):
     assert (src[0]["image"] == np.array([11, 22, 33], np.uint8)).all()
     assert (src[1]["image"] == np.array([33, 22, 11], np.uint8)).all()
     assert src[0]["label"] == 0 and src[1]["label"] == 999  # 1-based -> 0-based
-    b = next(di.make_eval_iterator("imagenet32_npz", global_batch_size=2, data_dir=tmp_path,
-                                  process_index=0, process_count=1))
+    b = next(
+        di.make_eval_iterator(
+            "imagenet32_npz",
+            global_batch_size=2,
+            data_dir=tmp_path,
+            process_index=0,
+            process_count=1,
+        )
+    )
     np.testing.assert_array_equal(b["image"][0, 3, 4], _level(np.array([11, 22, 33])))
     np.testing.assert_array_equal(b["label"], [0, 999])
 
@@ -234,18 +241,32 @@ def test_npz_official_format_train_and_val(tmp_path, pickled):
     clone = pickle.loads(pickle.dumps(src))
     np.testing.assert_array_equal(clone[8]["image"], expected[8][0])
 
-    it = di.make_train_iterator("imagenet32_npz", global_batch_size=9, seed=0, data_dir=tmp_path,
-                               random_flip=False, dequantize=False, process_index=0,
-                               process_count=1)
+    it = di.make_train_iterator(
+        "imagenet32_npz",
+        global_batch_size=9,
+        seed=0,
+        data_dir=tmp_path,
+        random_flip=False,
+        dequantize=False,
+        process_index=0,
+        process_count=1,
+    )
     b = next(it)
     seen = {}
-    for img, label in zip(b["image"], b["label"]):
+    for img, label in zip(b["image"], b["label"], strict=True):
         seen[int(label)] = img
     assert len(seen) == 9
     for hwc, label in expected.values():
         np.testing.assert_array_equal(seen[label], _level(hwc))
-    e = list(di.make_eval_iterator("imagenet32_npz", global_batch_size=2, data_dir=tmp_path,
-                                  process_index=0, process_count=1))
+    e = list(
+        di.make_eval_iterator(
+            "imagenet32_npz",
+            global_batch_size=2,
+            data_dir=tmp_path,
+            process_index=0,
+            process_count=1,
+        )
+    )
     assert [x["label"].tolist() for x in e] == [[4, 5], [6, 0]]
     assert [x["mask"].tolist() for x in e] == [[True, True], [True, False]]
 
@@ -276,15 +297,17 @@ def test_npz_missing_files(tmp_path):
 def test_missing_tfds_dataset(tmp_path, source, name):
     data_dir = tmp_path / "empty_tfds"
     with pytest.raises(di.DatasetNotFoundError) as err:
-        di.make_train_iterator(source, global_batch_size=2, seed=0, data_dir=data_dir,
-                              process_index=0, process_count=1)
+        di.make_train_iterator(
+            source, global_batch_size=2, seed=0, data_dir=data_dir, process_index=0, process_count=1
+        )
     msg = str(err.value)
     assert str(data_dir) in msg and name in msg and "'train'" in msg
     assert f"tfds build {name}" in msg and "array_record" in msg
     assert not (data_dir / "downloads").exists() or not any((data_dir / "downloads").iterdir())
     with pytest.raises(di.DatasetNotFoundError, match=r"validation|test"):
-        di.make_eval_iterator(source, global_batch_size=2, data_dir=data_dir,
-                             process_index=0, process_count=1)
+        di.make_eval_iterator(
+            source, global_batch_size=2, data_dir=data_dir, process_index=0, process_count=1
+        )
 
 
 def _write_tiny_cifar10(data_dir, monkeypatch, n_train=7, n_test=5):
@@ -307,14 +330,20 @@ def _write_tiny_cifar10(data_dir, monkeypatch, n_train=7, n_test=5):
 
     def gen(offset, n):
         for i in range(n):
-            yield f"k{offset + i}", {"id": f"id{offset + i}", "image": _image(offset + i),
-                                     "label": (offset + i) % 10}
+            yield (
+                f"k{offset + i}",
+                {"id": f"id{offset + i}", "image": _image(offset + i), "label": (offset + i) % 10},
+            )
 
-    monkeypatch.setattr(builder, "_split_generators",
-                        lambda dl_manager: {"train": gen(0, n_train), "test": gen(100, n_test)})
+    monkeypatch.setattr(
+        builder,
+        "_split_generators",
+        lambda dl_manager: {"train": gen(0, n_train), "test": gen(100, n_test)},
+    )
     try:
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
     finally:
         del cls.url_infos
 
@@ -325,8 +354,11 @@ def test_real_array_record_tfds_dataset(tmp_path, monkeypatch):
     monkeypatch.undo()  # reading must not need any patch
     assert di.num_examples("cifar10", "train", data_dir) == 7
     assert di.num_examples("cifar10", "test", data_dir) == 5
-    e = list(di.make_eval_iterator("cifar10", global_batch_size=4, data_dir=data_dir,
-                                  process_index=0, process_count=1))
+    e = list(
+        di.make_eval_iterator(
+            "cifar10", global_batch_size=4, data_dir=data_dir, process_index=0, process_count=1
+        )
+    )
     assert len(e) == 2
     mask = np.concatenate([x["mask"] for x in e])
     assert mask.tolist() == [True] * 5 + [False] * 3
@@ -334,10 +366,18 @@ def test_real_array_record_tfds_dataset(tmp_path, monkeypatch):
     imgs = np.concatenate([x["image"] for x in e])[mask]
     labels = np.concatenate([x["label"] for x in e])[mask]
     assert sorted(labels.tolist()) == sorted(by_label)
-    for img, label in zip(imgs, labels):  # PNG round trip is lossless
+    for img, label in zip(imgs, labels, strict=True):  # PNG round trip is lossless
         np.testing.assert_array_equal(img, _level(by_label[int(label)]))
-    b = next(di.make_train_iterator("cifar10", global_batch_size=7, seed=1, data_dir=data_dir,
-                                   process_index=0, process_count=1))
+    b = next(
+        di.make_train_iterator(
+            "cifar10",
+            global_batch_size=7,
+            seed=1,
+            data_dir=data_dir,
+            process_index=0,
+            process_count=1,
+        )
+    )
     assert sorted(b["label"].tolist()) == sorted(i % 10 for i in range(7))
     # A split that does not exist is not reported as a missing dataset.
     with pytest.raises(Exception) as err:
@@ -368,7 +408,7 @@ def test_same_seed_same_batches_different_seed_different():
         b = _take(_train(global_batch_size=4, seed=7), 6)
         c = _take(_train(global_batch_size=4, seed=8), 6)
     _assert_batches_equal(a, b)
-    assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c))
+    assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(a, c, strict=True))
     assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
@@ -419,8 +459,7 @@ def test_process_layout_validation():
         with pytest.raises(ValueError, match="not divisible by process_count"):
             _train(global_batch_size=5, process_count=2)
         with pytest.raises(ValueError, match="not divisible by process_count"):
-            di.make_eval_iterator("cifar10", global_batch_size=7, process_index=0,
-                                 process_count=2)
+            di.make_eval_iterator("cifar10", global_batch_size=7, process_index=0, process_count=2)
         with pytest.raises(ValueError, match="process_index"):
             _train(global_batch_size=4, process_index=2, process_count=2)
         # Defaults come from jax (single process here).
@@ -441,7 +480,7 @@ def test_random_flip_flips_some_deterministically():
 
     def flipped(batch):
         out = []
-        for img, label in zip(batch["image"], batch["label"]):
+        for img, label in zip(batch["image"], batch["label"], strict=True):
             ref = _level(_image(int(label)))
             if np.array_equal(img, ref):
                 out.append(False)
@@ -465,8 +504,15 @@ def test_eval_covers_every_example_once_with_padding(dequantize):
     n, g = 23, 8  # 23 % 8 != 0 -> last global batch padded with 1 example
     with indexed_tfds(n):
         per_proc = [
-            list(di.make_eval_iterator("cifar10", global_batch_size=g, process_index=p,
-                                      process_count=2, dequantize=dequantize))
+            list(
+                di.make_eval_iterator(
+                    "cifar10",
+                    global_batch_size=g,
+                    process_index=p,
+                    process_count=2,
+                    dequantize=dequantize,
+                )
+            )
             for p in range(2)
         ]
         assert di.num_examples("cifar10", "test") == n
@@ -478,7 +524,7 @@ def test_eval_covers_every_example_once_with_padding(dequantize):
             assert set(b) == {"image", "label", "mask"}
             assert b["image"].shape == (4, H, W, C) and b["image"].dtype == np.float32
             assert b["mask"].dtype == np.bool_ and b["label"].dtype == np.int32
-            for img, label, m in zip(b["image"], b["label"], b["mask"]):
+            for img, label, m in zip(b["image"], b["label"], b["mask"], strict=True):
                 if not m:
                     continue
                 ref = _level(_image(int(label)))  # no flip, no shuffle
@@ -523,8 +569,7 @@ def test_orbax_checkpoint_of_iterator_state(tmp_path):
             mngr.wait_until_finished()
         fresh = _train(**kw)
         with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-            mngr.restore(2, args=ocp.args.Composite(
-                data=grain.checkpoint.CheckpointRestore(fresh)))
+            mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
         tail = _take(fresh, 4)
     _assert_batches_equal(head + tail, reference)
     saved = list((tmp_path / "ckpt").rglob("process_0-of-1.json"))
@@ -535,10 +580,18 @@ def test_orbax_checkpoint_of_iterator_state(tmp_path):
 def test_worker_processes_same_batches_and_resume(tmp_path):
     # ~10 s on 2 cores (spawning grain workers); excluded from the default run.
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "train_data_batch_1.npz", labels=np.arange(1, 41),
-             data=rng.integers(0, 256, (40, 3072), dtype=np.uint8))
-    kw = {"global_batch_size": 8, "seed": 1, "data_dir": tmp_path, "process_index": 0,
-          "process_count": 1}
+    np.savez(
+        tmp_path / "train_data_batch_1.npz",
+        labels=np.arange(1, 41),
+        data=rng.integers(0, 256, (40, 3072), dtype=np.uint8),
+    )
+    kw = {
+        "global_batch_size": 8,
+        "seed": 1,
+        "data_dir": tmp_path,
+        "process_index": 0,
+        "process_count": 1,
+    }
     reference = _take(di.make_train_iterator("imagenet32_npz", **kw), 12)
     it = di.make_train_iterator("imagenet32_npz", worker_count=2, **kw)
     head = _take(it, 5)

@@ -157,7 +157,7 @@ def test_checkerboard_log_prob_boundaries():
     g = np.arange(-3, 3, dtype=np.float32)
     yy = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     lp = np.asarray(toy.checkerboard_log_prob(yy * s))
-    expect = (np.all((yy >= -2) & (yy < 2), axis=1) & (yy.sum(axis=1) % 2 == 0))
+    expect = np.all((yy >= -2) & (yy < 2), axis=1) & (yy.sum(axis=1) % 2 == 0)
     np.testing.assert_array_equal(np.isfinite(lp), expect)
     # just below the upper edge is inside, the edge itself and far points are outside
     lp2 = toy.checkerboard_log_prob(jnp.array([[1.999, 1.999], [2.0, 1.5], [100.0, 0.0]]) * s)

@@ -14,8 +14,12 @@ def test_conditional_guide_examples():
     logp, exact = map(float, re.search(r"x_obs = 1\) (\S+) \(exact (\S+)\)", text).groups())
     assert abs(mean - 0.5) < 0.05 and abs(std - 0.5**0.5) < 0.05, text
     assert abs(logp - exact) < 0.05, text
-    rows = {float(w): (float(frac), float(m)) for w, frac, m in re.findall(
-        r"w = (\S+): class-0 samples at x < 0: (\S+), mean x (\S+)", text)}
+    rows = {
+        float(w): (float(frac), float(m))
+        for w, frac, m in re.findall(
+            r"w = (\S+): class-0 samples at x < 0: (\S+), mean x (\S+)", text
+        )
+    }
     assert set(rows) == {0.0, 1.0, 3.0}, text
     assert 0.3 < rows[0.0][0] < 0.7  # the null class: both modes
     assert rows[1.0][0] > 0.97 and abs(rows[1.0][1] + 2.0) < 0.2  # its class

@@ -68,8 +68,10 @@ def _traces_of(make, counter, solve):
 def test_a_callable_pytree_is_solved_with_its_arrays_as_arguments():
     rates = {0: 0.5, 1: 1.5, 2: 2.5}
     n_first, n_more, outs = _traces_of(
-        lambda s: Linear(jnp.asarray(rates[s])), lambda: Linear.traces,
-        lambda v: fmjax.sample(v, X0, solver="dopri5", rtol=1e-7, atol=1e-7)[0])
+        lambda s: Linear(jnp.asarray(rates[s])),
+        lambda: Linear.traces,
+        lambda v: fmjax.sample(v, X0, solver="dopri5", rtol=1e-7, atol=1e-7)[0],
+    )
     assert n_first > 0 and n_more == 0  # new weights, no new compile
     for seed, out in enumerate(outs):  # the closed-form flow
         np.testing.assert_allclose(out, X0 * np.exp(-rates[seed]), rtol=1e-5, atol=1e-6)
@@ -95,8 +97,10 @@ def test_gradients_reach_the_arrays_of_a_module_field():
 @pytest.mark.parametrize("kind", ["equinox", "nnx"])
 def test_equinox_and_nnx_modules_compile_once_and_match_a_plain_function(kind):
     if kind == "equinox":
+
         def make(seed):
             return EqxField(eqx.nn.MLP(3, 2, 16, 2, key=jax.random.key(seed)))
+
         counter = lambda: EqxField.traces[0]
     else:
         make, counter = NnxField, lambda: NnxField.traces[0]
@@ -118,8 +122,9 @@ def test_equinox_and_nnx_modules_compile_once_and_match_a_plain_function(kind):
     x1_model = fmjax.paths.CondOT().velocity_field(make(0), "x1")
     fmjax.sample(x1_model, X0, solver="euler", steps=3, t1=0.9)
     before = counter()
-    fmjax.sample(fmjax.paths.CondOT().velocity_field(make(1), "x1"), X0, solver="euler",
-                 steps=3, t1=0.9)
+    fmjax.sample(
+        fmjax.paths.CondOT().velocity_field(make(1), "x1"), X0, solver="euler", steps=3, t1=0.9
+    )
     assert counter() == before
 
 

@@ -23,9 +23,14 @@ PATH = paths.CondOT(sigma_min=SIGMA_MIN)
 
 def _class_field(t, x, y):
     """Exact marginal field of the data of class y (row by row), from fmjax.marginals."""
-    per_class = jnp.stack([
-        marginals.GaussianMixture(MEANS[k:k + 1], jnp.array([STD]), jnp.ones(1)).velocity(
-            PATH, x, t) for k in range(MEANS.shape[0])])  # (K + 1, B, D)
+    per_class = jnp.stack(
+        [
+            marginals.GaussianMixture(MEANS[k : k + 1], jnp.array([STD]), jnp.ones(1)).velocity(
+                PATH, x, t
+            )
+            for k in range(MEANS.shape[0])
+        ]
+    )  # (K + 1, B, D)
     return jnp.take_along_axis(per_class, y[None, :, None], axis=0)[0]
 
 
@@ -50,8 +55,9 @@ def test_guided_samples_land_where_the_closed_form_says(scale, batched):
     # w = 1 is the conditional model's own sampler, w = 0 the unconditional one
     if isinstance(scale, float) and scale in (0.0, 1.0):
         cond = y if scale == 1.0 else jnp.full_like(y, NULL)
-        x1_plain, _ = fmjax.sample(lambda t, x: _class_field(t, x, cond), x0, solver="dopri5",
-                                   rtol=1e-6, atol=1e-6)
+        x1_plain, _ = fmjax.sample(
+            lambda t, x: _class_field(t, x, cond), x0, solver="dopri5", rtol=1e-6, atol=1e-6
+        )
         np.testing.assert_allclose(x1, x1_plain, atol=1e-6)
 
 
@@ -65,11 +71,17 @@ def test_guiding_any_prediction_gives_the_same_field():
     w = 3.0
     for path in (paths.CondOT(sigma_min=1e-3), paths.VP(), paths.VE()):
         for dst in ("x1", "eps", "score"):
+
             def conv(v, path=path, dst=dst):
                 return path.convert(v, x, t, src="velocity", dst=dst)
-            np.testing.assert_allclose(conv(v_u + w * (v_c - v_u)),
-                                       conv(v_u) + w * (conv(v_c) - conv(v_u)),
-                                       rtol=1e-4, atol=1e-4, err_msg=f"{path} {dst}")
+
+            np.testing.assert_allclose(
+                conv(v_u + w * (v_c - v_u)),
+                conv(v_u) + w * (conv(v_c) - conv(v_u)),
+                rtol=1e-4,
+                atol=1e-4,
+                err_msg=f"{path} {dst}",
+            )
 
 
 def test_number_of_model_calls_and_rows():
@@ -113,8 +125,7 @@ def test_guided_solves_compile_once_for_any_weights_and_labels():
     f = jax.tree_util.Partial(v)
     for w, y in ((2.0, [0, 1, 2, 0]), (3.0, [2, 2, 1, 0]), (0.5, [1, 1, 1, 1])):
         y = jnp.array(y, jnp.int32)
-        fmjax.sample(guidance.classifier_free(f, y, NULL, w), x0, solver="euler",
-                     steps=4)
+        fmjax.sample(guidance.classifier_free(f, y, NULL, w), x0, solver="euler", steps=4)
         if w == 2.0:
             n_first = len(traces)
     assert len(traces) == n_first  # later weights and labels reused the compiled solve
@@ -135,13 +146,20 @@ def test_bad_guidance_arguments():
     with pytest.raises(ValueError, match="cond must have the batch's leading size 3"):
         guidance.classifier_free(v, jnp.arange(4), NULL, 1.0)(t, x)
     for w in (2.0, 1.0):  # a cond fixed in the field: the error says to give it to the solve
-        with pytest.raises(ValueError, match=r"per_example=True\) calls the field on one row"
-                           r".*fmjax.sample\(v, x0, cond=cond, per_example=True\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"per_example=True\) calls the field on one row"
+            r".*fmjax.sample\(v, x0, cond=cond, per_example=True\)",
+        ):
             fmjax.sample(guidance.classifier_free(v, y, NULL, w), x, per_example=True)
-    with pytest.raises(ValueError, match=r"shape \(1,\); got shape \(3,\).*per-example "
-                       "weights need the batch-wide step control"):
-        fmjax.sample(guidance.classifier_free(v, None, NULL, jnp.ones(3)), x, cond=y,
-                     per_example=True)
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(1,\); got shape \(3,\).*per-example "
+        "weights need the batch-wide step control",
+    ):
+        fmjax.sample(
+            guidance.classifier_free(v, None, NULL, jnp.ones(3)), x, cond=y, per_example=True
+        )
     with pytest.raises(ValueError, match="null_cond must have cond's tree structure"):
         guidance.classifier_free(v, None, jnp.zeros(2), 2.0)(t, x, y)
     with pytest.raises(ValueError, match="null_cond must have cond's tree structure"):
@@ -164,7 +182,8 @@ def test_guidance_benchmark_smoke_run(monkeypatch, capsys):
     from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location(
-        "guidance_bench", f"{ROOT}/benchmarks/guidance.py")
+        "guidance_bench", f"{ROOT}/benchmarks/guidance.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "MODELS", {"tiny": (8, 1, 16, "euler", 3)})
@@ -184,8 +203,12 @@ def test_conditional_fixes_each_examples_condition():
     assert isinstance(f, jax.tree_util.Partial)
     np.testing.assert_allclose(f(t, x), v(t, x, c))
     # a flow conditioned on c: dx/dt = c x from x0 = 1 ends at exp(c)
-    x1, _ = fmjax.sample(guidance.conditional(lambda t, x, c: x * c[:, None], c),
-                         jnp.ones((3, 1)), rtol=1e-7, atol=1e-7)
+    x1, _ = fmjax.sample(
+        guidance.conditional(lambda t, x, c: x * c[:, None], c),
+        jnp.ones((3, 1)),
+        rtol=1e-7,
+        atol=1e-7,
+    )
     np.testing.assert_allclose(x1[:, 0], np.exp(c), rtol=1e-5)
     with pytest.raises(ValueError, match="conditional field: every array of cond must have"):
         guidance.conditional(v, c[:2])(t, x)
@@ -206,14 +229,15 @@ def test_conditions_given_to_the_solve_land_on_the_closed_form(scale, per_exampl
         v, w = _class_field, 1.0
     else:  # a traced scalar weight takes the general path (two evaluations)
         w = 1.7 if scale == "array" else scale
-        v = guidance.classifier_free(_class_field, None, NULL,
-                                     jnp.asarray(w) if scale == "array" else w)
+        v = guidance.classifier_free(
+            _class_field, None, NULL, jnp.asarray(w) if scale == "array" else w
+        )
     x1, stats = fmjax.sample(v, x0, cond=Y6, per_example=per_example, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(x1, _flow_end(w, Y6, x0), atol=1e-4)
     if per_example:  # each row its own solve with its own condition: as if solved alone
         assert stats.nfe.shape == (6,) and len(set(np.asarray(stats.nfe).tolist())) > 1
         for i in (0, 4):
-            xi, _ = fmjax.sample(v, x0[i:i + 1], cond=Y6[i:i + 1], rtol=1e-6, atol=1e-6)
+            xi, _ = fmjax.sample(v, x0[i : i + 1], cond=Y6[i : i + 1], rtol=1e-6, atol=1e-6)
             # (the vmapped solve's error estimates differ in the last bits from the solo
             # solve's, which can move an accept/reject decision: equal to the tolerance)
             np.testing.assert_allclose(x1[i], xi[0], atol=1e-5)
@@ -221,9 +245,17 @@ def test_conditions_given_to_the_solve_land_on_the_closed_form(scale, per_exampl
 
 def test_batched_and_two_call_guidance_agree_with_conditions_given_to_the_solve():
     x0 = jax.random.normal(jax.random.key(5), (6, 2))
-    out = [fmjax.sample(guidance.classifier_free(_class_field, None, NULL, 3.0, batched=b),
-                        x0, cond=Y6, per_example=True, rtol=1e-6, atol=1e-6)[0]
-           for b in (True, False)]
+    out = [
+        fmjax.sample(
+            guidance.classifier_free(_class_field, None, NULL, 3.0, batched=b),
+            x0,
+            cond=Y6,
+            per_example=True,
+            rtol=1e-6,
+            atol=1e-6,
+        )[0]
+        for b in (True, False)
+    ]
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
     np.testing.assert_allclose(out[0], _flow_end(3.0, Y6, x0), atol=1e-4)
 
@@ -235,11 +267,18 @@ def test_conditional_log_likelihood_is_the_class_density(divergence):
     x = jax.random.normal(jax.random.key(6), (6, 2)) * 0.4 + MEANS[Y6]
     var = STD**2 + SIGMA_MIN**2
     expected = -0.5 * jnp.sum((x - MEANS[Y6]) ** 2, axis=1) / var - jnp.log(2 * jnp.pi * var)
-    logp, _ = fmjax.log_likelihood(_class_field, x, cond=Y6, divergence=divergence,
-                                   key=jax.random.key(0), rtol=1e-6, atol=1e-6)
+    logp, _ = fmjax.log_likelihood(
+        _class_field, x, cond=Y6, divergence=divergence, key=jax.random.key(0), rtol=1e-6, atol=1e-6
+    )
     np.testing.assert_allclose(logp, expected, atol=2e-4)
-    same, _ = fmjax.log_likelihood(guidance.conditional(_class_field, Y6), x, rtol=1e-6,
-                                   atol=1e-6, divergence=divergence, key=jax.random.key(0))
+    same, _ = fmjax.log_likelihood(
+        guidance.conditional(_class_field, Y6),
+        x,
+        rtol=1e-6,
+        atol=1e-6,
+        divergence=divergence,
+        key=jax.random.key(0),
+    )
     np.testing.assert_allclose(logp, same, atol=1e-6)
 
 
@@ -247,8 +286,7 @@ def test_pytree_conditions_go_row_by_row():
     def v(t, x, c):  # dx/dt = a x + b: x(1) = (x0 + b/a) e^a - b/a
         return x * c["a"][:, None] + c["b"]
 
-    cond = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([[1.0, 0.0], [0.0, 2.0],
-                                                              [-1.0, 1.0]])}
+    cond = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 1.0]])}
     x0 = jnp.ones((3, 2))
     a = cond["a"][:, None]
     expected = (x0 + cond["b"] / a) * jnp.exp(a) - cond["b"] / a
@@ -275,8 +313,11 @@ def test_new_conditions_reuse_the_compiled_solve():
 
 def test_bad_conditions_given_to_the_solve():
     x = jnp.ones((6, 2))
-    with pytest.raises(ValueError, match=r"fmjax.sample: every array of cond must have the "
-                       r"batch's leading size 6 .*got shape \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"fmjax.sample: every array of cond must have the "
+        r"batch's leading size 6 .*got shape \(3,\)",
+    ):
         fmjax.sample(_class_field, x, cond=Y6[:3])
     with pytest.raises(ValueError, match="fmjax.log_likelihood: every array of cond"):
         fmjax.log_likelihood(_class_field, x, cond={"y": Y6, "z": jnp.zeros((5, 1))})

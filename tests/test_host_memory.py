@@ -42,8 +42,14 @@ print(json.dumps({"applied": applied, "temp": temp, "faults": faults, "out": out
 
 
 def _last_line_of_fresh_python(code, *args):
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                          text=True, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout.strip().splitlines()[-1]
 
@@ -85,8 +91,10 @@ def test_without_glibc_returns_false(monkeypatch):
 
 def test_importing_fmjax_and_experiments_starts_no_backend():
     """So that tune_cpu_allocator() after the imports (as the entry points do) still works."""
-    code = ("import fmjax, fmjax.data, fmjax.models, fmjax.train, fmjax.metrics\n"
-            "import experiments.toy2d, experiments.imagenet32, experiments.cifar10\n"
-            "from fmjax import host_memory\n"
-            "print(host_memory._jax_backends_started())")
+    code = (
+        "import fmjax, fmjax.data, fmjax.models, fmjax.train, fmjax.metrics\n"
+        "import experiments.toy2d, experiments.imagenet32, experiments.cifar10\n"
+        "from fmjax import host_memory\n"
+        "print(host_memory._jax_backends_started())"
+    )
     assert _last_line_of_fresh_python(code) == "False"

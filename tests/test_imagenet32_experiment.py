@@ -41,11 +41,20 @@ pytestmark = pytest.mark.usefixtures("float32")
 
 # The tiny preset made smaller still (one resolution level, 16 channels) to keep compiles short.
 SMALL = {
-    "model.ch": 16, "model.ch_mult": (1,), "model.attn_resolutions": (),
-    "train.num_steps": 4, "train.checkpoint_every": 2, "train.log_every": 1,
-    "train.sample_every": 4, "train.progress": False,
-    "eval.num_dequant": 2, "eval.global_batch_size": 4, "eval.num_batches": 1,
-    "eval.nfe_num_samples": 4, "eval.sample_batch_size": 4, "data.global_batch_size": 4,
+    "model.ch": 16,
+    "model.ch_mult": (1,),
+    "model.attn_resolutions": (),
+    "train.num_steps": 4,
+    "train.checkpoint_every": 2,
+    "train.log_every": 1,
+    "train.sample_every": 4,
+    "train.progress": False,
+    "eval.num_dequant": 2,
+    "eval.global_batch_size": 4,
+    "eval.num_batches": 1,
+    "eval.nfe_num_samples": 4,
+    "eval.sample_batch_size": 4,
+    "data.global_batch_size": 4,
     "data.read_threads": 1,
 }
 
@@ -66,9 +75,12 @@ def _flag(dotted, value):
 
 def _env(**extra):
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+    )
     env.pop("XLA_FLAGS", None)
     env.update(extra)
     return env
@@ -83,9 +95,11 @@ def _write_npz_dataset(folder, n_train=16, n_val=8, seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name, n in (("train_data_batch_1", n_train), ("val_data", n_val)):
-        np.savez(os.path.join(folder, f"{name}.npz"),
-                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 labels=rng.integers(1, 1001, n))
+        np.savez(
+            os.path.join(folder, f"{name}.npz"),
+            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            labels=rng.integers(1, 1001, n),
+        )
 
 
 def _json(*path):
@@ -117,8 +131,9 @@ def _check_eval_metrics(m, dataset, nfe=True):
 def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     # BPD also at step 2 during training; keep the last checkpoint plus the best by eval BPD
-    config = _config(**{"train.eval_every": 2, "train.best_metric": "eval_bpd",
-                        "train.keep_checkpoints": 1})
+    config = _config(
+        **{"train.eval_every": 2, "train.best_metric": "eval_bpd", "train.keep_checkpoints": 1}
+    )
     with tfds.testing.mock_data(num_examples=16):
         out = image_flow.train_and_evaluate(config, workdir)
     assert out["train"]["end_step"] == 4 and out["train"]["dataset"] == "imagenet_resized/32x32"
@@ -134,7 +149,8 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"), best_metric="eval_bpd")
     assert ckpt.all_steps() == [2, 4] and ckpt.best_step() == 2 and ckpt.latest_step() == 4
     assert ckpt.metadata(2)["metrics"]["eval_bpd"] == pytest.approx(
-        next(r for r in recs if "eval_bpd" in r)["eval_bpd"])
+        next(r for r in recs if "eval_bpd" in r)["eval_bpd"]
+    )
     ckpt.close()
     try:
         import tensorboardX  # noqa: F401
@@ -159,8 +175,9 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fid, "compute_fid", fake_compute_fid)
     weights = tmp_path / "inception.npz"
-    config = _config(**{"mode": "eval", "eval.fid_inception_weights": str(weights),
-                        "eval.fid_num_samples": 4})
+    config = _config(
+        **{"mode": "eval", "eval.fid_inception_weights": str(weights), "eval.fid_num_samples": 4}
+    )
     with pytest.raises(fid.FIDWeightsNotFoundError, match="inception.npz"):
         image_flow.train_and_evaluate(config, workdir)
     weights.write_bytes(b"")
@@ -177,21 +194,27 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     # the raw (not EMA) parameters are another evaluation: its own totals file, not the EMA
     # number under the "raw" label (the file was once keyed by the step alone)
     with tfds.testing.mock_data(num_examples=16):
-        raw = image_flow.train_and_evaluate(_config(**{"mode": "eval", "eval.use_ema": False}),
-                                            workdir)["eval"]
+        raw = image_flow.train_and_evaluate(
+            _config(**{"mode": "eval", "eval.use_ema": False}), workdir
+        )["eval"]
     assert raw["params"] == "raw" and not raw["results"]["bpd"]["resumed"]
     assert raw["results"]["bpd"]["value"] != again["results"]["bpd"]["value"]
-    assert len([f for f in os.listdir(os.path.join(workdir, "eval"))
-                if f.startswith("bpd_step4_")]) == 2
+    assert (
+        len([f for f in os.listdir(os.path.join(workdir, "eval")) if f.startswith("bpd_step4_")])
+        == 2
+    )
     # a velocity model read as another prediction, or on another path, is refused: in eval
     # mode and on resume (both before any data or compile)
-    for extra, match in (({"train.prediction": "eps"},
-                          r"train.prediction='velocity' \(this config: 'eps'\)"),
-                         ({"path.name": "vp"}, r"path cond_ot \{'sigma_min': 1e-05\}")):
+    for extra, match in (
+        ({"train.prediction": "eps"}, r"train.prediction='velocity' \(this config: 'eps'\)"),
+        ({"path.name": "vp"}, r"path cond_ot \{'sigma_min': 1e-05\}"),
+    ):
         with pytest.raises(image_flow.ConfigError, match=match):
             image_flow.train_and_evaluate(_config(**{"mode": "eval", **extra}), workdir)
-        with tfds.testing.mock_data(num_examples=16), pytest.raises(
-                image_flow.ConfigError, match=match):
+        with (
+            tfds.testing.mock_data(num_examples=16),
+            pytest.raises(image_flow.ConfigError, match=match),
+        ):
             image_flow.train_and_evaluate(_config(**{"train.num_steps": 6, **extra}), workdir)
 
 
@@ -205,8 +228,9 @@ def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
     tx, _ = image_flow.make_optimizer(config)
     state = image_flow._init_fn(config, model, tx)()
     mesh = image_flow.sharding_lib.make_mesh()
-    imgs, _ = image_flow.sample_images(model, state.params, jax.random.key(0), 4, mesh,
-                                       source_std=image_flow.source_std(config))
+    imgs, _ = image_flow.sample_images(
+        model, state.params, jax.random.key(0), 4, mesh, source_std=image_flow.source_std(config)
+    )
     assert imgs.shape == (4, 32, 32, 3) and np.std(imgs) == pytest.approx(50.0, rel=0.03)
     with tfds.testing.mock_data(num_examples=16):
         m = image_flow.evaluate(config, str(tmp_path / "run"), state=state)
@@ -220,6 +244,7 @@ class _ExactGaussianModel(nn.Module):
     alpha_t x1`` and ``v_t = sigma_t^2 + alpha_t^2 s^2``, ``E[x0 | x] = sigma_t x / v_t``,
     ``E[x1 | x] = alpha_t s^2 x / v_t``, score ``-x / v_t``, velocity
     ``(sigma_t sigma_t' + alpha_t alpha_t' s^2) x / v_t``. Takes the UNet's arguments."""
+
     gaussian_path: object
     prediction: str
     s: float
@@ -229,20 +254,28 @@ class _ExactGaussianModel(nn.Module):
         self.param("unused", nn.initializers.zeros, ())
         a, sig, da, dsig = (c.reshape(-1, 1, 1, 1) for c in self.gaussian_path.coefficients(t))
         var = sig**2 + a**2 * self.s**2
-        scale = {"eps": sig, "x1": a * self.s**2, "score": -1.0,
-                 "velocity": sig * dsig + a * da * self.s**2}[self.prediction]
+        scale = {
+            "eps": sig,
+            "x1": a * self.s**2,
+            "score": -1.0,
+            "velocity": sig * dsig + a * da * self.s**2,
+        }[self.prediction]
         return scale / var * x
 
 
-@pytest.mark.parametrize("path_name,prediction,t_range", [
-    ("vp", "eps", (0.0, 1.0 - 1e-5)),      # DDPM's parameterisation
-    ("cond_ot", "eps", (1e-3, 1.0)),       # alpha_0 = 0: solved from t0 = t_margin
-    ("cond_ot", "score", (1e-3, 1.0)),
-    ("cosine", "x1", (0.0, 0.999)),        # sigma_1 = 0: solved up to 1 - t_margin
-    ("cosine", "velocity", (0.0, 1.0)),
-])
+@pytest.mark.parametrize(
+    "path_name,prediction,t_range",
+    [
+        ("vp", "eps", (0.0, 1.0 - 1e-5)),  # DDPM's parameterisation
+        ("cond_ot", "eps", (1e-3, 1.0)),  # alpha_0 = 0: solved from t0 = t_margin
+        ("cond_ot", "score", (1e-3, 1.0)),
+        ("cosine", "x1", (0.0, 0.999)),  # sigma_1 = 0: solved up to 1 - t_margin
+        ("cosine", "velocity", (0.0, 1.0)),
+    ],
+)
 def test_x1_eps_score_models_sample_and_score_as_their_closed_form(
-        tmp_path, monkeypatch, path_name, prediction, t_range):
+    tmp_path, monkeypatch, path_name, prediction, t_range
+):
     # The exact predictor of N(0, s^2 I) data on each path, evaluated by the experiment: the
     # flow over [t0, t1] scales x linearly, x_{t1} = x_{t0} sqrt(v_{t1} / v_{t0}), so the
     # samples are the source noise times that factor, and an image y gets log p =
@@ -250,35 +283,56 @@ def test_x1_eps_score_models_sample_and_score_as_their_closed_form(
     # source std the solve starts from (Hutchinson is exact: the Jacobian is c(t) I).
     # Reading the prediction as a velocity, or solving over [0, 1], fails both checks.
     s, n = 0.5, 4
-    config = _config(**{"path.name": path_name, "train.prediction": prediction, "mode": "eval",
-                        "eval.rtol": 1e-6, "eval.atol": 1e-6})
+    config = _config(
+        **{
+            "path.name": path_name,
+            "train.prediction": prediction,
+            "mode": "eval",
+            "eval.rtol": 1e-6,
+            "eval.atol": 1e-6,
+        }
+    )
     path = image_flow.make_path(config)
     model = _ExactGaussianModel(gaussian_path=path, prediction=prediction, s=s)
     monkeypatch.setattr(image_flow, "build_model", lambda c: model)
     params = model.init(jax.random.key(0), jnp.zeros((1,)), jnp.zeros((1, 32, 32, 3)))
     state = fmjax.train.TrainState.create(params, optax.adam(1e-3), jax.random.key(1))
     t0, t1 = t_range
-    var = {t: float(np.asarray(sig**2 + a**2 * s**2)) for t in t_range
-           for a, sig, _, _ in [path.coefficients(jnp.float32(t))]}
+    var = {
+        t: float(np.asarray(sig**2 + a**2 * s**2))
+        for t in t_range
+        for a, sig, _, _ in [path.coefficients(jnp.float32(t))]
+    }
     s0 = image_flow.source_std(config)
 
     imgs, stats = image_flow.sample_images(
-        model, params, jax.random.key(0), n, image_flow.sharding_lib.make_mesh(),
-        source_std=s0, path=path, prediction=prediction, rtol=1e-6, atol=1e-6)
+        model,
+        params,
+        jax.random.key(0),
+        n,
+        image_flow.sharding_lib.make_mesh(),
+        source_std=s0,
+        path=path,
+        prediction=prediction,
+        rtol=1e-6,
+        atol=1e-6,
+    )
     x0 = s0 * jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
     np.testing.assert_allclose(imgs, x0 * math.sqrt(var[t1] / var[t0]), rtol=1e-4, atol=1e-5)
     assert bool(np.all(stats.success))
 
     with tfds.testing.mock_data(num_examples=16):
         m = image_flow.evaluate(config, str(tmp_path / "run"), state=state)
-        batch = next(iter(image_flow._eval_iterator_factory(
-            config, image_flow.sharding_lib.make_mesh())()))
+        batch = next(
+            iter(image_flow._eval_iterator_factory(config, image_flow.sharding_lib.make_mesh())())
+        )
     assert m["prediction"] == prediction and m["t_range"] == pytest.approx(list(t_range))
     x = np.asarray(batch["image"], np.float64)
     keys = fmjax.metrics.nll.example_keys(jax.random.key(config.seed + 1), np.arange(n))
-    u = np.asarray(fmjax.metrics.nll.dequantization_noise(keys, x.shape[1:], 2, 2 / 256),
-                   np.float64)
-    y = x[:, None] + u                                           # (n, K, 32, 32, 3)
+    u = np.asarray(
+        fmjax.metrics.nll.dequantization_noise(keys, x.shape[1:], 2, 2 / 256), np.float64
+    )
+    y = x[:, None] + u  # (n, K, 32, 32, 3)
     x_t0 = y * math.sqrt(var[t0] / var[t1])
 
     def log_normal(z, v):
@@ -317,17 +371,23 @@ def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
     # a fresh UNet's output layer is zero (v = 0): perturb every weight so v depends on y
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(5), len(leaves))
-    params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
-                             for p, k in zip(leaves, keys, strict=True)])
+    params = tree.unflatten(
+        [
+            p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
+            for p, k in zip(leaves, keys, strict=True)
+        ]
+    )
     mesh = image_flow.sharding_lib.make_mesh()
     n, w, tol = 4, 2.0, {"solver": "dopri5", "rtol": 1e-3, "atol": 1e-3}
-    imgs, _ = image_flow.sample_images(model, params, jax.random.key(0), n, mesh,
-                                       num_classes=3, guidance_scale=w, **tol)
+    imgs, _ = image_flow.sample_images(
+        model, params, jax.random.key(0), n, mesh, num_classes=3, guidance_scale=w, **tol
+    )
     y, null = jnp.arange(n) % 3, jnp.full((n,), 3)
 
     def guided(t, x):
-        return ((1 - w) * model.apply(params, t, x, null, train=False)
-                + w * model.apply(params, t, x, y, train=False))
+        return (1 - w) * model.apply(params, t, x, null, train=False) + w * model.apply(
+            params, t, x, y, train=False
+        )
 
     x0 = jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
     expected, _ = fmjax.sample(guided, x0, **tol)
@@ -339,8 +399,12 @@ def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
 
 def test_cifar10_trains_on_mock_data_with_microbatches(tmp_path, monkeypatch):
     c = cifar10_config.get_config("tiny")
-    for dotted, value in {**SMALL, "train.num_steps": 2, "train.sample_every": 0,
-                          "train.microbatches": 2}.items():
+    for dotted, value in {
+        **SMALL,
+        "train.num_steps": 2,
+        "train.sample_every": 0,
+        "train.microbatches": 2,
+    }.items():
         group, name = dotted.split(".")
         c[group][name] = value
     c.mode = "train"
@@ -365,13 +429,21 @@ def test_cli_end_to_end_on_npz_data(tmp_path):
     data = str(tmp_path / "npz")
     _write_npz_dataset(data)
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "experiments.imagenet32",
-           "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={workdir}",
-           "--config.data.source=imagenet32_npz", f"--config.data.data_dir={data}",
-           *(_flag(k, v) for k, v in SMALL.items()), _flag("train.num_steps", 2),
-           _flag("train.sample_every", 0),
-           # class-conditional on the npz labels, NFE of classifier-free guided samples
-           _flag("model.num_classes", 1000), _flag("eval.guidance_scale", 1.5)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.imagenet32",
+        "--config=experiments/configs/imagenet32.py:tiny",
+        f"--workdir={workdir}",
+        "--config.data.source=imagenet32_npz",
+        f"--config.data.data_dir={data}",
+        *(_flag(k, v) for k, v in SMALL.items()),
+        _flag("train.num_steps", 2),
+        _flag("train.sample_every", 0),
+        # class-conditional on the npz labels, NFE of classifier-free guided samples
+        _flag("model.num_classes", 1000),
+        _flag("eval.guidance_scale", 1.5),
+    ]
     out = _run(cmd, env=_env(), timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"wrote results to {workdir}" in out.stdout
@@ -388,27 +460,41 @@ def test_cli_end_to_end_on_npz_data(tmp_path):
 
 
 def test_cli_missing_dataset_and_indivisible_batch(tmp_path):
-    base = [sys.executable, "-m", "experiments.imagenet32",
-            "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={tmp_path}/run",
-            f"--config.data.data_dir={tmp_path}/nothing_here"]
+    base = [
+        sys.executable,
+        "-m",
+        "experiments.imagenet32",
+        "--config=experiments/configs/imagenet32.py:tiny",
+        f"--workdir={tmp_path}/run",
+        f"--config.data.data_dir={tmp_path}/nothing_here",
+    ]
     out = _run(base, env=_env(), timeout=120)
     assert out.returncode != 0
     assert "dataset not found" in out.stderr and "imagenet_resized/32x32" in out.stderr
     assert "Traceback" not in out.stderr
     # 4 devices, global batch 6
-    out = _run(base + ["--config.data.global_batch_size=6"], timeout=120,
-               env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    out = _run(
+        base + ["--config.data.global_batch_size=6"],
+        timeout=120,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
     assert out.returncode != 0
     assert "bad config" in out.stderr and "global batch size (6)" in out.stderr
     assert "divisible by 4" in out.stderr and "Traceback" not in out.stderr
     # the eval batch too, before training (it was found after training and checkpointing)
-    out = _run(base + ["--config.data.global_batch_size=8", "--config.eval.global_batch_size=6"],
-               timeout=120, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    out = _run(
+        base + ["--config.data.global_batch_size=8", "--config.eval.global_batch_size=6"],
+        timeout=120,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
     assert out.returncode != 0 and "eval global batch size (6)" in out.stderr
     assert not os.path.exists(os.path.join(str(tmp_path), "run", "checkpoints"))
     out = _run(base + ["--config.train.ema_decay=1.5"], timeout=120, env=_env())
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "error: bad config: train.ema_decay must be a finite number in [0, 1); got 1.5" in out.stderr
+    assert (
+        "error: bad config: train.ema_decay must be a finite number in [0, 1); got 1.5"
+        in out.stderr
+    )
 
 
 def test_missing_dataset_in_process(tmp_path):
@@ -425,10 +511,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     data = str(tmp_path / "npz")
     _write_npz_dataset(data)
     workdir = str(tmp_path / "run")
-    config = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
-                        "train.learning_rate": 1e30, "train.warmup_steps": 0,
-                        "train.checkpoint_every": 1, "train.num_steps": 5,
-                        "train.sample_every": 0, "model.dtype": "float32"})
+    config = _config(
+        **{
+            "data.source": "imagenet32_npz",
+            "data.data_dir": data,
+            "train.learning_rate": 1e30,
+            "train.warmup_steps": 0,
+            "train.checkpoint_every": 1,
+            "train.num_steps": 5,
+            "train.sample_every": 0,
+            "model.dtype": "float32",
+        }
+    )
     config.mode = "train"
     with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 1") as err:
         image_flow.train_and_evaluate(config, workdir)
@@ -437,21 +531,32 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert ckpt.all_steps() == [1]
     model = image_flow.build_model(config)
     tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx,
-                                             image_flow.sharding_lib.make_mesh())
+    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
     state, _ = ckpt.restore(abstract)
     ckpt.close()
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(
-        (state.params, state.ema_params, state.opt_state)))
+    assert all(
+        bool(jnp.all(jnp.isfinite(x)))
+        for x in jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))
+    )
 
 
 # ----------------------------------------------------------------------------- configs
 
 
 def _unet_fields(m):
-    names = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads",
-             "num_head_channels", "dropout", "num_classes", "resblock_updown",
-             "use_scale_shift_norm", "dtype")
+    names = (
+        "ch",
+        "ch_mult",
+        "num_res_blocks",
+        "attn_resolutions",
+        "num_heads",
+        "num_head_channels",
+        "dropout",
+        "num_classes",
+        "resblock_updown",
+        "use_scale_shift_norm",
+        "dtype",
+    )
     return {n: getattr(m, n) for n in names}
 
 
@@ -477,7 +582,10 @@ def test_default_configs_are_the_papers_recipe():
     assert _unet_fields(image_flow.build_model(k)) == _unet_fields(unet.cifar10_paper())
     assert k.data.source == "cifar10" and k.data.global_batch_size == 256
     assert (k.train.num_steps, k.train.learning_rate, k.train.warmup_steps) == (
-        391_000, 5e-4, 45_000)
+        391_000,
+        5e-4,
+        45_000,
+    )
     assert cifar10_config.get_config("tiny").data.global_batch_size == 8
     with pytest.raises(ValueError, match="unknown imagenet32 preset"):
         imagenet32_config.get_config("huge")
@@ -487,46 +595,59 @@ def test_default_configs_are_the_papers_recipe():
         image_flow.train_and_evaluate(bad, "/nonexistent")
 
 
-@pytest.mark.parametrize("extra,match", [
-    ({"mode": "trian"}, "mode must be one of"),
-    ({"train.ema_decay": 1.0}, "train.ema_decay"),
-    ({"train.warmup_steps": -1}, "train.warmup_steps"),
-    ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
-    ({"data.global_batch_size": 0}, "data.global_batch_size must be a positive integer; got 0"),
-    ({"model.dtype": "float8"}, "model.dtype"),
-    ({"train.sample_solver": "euler"}, "train.sample_solver must be an adaptive solver"),
-    ({"train.sample_tol": -1e-3}, "train.sample_tol: rtol must be a finite number >= 0"),
-    ({"eval.solver": "rk45"}, "eval.solver must be an adaptive solver"),
-    ({"eval.rtol": 0.0, "eval.atol": 0.0}, "eval.rtol / eval.atol: rtol and atol cannot both"),
-    ({"train.sample_every": -1}, "train.sample_every must be a non-negative integer; got -1"),
-    ({"eval.sample_batch_size": 0}, "eval.sample_batch_size must be a positive integer"),
-    ({"eval.fid_num_samples": 1}, "eval.fid_num_samples must be an integer >= 2; got 1"),
-    ({"model.num_classes": 0}, "model.num_classes must be a positive integer; got 0"),
-    ({"eval.checkpoint_step": -5}, "eval.checkpoint_step must be a non-negative integer"),
-    ({"path.name": "condot"}, r"path.name must be one of \('cond_ot', "),
-    ({"path.name": "ve", "path.ve": {"sigma_min": 0.01, "sigma_max": 0.001}}, "path.ve: "),
-    ({"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
-     "path.polynomial: polynomial exponent n must be > 0"),
-    # these trained without complaint (a negative rate ascends) or failed after training
-    ({"train.learning_rate": -1e-3}, r"train.learning_rate must be a finite number in \(0,"),
-    ({"train.adam_b1": 1.5}, r"train.adam_b1 must be a finite number in \[0, 1\)"),
-    ({"model.dropout": 1.5}, r"model.dropout must be a finite number in \[0, 1\)"),
-    ({"train.grad_clip_norm": -1.0}, r"train.grad_clip_norm must be a finite number in \[0,"),
-    ({"train.loss_reduction": "avg"}, r"train.loss_reduction must be one of \('mean', 'sum'\)"),
-    ({"eval.probe": "gauss"}, r"eval.probe must be one of \('rademacher', 'gaussian'\)"),
-    ({"eval.guidance_scale": 2.0}, r"eval.guidance_scale=2.0 needs a class-conditional model"),
-    ({"eval.guidance_scale": 2.0, "model.num_classes": 10, "model.class_dropout": 0.0},
-     r"class_dropout > 0 \(got num_classes=10, class_dropout=0.0\)"),
-    ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
-    ({"train.prediction": "noise"}, r"train.prediction must be one of \('velocity', 'x1', "),
-    ({"eval.t_margin": 0.0}, r"eval.t_margin must be a finite number in \(0, 0.5\)"),
-    ({"train.microbatches": 0}, "train.microbatches must be a positive integer; got 0"),
-    ({"train.microbatches": 3},
-     (r"train.microbatches=3 must divide each device's rows of the global batch "
-      r"\(data.global_batch_size=4 over 1 device\(s\): 4")),
-    ({"eval.fid_reference_stats": "/nonexistent/ref.npz"},
-     "eval.fid_reference_stats: no file '/nonexistent/ref.npz'"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"mode": "trian"}, "mode must be one of"),
+        ({"train.ema_decay": 1.0}, "train.ema_decay"),
+        ({"train.warmup_steps": -1}, "train.warmup_steps"),
+        ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
+        ({"data.global_batch_size": 0}, "data.global_batch_size must be a positive integer; got 0"),
+        ({"model.dtype": "float8"}, "model.dtype"),
+        ({"train.sample_solver": "euler"}, "train.sample_solver must be an adaptive solver"),
+        ({"train.sample_tol": -1e-3}, "train.sample_tol: rtol must be a finite number >= 0"),
+        ({"eval.solver": "rk45"}, "eval.solver must be an adaptive solver"),
+        ({"eval.rtol": 0.0, "eval.atol": 0.0}, "eval.rtol / eval.atol: rtol and atol cannot both"),
+        ({"train.sample_every": -1}, "train.sample_every must be a non-negative integer; got -1"),
+        ({"eval.sample_batch_size": 0}, "eval.sample_batch_size must be a positive integer"),
+        ({"eval.fid_num_samples": 1}, "eval.fid_num_samples must be an integer >= 2; got 1"),
+        ({"model.num_classes": 0}, "model.num_classes must be a positive integer; got 0"),
+        ({"eval.checkpoint_step": -5}, "eval.checkpoint_step must be a non-negative integer"),
+        ({"path.name": "condot"}, r"path.name must be one of \('cond_ot', "),
+        ({"path.name": "ve", "path.ve": {"sigma_min": 0.01, "sigma_max": 0.001}}, "path.ve: "),
+        (
+            {"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
+            "path.polynomial: polynomial exponent n must be > 0",
+        ),
+        # these trained without complaint (a negative rate ascends) or failed after training
+        ({"train.learning_rate": -1e-3}, r"train.learning_rate must be a finite number in \(0,"),
+        ({"train.adam_b1": 1.5}, r"train.adam_b1 must be a finite number in \[0, 1\)"),
+        ({"model.dropout": 1.5}, r"model.dropout must be a finite number in \[0, 1\)"),
+        ({"train.grad_clip_norm": -1.0}, r"train.grad_clip_norm must be a finite number in \[0,"),
+        ({"train.loss_reduction": "avg"}, r"train.loss_reduction must be one of \('mean', 'sum'\)"),
+        ({"eval.probe": "gauss"}, r"eval.probe must be one of \('rademacher', 'gaussian'\)"),
+        ({"eval.guidance_scale": 2.0}, r"eval.guidance_scale=2.0 needs a class-conditional model"),
+        (
+            {"eval.guidance_scale": 2.0, "model.num_classes": 10, "model.class_dropout": 0.0},
+            r"class_dropout > 0 \(got num_classes=10, class_dropout=0.0\)",
+        ),
+        ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
+        ({"train.prediction": "noise"}, r"train.prediction must be one of \('velocity', 'x1', "),
+        ({"eval.t_margin": 0.0}, r"eval.t_margin must be a finite number in \(0, 0.5\)"),
+        ({"train.microbatches": 0}, "train.microbatches must be a positive integer; got 0"),
+        (
+            {"train.microbatches": 3},
+            (
+                r"train.microbatches=3 must divide each device's rows of the global batch "
+                r"\(data.global_batch_size=4 over 1 device\(s\): 4"
+            ),
+        ),
+        (
+            {"eval.fid_reference_stats": "/nonexistent/ref.npz"},
+            "eval.fid_reference_stats: no file '/nonexistent/ref.npz'",
+        ),
+    ],
+)
 def test_bad_config_values_raise_config_errors_before_any_data(tmp_path, extra, match):
     # ConfigError is a ValueError; the command line prints it without a traceback
     with pytest.raises(image_flow.ConfigError, match=match):
@@ -538,8 +659,9 @@ def test_eval_settings_fail_before_training(tmp_path):
     # after training and checkpointing)
     data = str(tmp_path / "npz")
     _write_npz_dataset(data)
-    c = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
-                   "eval.split": "valdation"})
+    c = _config(
+        **{"data.source": "imagenet32_npz", "data.data_dir": data, "eval.split": "valdation"}
+    )
     with pytest.raises(DatasetNotFoundError, match="valdation"):
         image_flow.train_and_evaluate(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
@@ -550,17 +672,33 @@ def test_labels_outside_num_classes_stop_training_with_a_config_error(tmp_path):
     # a non-finite loss "lower the learning rate"
     data = str(tmp_path / "npz")
     _write_npz_dataset(data)
-    c = _config(**{"data.source": "imagenet32_npz", "data.data_dir": data,
-                   "model.num_classes": 10, "mode": "train"})
+    c = _config(
+        **{
+            "data.source": "imagenet32_npz",
+            "data.data_dir": data,
+            "model.num_classes": 10,
+            "mode": "train",
+        }
+    )
     with pytest.raises(image_flow.ConfigError, match="model.num_classes=10, but imagenet32_npz"):
         image_flow.train_and_evaluate(c, str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("extra,match", [
-    ({"model.ch_mult": (1, 2), "model.attn_resolutions": (16,), "model.num_heads": 3,
-      "model.num_head_channels": None}, "model: attention at 32 channels is not divisible"),
-    ({"model.ch_mult": (1,) * 7}, "model: UNet with ch_mult"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (
+            {
+                "model.ch_mult": (1, 2),
+                "model.attn_resolutions": (16,),
+                "model.num_heads": 3,
+                "model.num_head_channels": None,
+            },
+            "model: attention at 32 channels is not divisible",
+        ),
+        ({"model.ch_mult": (1,) * 7}, "model: UNet with ch_mult"),
+    ],
+)
 def test_model_fields_that_do_not_fit_the_images_are_config_errors(extra, match):
     c = _config(**extra)
     model = image_flow.build_model(c)
@@ -570,8 +708,7 @@ def test_model_fields_that_do_not_fit_the_images_are_config_errors(extra, match)
 
 
 def test_class_conditional_bf16_loss_and_clipping():
-    c = _config(**{"model.num_classes": 10, "model.dtype": "bfloat16",
-                   "train.grad_clip_norm": 1.0})
+    c = _config(**{"model.num_classes": 10, "model.dtype": "bfloat16", "train.grad_clip_norm": 1.0})
     model = image_flow.build_model(c)
     assert model.dtype == jnp.bfloat16 and model.num_classes == 10
     tx, _ = image_flow.make_optimizer(c)

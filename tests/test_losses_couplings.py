@@ -14,8 +14,11 @@ from fmjax import couplings, losses, paths
 
 def _batch(n=8, d=3, seed=0):
     k0, k1, kt = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(k0, (n, d)), jax.random.normal(k1, (n, d)) + 3.0,
-            jax.random.uniform(kt, (n,)))
+    return (
+        jax.random.normal(k0, (n, d)),
+        jax.random.normal(k1, (n, d)) + 3.0,
+        jax.random.uniform(kt, (n,)),
+    )
 
 
 def _field(t, x):
@@ -30,9 +33,11 @@ def test_cfm_loss_matches_definition_and_reductions():
     sq = (_field(t, xt) - (x1 - (1 - s) * x0)) ** 2
     got = losses.cfm_loss(_field, path, None, x1, x0=x0, t=t)
     np.testing.assert_allclose(got, jnp.mean(sq), rtol=1e-6)
-    np.testing.assert_allclose(losses.cfm_loss(_field, path, None, x1, x0=x0, t=t,
-                                               reduction="sum"), jnp.mean(jnp.sum(sq, 1)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, reduction="sum"),
+        jnp.mean(jnp.sum(sq, 1)),
+        rtol=1e-6,
+    )
     per = losses.cfm_loss(_field, path, None, x1, x0=x0, t=t, reduction="none")
     np.testing.assert_allclose(per, jnp.mean(sq, 1), rtol=1e-6)
 
@@ -54,7 +59,9 @@ def test_cfm_loss_draws_x0_and_t_from_key_and_uses_time_sampler():
     x0 = jax.random.normal(k0, x1.shape)
     np.testing.assert_allclose(
         losses.cfm_loss(_field, path, key, x1, time_sampler=sampler),
-        losses.cfm_loss(_field, path, key, x1, x0=x0, t=jnp.full((8,), 0.25)), rtol=1e-6)
+        losses.cfm_loss(_field, path, key, x1, x0=x0, t=jnp.full((8,), 0.25)),
+        rtol=1e-6,
+    )
     assert seen == [8]
     # VP trains on its safe range only
     t = losses.uniform_time(key, 10000, paths.VP().t_range)
@@ -81,12 +88,14 @@ def test_cfm_loss_images_and_grad():
     def v(w, t, x):
         return w * x + t[:, None, None, None]
 
-    g = jax.jit(jax.grad(lambda w: losses.cfm_loss(lambda t, x: v(w, t, x), path,
-                                                   jax.random.key(2), x1)))(0.3)
+    g = jax.jit(
+        jax.grad(lambda w: losses.cfm_loss(lambda t, x: v(w, t, x), path, jax.random.key(2), x1))
+    )(0.3)
     eps = 1e-3
-    fd = (losses.cfm_loss(lambda t, x: v(0.3 + eps, t, x), path, jax.random.key(2), x1)
-          - losses.cfm_loss(lambda t, x: v(0.3 - eps, t, x), path, jax.random.key(2), x1)) / (
-              2 * eps)
+    fd = (
+        losses.cfm_loss(lambda t, x: v(0.3 + eps, t, x), path, jax.random.key(2), x1)
+        - losses.cfm_loss(lambda t, x: v(0.3 - eps, t, x), path, jax.random.key(2), x1)
+    ) / (2 * eps)
     np.testing.assert_allclose(g, fd, rtol=1e-2)
 
 
@@ -103,7 +112,8 @@ def test_exact_ot_is_optimal_against_all_permutations(jit):
     np.testing.assert_allclose(_cost(p0, x1), best, rtol=1e-5)
     # it is a permutation: each x0 used once
     assert sorted(map(tuple, np.asarray(p0).round(6))) == sorted(
-        map(tuple, np.asarray(x0).round(6)))
+        map(tuple, np.asarray(x0).round(6))
+    )
 
 
 def test_ot_couplings_under_jit_and_sinkhorn_recovers_separated_matching():
@@ -113,8 +123,9 @@ def test_ot_couplings_under_jit_and_sinkhorn_recovers_separated_matching():
     x1 = x0[perm] + 0.1
     p0, _ = jax.jit(lambda a, b: couplings.minibatch_ot(None, a, b))(x0, x1)
     np.testing.assert_allclose(p0, x0[perm])
-    s0, _ = couplings.minibatch_ot(jax.random.key(1), x0, x1, method="sinkhorn", reg=0.001,
-                                   num_iters=500)
+    s0, _ = couplings.minibatch_ot(
+        jax.random.key(1), x0, x1, method="sinkhorn", reg=0.001, num_iters=500
+    )
     np.testing.assert_allclose(s0, x0[perm])
     plan = couplings.sinkhorn_plan(x0, x1, reg=0.5)
     np.testing.assert_allclose(plan.sum(0), 1 / 8, rtol=1e-4)
@@ -140,8 +151,9 @@ def test_grad_through_the_ot_coupling_matches_finite_differences():
     path = paths.CondOT()
 
     def loss(w, coupling):
-        return losses.cfm_loss(lambda s, x: 0.5 * x, path, jax.random.key(0), x1 @ w,
-                               x0=x0, t=t, coupling=coupling)
+        return losses.cfm_loss(
+            lambda s, x: 0.5 * x, path, jax.random.key(0), x1 @ w, x0=x0, t=t, coupling=coupling
+        )
 
     with jax.enable_x64():
         w = jnp.eye(2, dtype=jnp.float64) + 0.1
@@ -173,8 +185,11 @@ def test_ot_of_non_finite_data_says_so_or_gives_nan(method):
         else:  # no arbitrary pairing: the NaN reaches the pairs (and so the loss)
             assert np.all(np.isnan(ot(key, *bad)[0]))
     # finite data under jit: no NaN
-    assert np.all(np.isfinite(jax.jit(functools.partial(
-        couplings.minibatch_ot, method=method))(key, x0, x1)[0]))
+    assert np.all(
+        np.isfinite(
+            jax.jit(functools.partial(couplings.minibatch_ot, method=method))(key, x0, x1)[0]
+        )
+    )
 
 
 def test_bad_inputs():
@@ -196,9 +211,15 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"x1 must be floating point .*; got dtype int32"):
         losses.cfm_loss(_field, path, None, x1.astype(jnp.int32), x0=x0, t=t)
     with pytest.raises(ValueError, match="must return x's shape"):
-        losses.fm_loss(lambda t, x: x[:, :1], path, None, x1,
-                       fmjax.marginals.GaussianMixture.create(jnp.zeros((1, 3)), 1.0), x0=x0,
-                       t=t)
+        losses.fm_loss(
+            lambda t, x: x[:, :1],
+            path,
+            None,
+            x1,
+            fmjax.marginals.GaussianMixture.create(jnp.zeros((1, 3)), 1.0),
+            x0=x0,
+            t=t,
+        )
     with pytest.raises(ValueError, match="must return x's shape"):
         losses.cfm_loss(lambda t, x: x[:, :1], path, None, x1, x0=x0, t=t)
     with pytest.raises(ValueError, match=r"t must lie in \[0.0, 1.0\]"):
@@ -230,19 +251,19 @@ def test_conditions_stay_with_their_data_points(coupling):
     y = jnp.array([0, 1, 2, 2, 1, 0, 1, 2], jnp.int32)
     x1, key = CENTERS[y], jax.random.key(3)
     path = paths.CondOT(sigma_min=1e-3)
-    loss = losses.cfm_loss(_x1_predictor, path, key, x1, cond=y, coupling=coupling,
-                           prediction="x1")
+    loss = losses.cfm_loss(_x1_predictor, path, key, x1, cond=y, coupling=coupling, prediction="x1")
     assert float(loss) < 1e-10
-    wrong = losses.cfm_loss(_x1_predictor, path, key, x1, cond=jnp.roll(y, 1),
-                            coupling=coupling, prediction="x1")
+    wrong = losses.cfm_loss(
+        _x1_predictor, path, key, x1, cond=jnp.roll(y, 1), coupling=coupling, prediction="x1"
+    )
     assert float(wrong) > 1.0
     # the same loss as the field with its conditions closed over, for x1 and velocity models
     v = path.velocity_field(_x1_predictor, "x1")  # a conditional v(t, x, cond)
     for f, prediction in ((_x1_predictor, "x1"), (v, "velocity")):
-        given = losses.cfm_loss(f, path, key, x1, cond=y, coupling=coupling,
-                                prediction=prediction)
-        closed = losses.cfm_loss(lambda t, x, f=f: f(t, x, y), path, key, x1,
-                                 coupling=coupling, prediction=prediction)
+        given = losses.cfm_loss(f, path, key, x1, cond=y, coupling=coupling, prediction=prediction)
+        closed = losses.cfm_loss(
+            lambda t, x, f=f: f(t, x, y), path, key, x1, coupling=coupling, prediction=prediction
+        )
         np.testing.assert_allclose(given, closed, rtol=1e-6)
 
 
@@ -254,14 +275,19 @@ def test_conditional_loss_gradients_and_errors():
         return jnp.broadcast_to(w[c], x.shape)
 
     path = paths.CondOT(sigma_min=1e-3)
-    g = jax.grad(lambda w: losses.cfm_loss(functools.partial(model, w), path,
-                                           jax.random.key(0), x1, cond=y,
-                                           prediction="x1"))(jnp.zeros((3, 2)))
+    g = jax.grad(
+        lambda w: losses.cfm_loss(
+            functools.partial(model, w), path, jax.random.key(0), x1, cond=y, prediction="x1"
+        )
+    )(jnp.zeros((3, 2)))
     # d/dw_k mean_i,d (w_y_i - x1_i)^2 = -2 sum_{i: y_i = k} CENTERS[k] / (4 * 2)
     counts = jnp.array([1.0, 2.0, 1.0])[:, None]
     np.testing.assert_allclose(g, -2 * counts * CENTERS / 8, rtol=1e-6)
-    with pytest.raises(ValueError, match=r"cfm_loss: every array of cond must have the batch's "
-                       r"leading size 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"cfm_loss: every array of cond must have the batch's "
+        r"leading size 4",
+    ):
         losses.cfm_loss(_x1_predictor, path, jax.random.key(0), x1, cond=y[:3])
 
     def reorders(key, x0, x1):

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.usefixtures("x64")
 def _mixture():
     return marginals.GaussianMixture.create(
         jnp.array([[2.0, 0.0], [-1.0, 1.5], [0.0, -2.0]], jnp.float64),
-        jnp.array([0.3, 0.5, 0.2], jnp.float64), jnp.array([0.5, 0.3, 0.2], jnp.float64))
+        jnp.array([0.3, 0.5, 0.2], jnp.float64),
+        jnp.array([0.5, 0.3, 0.2], jnp.float64),
+    )
 
 
 def _empirical():
@@ -21,9 +23,16 @@ def _empirical():
     return marginals.EmpiricalData(pts)
 
 
-@pytest.mark.parametrize("path", [paths.CondOT(sigma_min=0.05), paths.VP(), paths.cosine(),
-                                  paths.VE(sigma_min=0.1, sigma_max=3.0)],
-                         ids=["cond_ot", "vp", "cosine", "ve"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        paths.CondOT(sigma_min=0.05),
+        paths.VP(),
+        paths.cosine(),
+        paths.VE(sigma_min=0.1, sigma_max=3.0),
+    ],
+    ids=["cond_ot", "vp", "cosine", "ve"],
+)
 @pytest.mark.parametrize("data", ["mixture", "empirical"])
 def test_theorem1_continuity_equation(path, data):
     """d/dt p_t + div(p_t u_t) = 0, i.e. d/dt log p + div u + u . grad log p = 0."""
@@ -58,9 +67,11 @@ def test_marginal_score_is_grad_log_prob():
     np.testing.assert_allclose(q.score(path, x, t), auto, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("path,u_at_1", [
-    (paths.CondOT(sigma_min=0.0), "x"), (paths.rectified_flow(), "x"), (paths.cosine(), "0")],
-    ids=["cond_ot_0", "rectified_flow", "cosine"])
+@pytest.mark.parametrize(
+    "path,u_at_1",
+    [(paths.CondOT(sigma_min=0.0), "x"), (paths.rectified_flow(), "x"), (paths.cosine(), "0")],
+    ids=["cond_ot_0", "rectified_flow", "cosine"],
+)
 def test_mixture_field_and_score_are_exact_where_sigma_vanishes(path, u_at_1):
     # sigma_1 = 0: the generic sigma'/sigma form is 0/0 there (NaN for CondOT, and off by
     # ~2 for the cosine path, whose sigma_1 is cos(pi/2) ~ 1e-16 rather than 0); the
@@ -73,9 +84,18 @@ def test_mixture_field_and_score_are_exact_where_sigma_vanishes(path, u_at_1):
     u = q.velocity(path, x, one)
     np.testing.assert_allclose(u, x if u_at_1 == "x" else 0.0, atol=1e-10)
     # the score at t = 1 is that of the data's own density
-    data_score = jax.vmap(jax.grad(lambda xi: jax.scipy.special.logsumexp(
-        jnp.log(q.weights) + jax.vmap(lambda m, s: jax.scipy.stats.multivariate_normal.logpdf(
-            xi, m, s**2 * jnp.eye(2)))(q.means, q.stds))))(x)
+    data_score = jax.vmap(
+        jax.grad(
+            lambda xi: jax.scipy.special.logsumexp(
+                jnp.log(q.weights)
+                + jax.vmap(
+                    lambda m, s: jax.scipy.stats.multivariate_normal.logpdf(
+                        xi, m, s**2 * jnp.eye(2)
+                    )
+                )(q.means, q.stds)
+            )
+        )
+    )(x)
     np.testing.assert_allclose(q.score(path, x, one), data_score, rtol=1e-9, atol=1e-9)
     # and the continuity equation holds at t = 1 itself
 
@@ -118,13 +138,11 @@ def _linear_model(theta, t, x):
     return x @ w.T + b + t[:, None] * c
 
 
-@pytest.mark.parametrize("path", [paths.CondOT(sigma_min=0.05), paths.VP()],
-                         ids=["cond_ot", "vp"])
+@pytest.mark.parametrize("path", [paths.CondOT(sigma_min=0.05), paths.VP()], ids=["cond_ot", "vp"])
 def test_theorem2_fm_and_cfm_gradients_agree(path):
     """grad L_FM = E grad L_CFM: per-sample gradient differences have mean zero."""
     q = _empirical()
-    theta = (jnp.array([[0.3, -0.1], [0.2, 0.5]]), jnp.array([0.1, -0.2]),
-             jnp.array([0.5, 0.4]))
+    theta = (jnp.array([[0.3, -0.1], [0.2, 0.5]]), jnp.array([0.1, -0.2]), jnp.array([0.5, 0.4]))
     n = 40_000
     k1, k0, kt = jax.random.split(jax.random.key(7), 3)
     x1 = q.sample(k1, n)
@@ -138,7 +156,9 @@ def test_theorem2_fm_and_cfm_gradients_agree(path):
                 if marginal is None:
                     return loss_fn(v, path, None, x1i[None], x0=x0i[None], t=ti[None])
                 return loss_fn(v, path, None, x1i[None], marginal, x0=x0i[None], t=ti[None])
+
             return jnp.concatenate([g.ravel() for g in jax.grad(loss)(theta)])
+
         return jax.vmap(one)(x0, x1, t)
 
     g_cfm = per_sample_grads(losses.cfm_loss, None)
@@ -177,11 +197,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"points must have shape \(N, D\); got \(3,\)"):
         marginals.EmpiricalData(np.zeros(3))
     # silently NaN (negative or NaN weights) or a different model (negative std) before
-    for kw, match in [({"weights": [-1.0, 2.0]}, "weights must be finite, >= 0"),
-                      ({"weights": [float("nan"), 1.0]}, "weights must be finite"),
-                      ({"weights": [0.0, 0.0]}, "not all 0"),
-                      ({"stds": -0.5}, "stds must be finite and >= 0"),
-                      ({"means": [[0.0, float("inf")], [1.0, 1.0]]}, "means must be finite")]:
+    for kw, match in [
+        ({"weights": [-1.0, 2.0]}, "weights must be finite, >= 0"),
+        ({"weights": [float("nan"), 1.0]}, "weights must be finite"),
+        ({"weights": [0.0, 0.0]}, "not all 0"),
+        ({"stds": -0.5}, "stds must be finite and >= 0"),
+        ({"means": [[0.0, float("inf")], [1.0, 1.0]]}, "means must be finite"),
+    ]:
         args = {"means": [[0.0, 0.0], [1.0, 1.0]], "stds": 0.5, **kw}
         with pytest.raises(ValueError, match=match):
             marginals.GaussianMixture.create(**args)

@@ -18,8 +18,11 @@ def _mmd_float64(x, y, bandwidths=BANDWIDTHS):
 
     n, m = len(x), len(y)
     kxx, kyy = k(x, x), k(y, y)
-    return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1))
-            + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * k(x, y).mean())
+    return (
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * k(x, y).mean()
+    )
 
 
 @pytest.mark.parametrize("n,m", [(2, 3), (7, 5), (256, 300), (1001, 999)])
@@ -38,8 +41,10 @@ def test_mmd_matches_the_gaussian_closed_form():
     # E k_h = c_h exp(-|mean difference|^2 / (2 (h^2 + 2 s^2))), c_h = (h^2/(h^2+2s^2))^(D/2)
     s, d, mu = 0.7, 3, np.array([0.4, -0.2, 0.1])
     c = [(h * h / (h * h + 2 * s * s)) ** (d / 2) for h in BANDWIDTHS]
-    expected = sum(2 * ch * (1 - np.exp(-mu @ mu / (2 * (h * h + 2 * s * s))))
-                   for ch, h in zip(c, BANDWIDTHS))
+    expected = sum(
+        2 * ch * (1 - np.exp(-mu @ mu / (2 * (h * h + 2 * s * s))))
+        for ch, h in zip(c, BANDWIDTHS, strict=True)
+    )
     rng = np.random.default_rng(0)
     x = (s * rng.normal(size=(4000, d))).astype(np.float32)
     y = (mu + s * rng.normal(size=(3000, d))).astype(np.float32)
@@ -53,8 +58,7 @@ def test_sliced_wasserstein_in_one_dimension_and_of_a_shift():
     x = rng.normal(size=(500, 1)).astype(np.float32)
     y = rng.exponential(size=(500, 1)).astype(np.float32)
     w2 = np.sqrt(np.mean((np.sort(x[:, 0]) - np.sort(y[:, 0])) ** 2))  # 1-D W2 of samples
-    np.testing.assert_allclose(float(sliced_wasserstein(jax.random.key(0), x, y, 4)), w2,
-                               rtol=1e-5)
+    np.testing.assert_allclose(float(sliced_wasserstein(jax.random.key(0), x, y, 4)), w2, rtol=1e-5)
     # a shift c of a 2-D cloud: each projection moves by theta.c; E (theta.c)^2 = |c|^2 / 2
     x2 = rng.normal(size=(500, 2)).astype(np.float32)
     c = np.array([3.0, -1.0], np.float32)

@@ -20,8 +20,9 @@ def random_stats(rng, d, rank=None, ridge=0.0):
 
 def direct_fid(mu1, s1, mu2, s2):
     covmean = linalg.sqrtm(s1 @ s2)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
-                 - 2 * np.trace(np.real(covmean)))
+    return float(
+        np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean))
+    )
 
 
 # ----------------------------------------------------------------------------- distance
@@ -41,7 +42,8 @@ def test_frechet_distance_matches_scipy(method):
     # A translation of the same Gaussian: ||mu1 - mu2||^2.
     shift = rng.normal(size=16)
     assert fid.frechet_distance(mu1, s1, mu1 + shift, s1, method=method) == pytest.approx(
-        float(shift @ shift), rel=1e-7, abs=1e-9)
+        float(shift @ shift), rel=1e-7, abs=1e-9
+    )
 
 
 def test_frechet_distance_nearly_singular():
@@ -89,8 +91,7 @@ def test_layout_matches_torchvision_inception_v3():
     assert len(shapes) == 94 * 5
     # torchvision's inception_v3 has 27,161,264 parameters; without AuxLogits (3,326,696)
     # and fc (2,049,000) that leaves 21,785,568 (conv kernels + batch-norm gamma/beta).
-    trainable = sum(int(np.prod(s)) for k, s in shapes.items()
-                    if not k.endswith(("/mean", "/var")))
+    trainable = sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith(("/mean", "/var")))
     assert trainable == 21_785_568
     assert shapes["Conv2d_1a_3x3/kernel"] == (3, 3, 3, 32)
     assert shapes["Mixed_6b/branch7x7_2/kernel"] == (1, 7, 128, 128)
@@ -141,7 +142,8 @@ def test_weights_round_trip_and_errors(params, tmp_path):
 
 def test_compute_fid(params, tmp_path, monkeypatch):
     # The 2048-d matrix square root takes tens of seconds on 2 CPU cores; the distance itself
-    # is tested above, so here it runs on the first 8 feature dimensions (fewer than the 12 samples: full rank).
+    # is tested above, so here it runs on the first 8 feature dimensions (fewer than the 12
+    # samples: full rank).
     real = fid.frechet_distance
 
     def frechet_8(mu1, s1, mu2, s2, **kw):
@@ -155,13 +157,13 @@ def test_compute_fid(params, tmp_path, monkeypatch):
 
     def same(i):
         calls.append(i)
-        return ref[4 * i: 4 * i + 4]
+        return ref[4 * i : 4 * i + 4]
 
     def ref_iter():  # eval-style dict batches with a padded, masked last batch
         for s in range(0, 12, 5):
-            img = ref[s:s + 5]
+            img = ref[s : s + 5]
             mask = np.ones(5, bool)
-            mask[len(img):] = False
+            mask[len(img) :] = False
             img = np.concatenate([img, np.full((5 - len(img), 32, 32, 3), -1, np.float32)])
             yield {"image": img, "mask": mask}
 
@@ -170,8 +172,14 @@ def test_compute_fid(params, tmp_path, monkeypatch):
     d0 = fid.compute_fid(same, ref_iter(), None, 12, save_ref_stats=stats, **kw)
     assert calls == [0, 1, 2]
     assert abs(d0) < 1e-8  # the same 12 images
-    noisy = fid.compute_fid(lambda i: np.clip(same(i) + 0.3 * rng.normal(size=(4, 32, 32, 3)),
-                                              -1, 1), None, None, 12, ref_stats=stats, **kw)
+    noisy = fid.compute_fid(
+        lambda i: np.clip(same(i) + 0.3 * rng.normal(size=(4, 32, 32, 3)), -1, 1),
+        None,
+        None,
+        12,
+        ref_stats=stats,
+        **kw,
+    )
     assert noisy > 1e-5  # (features of a random network are small)
     # No weights: the clear error, raised before any sample is drawn.
     calls.clear()
@@ -185,7 +193,6 @@ def test_preprocess_quantizes_like_an_8bit_file():
     levels = (2 * k / 256 - 1).astype(np.float32)
     np.testing.assert_allclose(fid.preprocess(levels), 2 * k / 255 - 1, atol=1e-6)
     np.testing.assert_allclose(fid.preprocess(np.array([-3.0, 3.0])), [-1.0, 1.0])
-
 
 
 def test_preprocess_takes_integer_levels_and_warns_about_other_float_ranges():
@@ -209,10 +216,16 @@ def _torch_state_dict(torch, params):
         unit, field = k.rsplit("/", 1)
         prefix = unit.replace("/", ".")
         v = np.asarray(v)
-        name = {"kernel": "conv.weight", "scale": "bn.weight", "bias": "bn.bias",
-                "mean": "bn.running_mean", "var": "bn.running_var"}[field]
+        name = {
+            "kernel": "conv.weight",
+            "scale": "bn.weight",
+            "bias": "bn.bias",
+            "mean": "bn.running_mean",
+            "var": "bn.running_var",
+        }[field]
         sd[f"{prefix}.{name}"] = torch.from_numpy(
-            np.ascontiguousarray(v.transpose(3, 2, 0, 1) if field == "kernel" else v))
+            np.ascontiguousarray(v.transpose(3, 2, 0, 1) if field == "kernel" else v)
+        )
         if field == "var":
             sd[f"{prefix}.bn.num_batches_tracked"] = torch.tensor(0)
     sd["fc.weight"] = torch.zeros(1008, 2048)
@@ -227,8 +240,9 @@ def test_convert_pytorch_fid_state_dict(params, tmp_path):
     out = fid.convert_pytorch_fid_weights(tmp_path / "pt_inception.pth", tmp_path / "w.npz")
     loaded = fid.load_weights(out)
     for k, v in traverse_util.flatten_dict(params["params"], sep="/").items():
-        np.testing.assert_array_equal(np.asarray(v), traverse_util.flatten_dict(
-            loaded["params"], sep="/")[k])
+        np.testing.assert_array_equal(
+            np.asarray(v), traverse_util.flatten_dict(loaded["params"], sep="/")[k]
+        )
     # torchvision's ImageNet Inception (with AuxLogits) is refused with a hint.
     sd["AuxLogits.conv0.conv.weight"] = torch.zeros(128, 768, 1, 1)
     torch.save(sd, tmp_path / "tv.pth")
@@ -238,8 +252,9 @@ def test_convert_pytorch_fid_state_dict(params, tmp_path):
         fid.convert_pytorch_fid_weights(tmp_path / "none.pth", tmp_path / "none.npz")
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [((1, 7), 1, (0, 3)), ((3, 3), 2, (0, 0)),
-                                                    ((3, 1), 1, (1, 0))])
+@pytest.mark.parametrize(
+    "kernel,stride,padding", [((1, 7), 1, (0, 3)), ((3, 3), 2, (0, 0)), ((3, 1), 1, (1, 0))]
+)
 def test_conv_unit_matches_torch_conv_bn_relu(kernel, stride, padding):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
@@ -255,9 +270,13 @@ def test_conv_unit_matches_torch_conv_bn_relu(kernel, stride, padding):
     with torch.no_grad():
         ref = torch.relu(bn(conv(torch.from_numpy(x).permute(0, 3, 1, 2)))).permute(0, 2, 3, 1)
     # The converter's per-unit mapping: OIHW -> HWIO, bn weight/bias/running stats.
-    p = {"kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0),
-         "scale": bn.weight.detach().numpy(), "bias": bn.bias.detach().numpy(),
-         "mean": bn.running_mean.numpy(), "var": bn.running_var.numpy()}
+    p = {
+        "kernel": conv.weight.detach().numpy().transpose(2, 3, 1, 0),
+        "scale": bn.weight.detach().numpy(),
+        "bias": bn.bias.detach().numpy(),
+        "mean": bn.running_mean.numpy(),
+        "var": bn.running_var.numpy(),
+    }
     unit = fid.BasicConv(6, kernel, strides=stride, padding=padding)
     out = unit.apply({"params": p}, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), rtol=1e-5, atol=1e-5)
@@ -274,22 +293,33 @@ def test_pools_and_resize_match_torch():
 
     np.testing.assert_allclose(
         np.asarray(fid._avg_pool_valid(jnp.asarray(x))),
-        back(F.avg_pool2d(xt, 3, stride=1, padding=1, count_include_pad=False)), rtol=1e-6,
-        atol=1e-6)
-    np.testing.assert_allclose(np.asarray(fid._max_pool_same(jnp.asarray(x))),
-                               back(F.max_pool2d(xt, 3, stride=1, padding=1)))
-    np.testing.assert_allclose(np.asarray(fid._max_pool_down(jnp.asarray(x))),
-                               back(F.max_pool2d(xt, 3, stride=2)))
+        back(F.avg_pool2d(xt, 3, stride=1, padding=1, count_include_pad=False)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        np.asarray(fid._max_pool_same(jnp.asarray(x))),
+        back(F.max_pool2d(xt, 3, stride=1, padding=1)),
+    )
+    np.testing.assert_allclose(
+        np.asarray(fid._max_pool_down(jnp.asarray(x))), back(F.max_pool2d(xt, 3, stride=2))
+    )
     img = np.random.default_rng(7).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(img).permute(0, 3, 1, 2), size=(299, 299),
-                        mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(np.asarray(fid.resize_bilinear(jnp.asarray(img), 299)),
-                               back(ref), rtol=1e-5, atol=1e-5)
+    ref = F.interpolate(
+        torch.from_numpy(img).permute(0, 3, 1, 2),
+        size=(299, 299),
+        mode="bilinear",
+        align_corners=False,
+    )
+    np.testing.assert_allclose(
+        np.asarray(fid.resize_bilinear(jnp.asarray(img), 299)), back(ref), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_no_torch_needed_to_import(tmp_path):
     import subprocess
     import sys
+
     code = (
         "import sys\n"
         "class Block:\n"
@@ -307,7 +337,12 @@ def test_no_torch_needed_to_import(tmp_path):
         "    raise AssertionError('no ImportError')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, check=False,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]

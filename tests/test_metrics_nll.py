@@ -108,12 +108,15 @@ def test_source_std_scores_against_the_scaled_gaussian(s0):
     d = x[0].size
     u = nll.dequantization_noise(nll.example_keys(key, jnp.arange(3)), x.shape[1:], K, BIN)
     bpd, _ = nll.image_bpd(zero_field, x, key, num_dequant=K, source_std=s0)
-    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
-        x, u, scale=1 / s0, div=d * math.log(s0)), rtol=1e-5)
-    bpd, _ = nll.image_bpd(linear_field, x, key, num_dequant=K, source_std=s0,
-                           divergence="exact")
-    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
-        x, u, scale=math.exp(-A) / s0, div=d * (A + math.log(s0))), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(bpd), closed_form_bpd(x, u, scale=1 / s0, div=d * math.log(s0)), rtol=1e-5
+    )
+    bpd, _ = nll.image_bpd(linear_field, x, key, num_dequant=K, source_std=s0, divergence="exact")
+    np.testing.assert_allclose(
+        np.asarray(bpd),
+        closed_form_bpd(x, u, scale=math.exp(-A) / s0, div=d * (A + math.log(s0))),
+        rtol=1e-4,
+    )
 
 
 def test_time_span_scores_the_flow_over_that_span():
@@ -126,8 +129,11 @@ def test_time_span_scores_the_flow_over_that_span():
     t0, t1 = 0.25, 0.9
     bpd, _ = nll.image_bpd(linear_field, x, key, num_dequant=K, t0=t0, t1=t1)
     span = t1 - t0
-    np.testing.assert_allclose(np.asarray(bpd), closed_form_bpd(
-        x, u, scale=math.exp(-A * span), div=A * x[0].size * span), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(bpd),
+        closed_form_bpd(x, u, scale=math.exp(-A * span), div=A * x[0].size * span),
+        rtol=1e-4,
+    )
 
 
 def test_bound_equals_direct_log_likelihood_per_sample():
@@ -163,8 +169,9 @@ def test_per_example_results_do_not_depend_on_the_batch():
     assert not np.allclose(np.asarray(again)[[0, 2]], np.asarray(full)[[0, 2]])
     # One key == the batch of keys fold_in(key, row).
     a, _ = nll.image_bpd(tanh_field, x, jax.random.key(0), num_dequant=K)
-    b, _ = nll.image_bpd(tanh_field, x, nll.example_keys(jax.random.key(0), jnp.arange(3)),
-                         num_dequant=K)
+    b, _ = nll.image_bpd(
+        tanh_field, x, nll.example_keys(jax.random.key(0), jnp.arange(3)), num_dequant=K
+    )
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -179,11 +186,15 @@ def test_image_bpd_bad_input():
     with pytest.raises(ValueError, match="unknown solver"):
         nll.image_bpd(zero_field, x, jax.random.key(0), solver="rk45")
     for bad in (0.0, -1.0, float("nan"), float("inf"), "abc", True):
-        with pytest.raises(ValueError, match=r"source_std \(the std of .*\) must be a finite number in \(0, inf\)"):
+        with pytest.raises(
+            ValueError, match=r"source_std \(the std of .*\) must be a finite number in \(0, inf\)"
+        ):
             nll.image_bpd(zero_field, x, jax.random.key(0), source_std=bad)
-    for kw, match in (({"t0": 0.5, "t1": 0.5}, r"need t0 < t1 \(noise end before data end\); got t0=0.5, t1=0.5"),
-                      ({"t1": 1.5}, r"t1 must be a finite number in \[0, 1\]; got 1.5"),
-                      ({"t0": -0.1}, r"t0 must be a finite number in \[0, 1\]")):
+    for kw, match in (
+        ({"t0": 0.5, "t1": 0.5}, r"need t0 < t1 \(noise end before data end\); got t0=0.5, t1=0.5"),
+        ({"t1": 1.5}, r"t1 must be a finite number in \[0, 1\]; got 1.5"),
+        ({"t0": -0.1}, r"t0 must be a finite number in \[0, 1\]"),
+    ):
         with pytest.raises(ValueError, match=match):
             nll.image_bpd(zero_field, x, jax.random.key(0), **kw)
 
@@ -213,7 +224,7 @@ class ListEvalIterator:
             raise StopIteration
         if self.fail_after is not None and self.yielded >= self.fail_after:
             raise KeyboardInterrupt("pre-empted")
-        img = self.images[start:start + self.batch_size]
+        img = self.images[start : start + self.batch_size]
         mask = np.ones(len(img), bool)
         pad = self.batch_size - len(img)
         if pad:
@@ -257,7 +268,7 @@ def test_evaluate_numbers_unpadded_ragged_batches_consecutively(images, sizes):
     # its own key (a short last batch once reused the positions of the batch before)
     key = jax.random.key(5)
     starts = np.cumsum((0,) + sizes[:-1])
-    batches = [{"image": images[a:a + n]} for a, n in zip(starts, sizes)]
+    batches = [{"image": images[a : a + n]} for a, n in zip(starts, sizes, strict=True)]
     res = nll.evaluate_bpd(zero_field, lambda: iter(batches), key)
     assert res["num_examples"] == 7
     assert res["bpd"] == pytest.approx(expected_mean(images, key, 1).mean(), rel=1e-6)
@@ -269,37 +280,43 @@ def test_evaluate_resume_gives_identical_totals(images, tmp_path):
     state = tmp_path / "nll_state.json"
     # Pre-empted after two batches: the state file holds them.
     with pytest.raises(KeyboardInterrupt):
-        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3, fail_after=2), key,
-                         state_file=state)
+        nll.evaluate_bpd(
+            zero_field, lambda: ListEvalIterator(images, 3, fail_after=2), key, state_file=state
+        )
     saved = json.loads(state.read_text())
     assert saved["totals"]["batches_done"] == 2 and saved["iterator"] == {"next_index": 2}
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
-    resumed = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                               state_file=state)
+    resumed = nll.evaluate_bpd(
+        zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state
+    )
     assert resumed["resumed"] and resumed["complete"]
     for k in ("bpd", "bpd_stderr", "num_examples", "nfe_mean", "num_batches"):
         assert resumed[k] == full[k], k
     # max_batches stops early; rerunning finishes; a finished state is returned as is.
     state2 = tmp_path / "nll_state2.json"
-    part = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                            state_file=state2, max_batches=1)
+    part = nll.evaluate_bpd(
+        zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state2, max_batches=1
+    )
     assert not part["complete"] and part["num_batches"] == 1 and part["num_examples"] == 3
-    again = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                             state_file=state2)
+    again = nll.evaluate_bpd(
+        zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state2
+    )
     assert again["bpd"] == full["bpd"] and again["num_examples"] == 7
-    done = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                            state_file=state2)
+    done = nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state2)
     assert done["bpd"] == full["bpd"] and done["num_batches"] == 3
     # Another key (or other settings) is refused instead of mixing totals.
     with pytest.raises(ValueError, match="other settings"):
-        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), jax.random.key(2),
-                         state_file=state2)
+        nll.evaluate_bpd(
+            zero_field, lambda: ListEvalIterator(images, 3), jax.random.key(2), state_file=state2
+        )
     with pytest.raises(ValueError, match=r"differ: \['source_std'\]"):
-        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                         state_file=state2, source_std=2.0)
+        nll.evaluate_bpd(
+            zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state2, source_std=2.0
+        )
     with pytest.raises(ValueError, match=r"differ: \['t0', 't1'\]"):
-        nll.evaluate_bpd(zero_field, lambda: ListEvalIterator(images, 3), key,
-                         state_file=state2, t0=1e-3)
+        nll.evaluate_bpd(
+            zero_field, lambda: ListEvalIterator(images, 3), key, state_file=state2, t0=1e-3
+        )
     # source_std=1 and the span [0, 1] (the defaults) are what state files written before
     # those options hold
     assert not {"source_std", "t0", "t1"} & set(json.loads(state2.read_text())["fingerprint"])
@@ -321,8 +338,13 @@ def test_evaluate_with_grain_eval_iterator(images, tmp_path):
     np.savez(tmp_path / "val_data.npz", data=data, labels=np.arange(1, len(u8) + 1))
 
     def make():
-        return di.make_eval_iterator("imagenet32_npz", global_batch_size=3, data_dir=tmp_path,
-                                     read_threads=1, prefetch_buffer_size=1)
+        return di.make_eval_iterator(
+            "imagenet32_npz",
+            global_batch_size=3,
+            data_dir=tmp_path,
+            read_threads=1,
+            prefetch_buffer_size=1,
+        )
 
     key = jax.random.key(4)
     full = nll.evaluate_bpd(zero_field, make, key)
@@ -355,8 +377,14 @@ def test_evaluate_two_devices_matches_one(tmp_path):
         print(json.dumps(out))
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True,
-                          check=False, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        [sys.executable, "-c", script, root],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     one, two = out["1"], out["2"]

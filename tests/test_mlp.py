@@ -31,7 +31,8 @@ def _random_params(model, x, seed=0):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
         lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(s.shape[0]), jnp.float32),
-        _shapes(model, x))
+        _shapes(model, x),
+    )
 
 
 def test_param_count_meta_example():
@@ -111,8 +112,10 @@ def test_activations_all_work():
 
     @jax.jit
     def all_outputs(params):
-        return [MLP(hidden=8, depth=1, activation=name, time_embedding="raw").apply(params, 0.5, x)
-                for name in ACTIVATIONS]
+        return [
+            MLP(hidden=8, depth=1, activation=name, time_embedding="raw").apply(params, 0.5, x)
+            for name in ACTIVATIONS
+        ]
 
     outs = [np.asarray(o) for o in all_outputs(params)]
     assert all(np.all(np.isfinite(o)) for o in outs)
@@ -158,8 +161,9 @@ def test_fast_selu_matches_jax_selu(dtype):
     tol = {"rtol": 1e-6, "atol": 2e-7} if dtype == jnp.float32 else {"rtol": 1e-2, "atol": 1e-2}
     y = fast_selu(x)
     chex.assert_type(y, dtype)
-    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(jax.nn.selu(x), np.float32),
-                               **tol)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(jax.nn.selu(x), np.float32), **tol
+    )
     # first and second derivatives, including x = 0 (jax.nn.selu's slope there is the
     # negative branch's, scale * alpha)
     for order in (1, 2):
@@ -168,17 +172,18 @@ def test_fast_selu_matches_jax_selu(dtype):
             ours, ref = jax.grad(ours), jax.grad(ref)
         got, want = jax.vmap(ours)(x), jax.vmap(ref)(x)
         chex.assert_type(got, dtype)
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                                   **tol)
-    np.testing.assert_allclose(jax.grad(fast_selu)(0.0), 1.0507009873554805 * 1.6732632423543772,
-                               rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    np.testing.assert_allclose(
+        jax.grad(fast_selu)(0.0), 1.0507009873554805 * 1.6732632423543772, rtol=1e-6
+    )
 
 
 def test_fast_selu_derivative_by_finite_differences_and_jvp_equals_vjp():
     from fmjax.models.mlp import fast_selu
 
-    x = jnp.array([-5.0, -1.3, -0.2, 0.3, 2.0, 7.5], jnp.float64 if jax.config.jax_enable_x64
-                  else jnp.float32)
+    x = jnp.array(
+        [-5.0, -1.3, -0.2, 0.3, 2.0, 7.5], jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    )
     h = 1e-3
     fd = (fast_selu(x + h) - fast_selu(x - h)) / (2 * h)
     _, jvp = jax.jvp(fast_selu, (x,), (jnp.ones_like(x),))
@@ -212,7 +217,8 @@ def test_class_and_context_conditioning():
 def _random_params_like(params, seed=1):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
-        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+        lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params
+    )
 
 
 def test_bad_conditions_raise():
@@ -230,8 +236,11 @@ def test_bad_conditions_raise():
         jax.eval_shape(ctx.init, jax.random.key(0), t, x, None)
     with pytest.raises(ValueError, match="not both"):
         MLP(num_classes=3, context_dim=2)
-    for bad in ({"num_classes": 0}, {"num_classes": 2.5}, {"context_dim": -1},
-                {"num_classes": 3, "class_dim": 0}):
+    for bad in (
+        {"num_classes": 0},
+        {"num_classes": 2.5},
+        {"context_dim": -1},
+        {"num_classes": 3, "class_dim": 0},
+    ):
         with pytest.raises(ValueError):
             MLP(**bad)
-

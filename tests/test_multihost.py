@@ -65,23 +65,36 @@ def _run_workers(runs, timeout, what):
     processes of one distributed job wait for each other), CPU only with the tests' compile
     cache; returns each one's ``RESULT`` JSON line, in order."""
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+    )
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", *run], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for run in runs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", *run],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for run in runs
+    ]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
         pytest.fail(f"{what} timed out")
-    for p, (_, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-4000:]
-    return [json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
-            for out, _ in outs]
+    return [
+        json.loads([ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1][7:])
+        for out, _ in outs
+    ]
 
 
 def _write_npz_dataset(folder, n_train=48, seed=0):
@@ -89,18 +102,27 @@ def _write_npz_dataset(folder, n_train=48, seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name, n in (("train_data_batch_1", n_train), ("val_data", 16)):
-        np.savez(os.path.join(folder, f"{name}.npz"),
-                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 labels=rng.integers(1, 1001, n))
+        np.savez(
+            os.path.join(folder, f"{name}.npz"),
+            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            labels=rng.integers(1, 1001, n),
+        )
 
 
 def _overrides(data_dir):
     return {
-        "model.ch": 16, "model.ch_mult": [1], "model.attn_resolutions": [],
-        "data.source": "imagenet32_npz", "data.data_dir": data_dir,
-        "data.global_batch_size": 8, "data.read_threads": 1,
-        "train.num_steps": NUM_STEPS, "train.warmup_steps": 0, "train.checkpoint_every": 2,
-        "train.sample_every": 0, "train.log_every": 1,
+        "model.ch": 16,
+        "model.ch_mult": [1],
+        "model.attn_resolutions": [],
+        "data.source": "imagenet32_npz",
+        "data.data_dir": data_dir,
+        "data.global_batch_size": 8,
+        "data.read_threads": 1,
+        "train.num_steps": NUM_STEPS,
+        "train.warmup_steps": 0,
+        "train.checkpoint_every": 2,
+        "train.sample_every": 0,
+        "train.log_every": 1,
         # Adam's eps keeps rounding-level gradients (e.g. biases before a GroupNorm, zero in
         # exact arithmetic) from becoming +-lr steps whose sign depends on the reduction
         # order; every other gradient gets an Adam-like step as with the paper's 1e-8.
@@ -124,16 +146,21 @@ def test_two_processes_match_one_process(tmp_path):
     overrides = _overrides(data_dir)
     multi = str(tmp_path / "multi")
     port = _free_port()
-    results = _run_workers([[WORKER, str(i), str(port), multi, json.dumps(overrides)]
-                            for i in range(2)], timeout=300, what="multi-process training")
+    results = _run_workers(
+        [[WORKER, str(i), str(port), multi, json.dumps(overrides)] for i in range(2)],
+        timeout=300,
+        what="multi-process training",
+    )
     assert sorted(r["process"] for r in results) == [0, 1]
-    assert all(r["count"] == 2 and r["devices"] == 2 and r["step"] == NUM_STEPS
-               for r in results)
+    assert all(r["count"] == 2 and r["devices"] == 2 and r["step"] == NUM_STEPS for r in results)
 
     # Both processes wrote into one checkpoint; each recorded its own data position.
     ckpt = os.path.join(multi, "checkpoints", str(NUM_STEPS))
     assert sorted(os.listdir(os.path.join(ckpt, "data"))) == [
-        "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+        "commit_success.txt",
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
     # Only process 0 logs.
     with open(os.path.join(multi, "metrics.jsonl")) as f:
         lines = f.read().splitlines()
@@ -143,14 +170,16 @@ def test_two_processes_match_one_process(tmp_path):
     config = _apply(imagenet32.get_config("tiny"), overrides)
     state, summary = image_flow.train(config, str(tmp_path / "single"), progress=False)
     assert summary["num_processes"] == 1 and summary["num_devices"] == 1
-    single = [np.asarray(x) for x in
-              jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))]
+    single = [
+        np.asarray(x)
+        for x in jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))
+    ]
     with np.load(os.path.join(multi, "final_state.npz")) as z:
         multi_leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
     assert len(multi_leaves) == len(single)
     np.testing.assert_allclose(results[0]["final_loss"], summary["final_loss"], rtol=1e-5)
     scale = max(float(np.max(np.abs(a))) for a in single if a.dtype.kind == "f")
-    for a, b in zip(single, multi_leaves):
+    for a, b in zip(single, multi_leaves, strict=True):
         # params, EMA, Adam moments and count: float32 reassociation of the all-reduce only
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
 
@@ -194,9 +223,12 @@ def test_microbatched_shard_loss_steps_across_processes(tmp_path):
     train.microbatches > 1: two processes with one device each take the steps of one process
     with two devices (the same rows and keys per device; the all-reduce crosses processes)."""
     port = _free_port()
-    results = _run_workers([[STEPS_WORKER, "two_processes", str(i), str(port)] for i in range(2)]
-                           + [[STEPS_WORKER, "one_process"]], timeout=180,
-                           what="multi-process steps")
+    results = _run_workers(
+        [[STEPS_WORKER, "two_processes", str(i), str(port)] for i in range(2)]
+        + [[STEPS_WORKER, "one_process"]],
+        timeout=180,
+        what="multi-process steps",
+    )
     assert [r["devices"] for r in results] == [2, 2, 2]
     for r in results[:2]:
         np.testing.assert_allclose(r["w1"], results[2]["w1"], rtol=1e-6, atol=1e-7)

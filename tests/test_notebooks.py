@@ -23,15 +23,26 @@ print("RESULT " + json.dumps({k: ns[k] for k in sys.argv[2:]}))
 
 
 def _run(name, *names):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", FMJAX_NOTEBOOK_QUICK="1", MPLBACKEND="Agg",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        FMJAX_NOTEBOOK_QUICK="1",
+        MPLBACKEND="Agg",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, "-c", RUNNER, os.path.join(NOTEBOOKS, name), *names],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", RUNNER, os.path.join(NOTEBOOKS, name), *names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_every_notebook_is_valid_json_with_code():

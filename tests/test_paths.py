@@ -54,8 +54,9 @@ def test_conditional_velocity_at_interpolant_equals_target(name):
     path = ALL_PATHS[name]
     x0, x1, t = _draw((3,))
     xt = path.interpolate(x0, x1, t)
-    np.testing.assert_allclose(path.conditional_velocity(xt, x1, t), path.target(x0, x1, t),
-                               rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(
+        path.conditional_velocity(xt, x1, t), path.target(x0, x1, t), rtol=1e-8, atol=1e-8
+    )
 
 
 def test_cond_ot_closed_forms():
@@ -66,8 +67,9 @@ def test_cond_ot_closed_forms():
     np.testing.assert_allclose(path.interpolate(x0, x1, t), (1 - (1 - s) * tb) * x0 + tb * x1)
     np.testing.assert_allclose(path.target(x0, x1, t), x1 - (1 - s) * x0)  # eq. 23
     x = x0 * 0.3 + 1.0
-    np.testing.assert_allclose(path.conditional_velocity(x, x1, t),
-                               (x1 - (1 - s) * x) / (1 - (1 - s) * tb), rtol=1e-12)  # eq. 21
+    np.testing.assert_allclose(
+        path.conditional_velocity(x, x1, t), (x1 - (1 - s) * x) / (1 - (1 - s) * tb), rtol=1e-12
+    )  # eq. 21
     mean, std = path.mean_std(x1, t)
     np.testing.assert_allclose(mean, tb * x1)
     np.testing.assert_allclose(std, 1 - (1 - s) * tb)
@@ -87,8 +89,9 @@ def test_boundary_conditions():
     t_hi = jnp.full(5, vp.t_range[1])
     np.testing.assert_allclose(vp.interpolate(x0, x1, t_hi), x1, atol=1e-2)
     a1 = math.exp(-0.5 * (0.1 + 0.5 * 19.9))
-    np.testing.assert_allclose(vp.interpolate(x0, x1, zeros), math.sqrt(1 - a1**2) * x0
-                               + a1 * x1, rtol=1e-10)
+    np.testing.assert_allclose(
+        vp.interpolate(x0, x1, zeros), math.sqrt(1 - a1**2) * x0 + a1 * x1, rtol=1e-10
+    )
 
 
 def test_ve_closed_form_velocity():
@@ -174,11 +177,14 @@ def test_paths_are_pytrees_through_jit():
 
 def test_schedules_derivatives_match_jvp():
     t = jnp.linspace(0.05, 0.95, 7)
-    for sched, deriv in [(schedules.Linear(1.0, -0.7), lambda t: -0.7 + 0 * t),
-                         (schedules.Cosine(True), lambda t: 0.5 * math.pi * jnp.cos(0.5 * math.pi * t)),
-                         (schedules.Power(3.0), lambda t: 3 * t**2)]:
-        np.testing.assert_allclose(jax.jvp(sched, (t,), (jnp.ones_like(t),))[1], deriv(t),
-                                   rtol=1e-10)
+    for sched, deriv in [
+        (schedules.Linear(1.0, -0.7), lambda t: -0.7 + 0 * t),
+        (schedules.Cosine(True), lambda t: 0.5 * math.pi * jnp.cos(0.5 * math.pi * t)),
+        (schedules.Power(3.0), lambda t: 3 * t**2),
+    ]:
+        np.testing.assert_allclose(
+            jax.jvp(sched, (t,), (jnp.ones_like(t),))[1], deriv(t), rtol=1e-10
+        )
 
 
 def test_bad_inputs():
@@ -241,8 +247,11 @@ def test_source_noise_and_its_log_density():
     # the t0 marginal's noise: sigma_{t0} N(0, I): 1 for CondOT, sigma_max for VE,
     # sqrt(1 - exp(-T(1))) for VP (T(1) = (beta_min + beta_max) / 2)
     x = jax.random.normal(jax.random.key(0), (5, 3, 2, 2)) * 7.0
-    for path, std in ((paths.CondOT(sigma_min=1e-4), 1.0), (paths.VE(sigma_max=50.0), 50.0),
-                      (paths.VP(), math.sqrt(1 - math.exp(-10.05)))):
+    for path, std in (
+        (paths.CondOT(sigma_min=1e-4), 1.0),
+        (paths.VE(sigma_max=50.0), 50.0),
+        (paths.VP(), math.sqrt(1 - math.exp(-10.05))),
+    ):
         np.testing.assert_allclose(path.source_std(), std, rtol=1e-6)
         expected = jnp.sum(jax.scipy.stats.norm.logpdf(x, 0.0, std), axis=(1, 2, 3))
         np.testing.assert_allclose(path.source_log_prob(x), expected, rtol=1e-5)

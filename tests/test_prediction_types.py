@@ -14,9 +14,12 @@ PATHS = {"cond_ot": paths.CondOT(sigma_min=0.01), "vp": paths.VP(), "cosine": pa
 
 def _batch(n=16, d=3, seed=0):
     k0, k1, kt, kw = jax.random.split(jax.random.key(seed), 4)
-    return (jax.random.normal(k0, (n, d)), 2.0 + jax.random.normal(k1, (n, d)),
-            jax.random.uniform(kt, (n,), minval=0.05, maxval=0.95),
-            0.3 * jax.random.normal(kw, (d, d)))
+    return (
+        jax.random.normal(k0, (n, d)),
+        2.0 + jax.random.normal(k1, (n, d)),
+        jax.random.uniform(kt, (n,), minval=0.05, maxval=0.95),
+        0.3 * jax.random.normal(kw, (d, d)),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -34,8 +37,11 @@ def test_velocity_loss_is_a_time_weighting_of_the_prediction_loss(name, predicti
     own = losses.cfm_loss(f, path, None, x1, prediction=prediction, **common)
     vel = losses.cfm_loss(path.velocity_field(f, prediction), path, None, x1, **common)
     a, s, da, ds = path.coefficients(t)
-    weight = {"x1": (da - ds * a / s) ** 2, "eps": (ds - da * s / a) ** 2,
-              "score": (s * (ds - da * s / a)) ** 2}[prediction]
+    weight = {
+        "x1": (da - ds * a / s) ** 2,
+        "eps": (ds - da * s / a) ** 2,
+        "score": (s * (ds - da * s / a)) ** 2,
+    }[prediction]
     np.testing.assert_allclose(vel, weight * own, rtol=2e-4)
     assert np.all(own > 1e-3)  # not a trivial 0 = 0
 
@@ -47,16 +53,18 @@ def test_prediction_targets_are_what_the_names_say():
     np.testing.assert_array_equal(path.prediction_target(x0, x1, t, "x1"), x1)
     np.testing.assert_array_equal(path.prediction_target(x0, x1, t, "eps"), x0)
     np.testing.assert_allclose(path.prediction_target(x0, x1, t, "score"), -x0 / s, rtol=1e-6)
-    np.testing.assert_allclose(path.prediction_target(x0, x1, t, "velocity"),
-                               x1 - (1 - 0.01) * x0, rtol=1e-6)
+    np.testing.assert_allclose(
+        path.prediction_target(x0, x1, t, "velocity"), x1 - (1 - 0.01) * x0, rtol=1e-6
+    )
     # the perfect predictor of a one-point data set has zero loss in every parameterisation
     m = jnp.array([1.5, -0.5, 0.25])
     data = jnp.broadcast_to(m, x0.shape)
-    exact = {"x1": lambda t, x: jnp.broadcast_to(m, x.shape),
-             "eps": lambda t, x: (x - t[:, None] * m) / (1 - 0.99 * t[:, None])}
+    exact = {
+        "x1": lambda t, x: jnp.broadcast_to(m, x.shape),
+        "eps": lambda t, x: (x - t[:, None] * m) / (1 - 0.99 * t[:, None]),
+    }
     for prediction, f in exact.items():
-        assert losses.cfm_loss(f, path, None, data, x0=x0, t=t,
-                               prediction=prediction) < 1e-10
+        assert losses.cfm_loss(f, path, None, data, x0=x0, t=t, prediction=prediction) < 1e-10
 
 
 @pytest.mark.parametrize("prediction", ["velocity", "x1", "eps", "score"])
@@ -76,8 +84,9 @@ def test_sampling_a_model_of_any_prediction_lands_on_the_closed_form(prediction)
     models = {
         "velocity": lambda t, x: data.velocity(path, x, t),
         "x1": lambda t, x: data.posterior_mean(path, x, t),
-        "eps": lambda t, x: (x - alpha_sigma(t)[0] * data.posterior_mean(path, x, t))
-        / alpha_sigma(t)[1],
+        "eps": lambda t, x: (
+            (x - alpha_sigma(t)[0] * data.posterior_mean(path, x, t)) / alpha_sigma(t)[1]
+        ),
         "score": lambda t, x: data.score(path, x, t),
     }
     # eps and score divide by alpha_t, which is 0 at t = 0: start just after it, from the

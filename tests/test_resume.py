@@ -32,17 +32,28 @@ def _write_npz_dataset(folder, n_train=20, seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for name, n in (("train_data_batch_1", n_train), ("val_data", 8)):
-        np.savez(os.path.join(folder, f"{name}.npz"),
-                 data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 labels=rng.integers(1, 1001, n))
+        np.savez(
+            os.path.join(folder, f"{name}.npz"),
+            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            labels=rng.integers(1, 1001, n),
+        )
 
 
 OVERRIDES = {
-    "model.ch": 16, "model.ch_mult": (1,), "model.attn_resolutions": (),
-    "model.dropout": 0.1, "data.source": "imagenet32_npz", "data.global_batch_size": 4,
-    "data.read_threads": 1, "train.num_steps": N, "train.warmup_steps": 2,
-    "train.checkpoint_every": 2, "train.keep_checkpoints": 10, "train.log_every": 1,
-    "train.sample_every": 0, "train.progress": False,
+    "model.ch": 16,
+    "model.ch_mult": (1,),
+    "model.attn_resolutions": (),
+    "model.dropout": 0.1,
+    "data.source": "imagenet32_npz",
+    "data.global_batch_size": 4,
+    "data.read_threads": 1,
+    "train.num_steps": N,
+    "train.warmup_steps": 2,
+    "train.checkpoint_every": 2,
+    "train.keep_checkpoints": 10,
+    "train.log_every": 1,
+    "train.sample_every": 0,
+    "train.progress": False,
 }
 
 
@@ -71,31 +82,33 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 def _leaves(state):
     return jax.tree_util.tree_leaves(
-        (state.params, state.ema_params, state.opt_state, jax.random.key_data(state.rng)))
+        (state.params, state.ema_params, state.opt_state, jax.random.key_data(state.rng))
+    )
 
 
 def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
     assert int(state_a.step) == int(state_b.step) == N
     la, lb = _leaves(state_a), _leaves(jax.device_get(state_b))
     assert len(la) == len(lb)
-    for a, b in zip(la, lb):  # same program, same inputs: bitwise on one CPU
+    for a, b in zip(la, lb, strict=True):  # same program, same inputs: bitwise on one CPU
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     # data position saved with the final checkpoint
     meta_a = CheckpointManager(os.path.join(workdir_a, "checkpoints")).metadata(N)
     meta_b = CheckpointManager(os.path.join(workdir_b, "checkpoints")).metadata(N)
     assert meta_a["data_state"] == meta_b["data_state"]
     assert meta_a["data_state"]["next_index"] == N
+
     # the log reads as one run: every step once, same losses
     def log(w):
         with open(os.path.join(w, "metrics.jsonl")) as f:
             recs = [json.loads(ln) for ln in f]
         return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
     assert log(workdir_b) == log(workdir_a)
     assert [s for s, _ in log(workdir_a)] == list(range(1, N + 1))
 
 
-def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path,
-                                               monkeypatch):
+def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
     workdir = str(tmp_path / "crashed")
     calls = {"n": 0}
     real = image_flow.sharding_lib.shard_batch
@@ -153,20 +166,33 @@ def test_restore_data_iterator_position(data_dir, uninterrupted):
 def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
     """The command-line run killed with SIGKILL mid-run (maybe mid-save) resumes exactly."""
     workdir = str(tmp_path / "killed")
-    cmd = [sys.executable, "-m", "experiments.imagenet32",
-           "--config=experiments/configs/imagenet32.py:tiny", f"--workdir={workdir}",
-           f"--config.data.data_dir={data_dir}", "--config.mode=train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.imagenet32",
+        "--config=experiments/configs/imagenet32.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.mode=train",
+    ]
     for dotted, value in OVERRIDES.items():
         v = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        v = f"({v},)" if isinstance(value, tuple) and len(value) == 1 else (
-            f"({v})" if isinstance(value, tuple) else v)
+        v = (
+            f"({v},)"
+            if isinstance(value, tuple) and len(value) == 1
+            else (f"({v})" if isinstance(value, tuple) else v)
+        )
         cmd.append(f"--config.{dotted}={v}")
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     first = os.path.join(workdir, "checkpoints", "2")
     deadline = time.time() + 240
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -178,16 +204,16 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
     proc.stderr.close()
     killed_at = CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step()
     assert killed_at is not None and 2 <= killed_at < N
-    out = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout[:out.stdout.rindex("}") + 1])["train"]
+    summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["train"]
     assert summary["end_step"] == N
     config = _config(data_dir)
     model = image_flow.build_model(config)
     tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx,
-                                             image_flow.sharding_lib.make_mesh())
+    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
     with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(abstract)
     _assert_same_run(*uninterrupted, workdir, state)

@@ -45,9 +45,13 @@ def test_sample_is_the_exact_gaussian_transport_map():
     x1, stats = fmjax.sample(v, x0, solver="dopri5", rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(x1, M + STD1 * x0, rtol=1e-6, atol=1e-6)
     assert bool(stats.success) and int(stats.nfe) > 0
-    for solver, kw, tol in [("rk4", dict(steps=20), 1e-5), ("midpoint", dict(step_size=0.01), 1e-3),
-                            ("heun", dict(steps=100), 1e-3), ("euler", dict(steps=2000), 5e-3),
-                            ("tsit5", {}, 3e-4)]:
+    for solver, kw, tol in [
+        ("rk4", dict(steps=20), 1e-5),
+        ("midpoint", dict(step_size=0.01), 1e-3),
+        ("heun", dict(steps=100), 1e-3),
+        ("euler", dict(steps=2000), 5e-3),
+        ("tsit5", {}, 3e-4),
+    ]:
         x1, stats = fmjax.sample(v, x0, solver=solver, **kw)
         np.testing.assert_allclose(x1, M + STD1 * x0, atol=tol, err_msg=solver)
 
@@ -81,20 +85,24 @@ def test_save_times_are_not_rounded_to_low_precision_points():
     _, stats = fmjax.sample(lambda t, x: -x, x0, rtol=1e-8, atol=1e-8, save_times=[0.3, 0.7])
     np.testing.assert_allclose(stats.trajectory[:, 0, 0], np.exp([-0.3, -0.7]), atol=1e-5)
     # times given as a bfloat16 array are what they are (0.5 is exact in bfloat16)
-    _, stats = fmjax.sample(lambda t, x: -x, x0, rtol=1e-8, atol=1e-8,
-                            save_times=jnp.array([0.5], jnp.bfloat16))
+    _, stats = fmjax.sample(
+        lambda t, x: -x, x0, rtol=1e-8, atol=1e-8, save_times=jnp.array([0.5], jnp.bfloat16)
+    )
     np.testing.assert_allclose(stats.trajectory[0, 0, 0], np.exp(-0.5), atol=1e-5)
 
 
-@pytest.mark.parametrize("save_times, t0, t1, match", [
-    ([1.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
-    ([-0.1, 0.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
-    ([0.5, float("nan")], 0.0, 1.0, r"lie in"),
-    ([0.7, 0.3], 0.0, 1.0, "must be increasing"),
-    ([0.3, 0.7], 1.0, 0.0, "must be decreasing"),
-    ([[0.5]], 0.0, 1.0, "1-D"),
-    (0.5, 0.0, 1.0, "1-D"),
-])
+@pytest.mark.parametrize(
+    "save_times, t0, t1, match",
+    [
+        ([1.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
+        ([-0.1, 0.5], 0.0, 1.0, r"lie in \[0.0, 1.0\]"),
+        ([0.5, float("nan")], 0.0, 1.0, r"lie in"),
+        ([0.7, 0.3], 0.0, 1.0, "must be increasing"),
+        ([0.3, 0.7], 1.0, 0.0, "must be decreasing"),
+        ([[0.5]], 0.0, 1.0, "1-D"),
+        (0.5, 0.0, 1.0, "1-D"),
+    ],
+)
 def test_bad_save_times_are_refused(save_times, t0, t1, match):
     v = _gaussian_field()
     with pytest.raises(ValueError, match=match):
@@ -126,12 +134,12 @@ def test_solves_keep_the_input_precision_under_x64(dtype):
     x = _x0(4).astype(dtype)
     outs = [
         fmjax.sample(v, x, solver="dopri5")[0],
-        fmjax.sample(v, x, solver="midpoint", steps=3, save_times=jnp.array([0.5]))[1]
-        .trajectory,
+        fmjax.sample(v, x, solver="midpoint", steps=3, save_times=jnp.array([0.5]))[1].trajectory,
         fmjax.sample(v, x, solver="dopri5", per_example=True)[0],
         fmjax.log_likelihood(v, x, solver="dopri5")[0],
-        fmjax.log_likelihood(v, x, solver="euler", steps=4, divergence="hutchinson",
-                             key=jax.random.key(0))[0],
+        fmjax.log_likelihood(
+            v, x, solver="euler", steps=4, divergence="hutchinson", key=jax.random.key(0)
+        )[0],
     ]
     for out in outs:
         chex.assert_type(out, dtype)
@@ -166,8 +174,9 @@ def test_max_error_norm_holds_every_example_to_the_tolerance():
     assert lm < 0.3 * lr, got
     assert nsm > nsr and nlm > nlr, got
     # one example: the two norms are the same
-    one = [fmjax.sample(lambda t, x: -8.0 * x, x0[-1:], error_norm=n, **tol) for n in
-           ("rms", "max")]
+    one = [
+        fmjax.sample(lambda t, x: -8.0 * x, x0[-1:], error_norm=n, **tol) for n in ("rms", "max")
+    ]
     np.testing.assert_array_equal(one[0][0], one[1][0])
     assert int(one[0][1].nfe) == int(one[1][1].nfe)
     with pytest.raises(ValueError, match="unknown error_norm 'l2'"):
@@ -222,12 +231,19 @@ def test_per_example_stepping_and_nfe_accounting():
     assert int(st.nfe) == 7
 
 
-@pytest.mark.parametrize("solver,kw", [("euler", dict(steps=5)), ("midpoint", dict(steps=4)),
-                                       ("heun", dict(steps=3)), ("rk4", dict(steps=3)),
-                                       ("dopri5", dict(rtol=1e-6, atol=1e-6)),
-                                       ("tsit5", dict(rtol=1e-3, atol=1e-3)),
-                                       ("bosh3", dict(rtol=1e-3, atol=1e-3)),
-                                       ("dopri8", dict(rtol=1e-6, atol=1e-6))])
+@pytest.mark.parametrize(
+    "solver,kw",
+    [
+        ("euler", dict(steps=5)),
+        ("midpoint", dict(steps=4)),
+        ("heun", dict(steps=3)),
+        ("rk4", dict(steps=3)),
+        ("dopri5", dict(rtol=1e-6, atol=1e-6)),
+        ("tsit5", dict(rtol=1e-3, atol=1e-3)),
+        ("bosh3", dict(rtol=1e-3, atol=1e-3)),
+        ("dopri8", dict(rtol=1e-6, atol=1e-6)),
+    ],
+)
 def test_reported_nfe_equals_counted_calls(solver, kw):
     """stats.nfe must equal the number of times the vector field really ran."""
     calls = []
@@ -265,16 +281,22 @@ def test_ode_solve_takes_traced_end_times():
     adaptive = jax.jit(lambda t0, t1: solve(t0, t1, rtol=1e-8, atol=1e-8))
     fixed = jax.jit(lambda t0, t1: solve(t0, t1, solver="rk4", steps=50))
     for t0, t1 in ((0.0, 1.0), (0.25, 0.75), (1.0, 0.0)):
-        np.testing.assert_allclose(adaptive(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)),
-                                   rtol=1e-7)
-        np.testing.assert_allclose(fixed(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)),
-                                   rtol=1e-7)
+        np.testing.assert_allclose(adaptive(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)), rtol=1e-7)
+        np.testing.assert_allclose(fixed(t0, t1), np.exp(t0 - t1) * np.ones((2, 1)), rtol=1e-7)
     with pytest.raises(ValueError, match="step_size= needs concrete t0 and t1"):
         jax.jit(lambda t1: solve(0.0, t1, solver="rk4", step_size=0.1))(1.0)
     # concrete save times with a traced end time: values checked by diffrax at run time
-    saved = jax.jit(lambda t1: fmjax.ode.solve(
-        lambda t, y, args: -y, jnp.ones((2, 1)), t0=0.0, t1=t1, save_times=[0.25, 0.5],
-        rtol=1e-8, atol=1e-8)[1])(1.0)
+    saved = jax.jit(
+        lambda t1: fmjax.ode.solve(
+            lambda t, y, args: -y,
+            jnp.ones((2, 1)),
+            t0=0.0,
+            t1=t1,
+            save_times=[0.25, 0.5],
+            rtol=1e-8,
+            atol=1e-8,
+        )[1]
+    )(1.0)
     np.testing.assert_allclose(saved[:, :, 0], np.exp([[-0.25] * 2, [-0.5] * 2]), rtol=1e-7)
     with pytest.raises(ValueError, match="1-D sequence of real times"):
         jax.jit(lambda t1: solve(0.0, t1, save_times=[[0.5]], rtol=1e-6, atol=1e-6))(1.0)
@@ -288,13 +310,22 @@ def test_gradients_through_an_adaptive_solve_with_either_adjoint(adjoint):
     # field(t0, y0) itself (one more evaluation, counted). (Backsolve differentiates with
     # respect to args, not closed-over values.)
     y0 = jnp.array([1.5, -0.5])
-    adj = {None: None, "backsolve": diffrax.BacksolveAdjoint(),
-           "forward": diffrax.ForwardMode()}[adjoint]
+    adj = {None: None, "backsolve": diffrax.BacksolveAdjoint(), "forward": diffrax.ForwardMode()}[
+        adjoint
+    ]
     grad_fn = jax.jacfwd if adjoint == "forward" else jax.grad
 
     def y1(a):
-        y, _, stats = fmjax.ode.solve(lambda t, y, args: -args * y, y0, t0=0.0, t1=1.0,
-                                      rtol=1e-8, atol=1e-8, args=a, adjoint=adj)
+        y, _, stats = fmjax.ode.solve(
+            lambda t, y, args: -args * y,
+            y0,
+            t0=0.0,
+            t1=1.0,
+            rtol=1e-8,
+            atol=1e-8,
+            args=a,
+            adjoint=adj,
+        )
         return jnp.sum(y), stats
 
     value, stats = y1(0.7)
@@ -314,8 +345,15 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
     h0 = 0.01 / lam
     want = min(100 * h0, (0.01 / max(lam * d0, lam**2 * d0)) ** 0.2)
     h, f0 = fmjax.ode.initial_step_size(
-        lambda t, y: lam * y, jnp.full((1,), y0), t0=jnp.asarray(t0), t1=jnp.asarray(t1),
-        error_order=5, rtol=tol, atol=tol, norm=fmjax.ode.leaf_rms_norm)
+        lambda t, y: lam * y,
+        jnp.full((1,), y0),
+        t0=jnp.asarray(t0),
+        t1=jnp.asarray(t1),
+        error_order=5,
+        rtol=tol,
+        atol=tol,
+        norm=fmjax.ode.leaf_rms_norm,
+    )
     np.testing.assert_allclose(h, want, rtol=1e-5)
     np.testing.assert_allclose(f0, [lam * y0])
     # the solve evaluates at t0, at the probe t0 + h0 and then at the first step's stages
@@ -326,12 +364,12 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         jax.debug.callback(lambda s: times.append(float(s)), t)
         return lam * y
 
-    _, _, stats = fmjax.ode.solve(field, jnp.full((1,), y0), t0=t0, t1=t1, rtol=tol,
-                                  atol=tol)
+    _, _, stats = fmjax.ode.solve(field, jnp.full((1,), y0), t0=t0, t1=t1, rtol=tol, atol=tol)
     jax.effects_barrier()
     sign = 1.0 if t1 > t0 else -1.0
-    np.testing.assert_allclose(times[:3], [t0, t0 + sign * h0, t0 + sign * want / 5],
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        times[:3], [t0, t0 + sign * h0, t0 + sign * want / 5], rtol=1e-6, atol=1e-9
+    )
     assert len(times) == int(stats.nfe) == 2 + 6 * int(stats.num_steps)
     # a probe longer than the interval is capped and evaluates at t1 itself, not one ulp
     # past it (t0 + |t1 - t0| rounds past t1 for these float32 times)
@@ -343,14 +381,28 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         probes.append(t)
         return 1e-3 * y
 
-    fmjax.ode.initial_step_size(slow, jnp.ones((1,), jnp.float32), t0=jnp.asarray(lo),
-                                t1=jnp.asarray(hi), error_order=5, rtol=tol, atol=tol,
-                                norm=fmjax.ode.leaf_rms_norm)
+    fmjax.ode.initial_step_size(
+        slow,
+        jnp.ones((1,), jnp.float32),
+        t0=jnp.asarray(lo),
+        t1=jnp.asarray(hi),
+        error_order=5,
+        rtol=tol,
+        atol=tol,
+        norm=fmjax.ode.leaf_rms_norm,
+    )
     assert float(probes[1]) == float(hi)
     # y0 = 0 and a field vanishing there: probe h0 = 1e-6, then max(1e-6, 1e-3 h0)
     h, _ = fmjax.ode.initial_step_size(
-        lambda t, y: 0.0 * y, jnp.zeros((2,)), t0=jnp.asarray(t0), t1=jnp.asarray(t1),
-        error_order=5, rtol=tol, atol=tol, norm=fmjax.ode.leaf_rms_norm)
+        lambda t, y: 0.0 * y,
+        jnp.zeros((2,)),
+        t0=jnp.asarray(t0),
+        t1=jnp.asarray(t1),
+        error_order=5,
+        rtol=tol,
+        atol=tol,
+        norm=fmjax.ode.leaf_rms_norm,
+    )
     np.testing.assert_allclose(h, 1e-6, rtol=1e-5)
 
 
@@ -386,7 +438,7 @@ def test_exact_divergence_any_event_shape(chunk_size):
     v = _linear_field(a_mat, shape)
     x = jax.random.normal(jax.random.key(5), (5, *shape), jnp.float64)
     logp, stats = fmjax.log_likelihood(v, x, rtol=1e-9, atol=1e-9, chunk_size=chunk_size)
-    x0 = (x.reshape(5, d) @ jax.scipy.linalg.expm(-1.5 * a_mat).T)
+    x0 = x.reshape(5, d) @ jax.scipy.linalg.expm(-1.5 * a_mat).T
     expected = jnp.sum(jax.scipy.stats.norm.logpdf(x0), 1) - 1.5 * jnp.trace(a_mat)
     np.testing.assert_allclose(logp, expected, rtol=1e-7, atol=1e-7)
     np.testing.assert_allclose(stats.latent.reshape(5, d), x0, atol=1e-7)
@@ -401,18 +453,37 @@ def test_hutchinson_is_unbiased(probe, mode):
     x = jax.random.normal(jax.random.key(7), (1, d), jnp.float64)
     exact, _ = fmjax.log_likelihood(v, x, solver="rk4", steps=10)
 
-    est = jnp.stack([
-        fmjax.log_likelihood(v, x, divergence="hutchinson", key=jax.random.key(i), probe=probe,
-                             hutchinson_mode=mode, solver="rk4", steps=10)[0][0]
-        for i in range(64)])
+    est = jnp.stack(
+        [
+            fmjax.log_likelihood(
+                v,
+                x,
+                divergence="hutchinson",
+                key=jax.random.key(i),
+                probe=probe,
+                hutchinson_mode=mode,
+                solver="rk4",
+                steps=10,
+            )[0][0]
+            for i in range(64)
+        ]
+    )
     err = est - exact[0]
     se = jnp.std(err) / math.sqrt(err.size)
     assert float(se) > 1e-4  # one probe is noisy: the estimator is not the exact trace
     assert abs(float(jnp.mean(err))) < 4 * float(se)
     # averaging over many probes per solve shrinks the error
-    many, _ = fmjax.log_likelihood(v, x, divergence="hutchinson", key=jax.random.key(0),
-                                   num_probes=4096, probe=probe, hutchinson_mode=mode,
-                                   solver="rk4", steps=10)
+    many, _ = fmjax.log_likelihood(
+        v,
+        x,
+        divergence="hutchinson",
+        key=jax.random.key(0),
+        num_probes=4096,
+        probe=probe,
+        hutchinson_mode=mode,
+        solver="rk4",
+        steps=10,
+    )
     assert abs(float(many[0] - exact[0])) < 0.1 * float(jnp.std(err))
 
 
@@ -423,8 +494,9 @@ def test_probe_is_drawn_once_per_solve():
     v = _linear_field(a_mat, (d,))
     x = jnp.zeros((1, d))
     key = jax.random.key(9)
-    est, _ = fmjax.log_likelihood(v, x, divergence="hutchinson", key=key, probe="gaussian",
-                                  rtol=1e-9, atol=1e-9)
+    est, _ = fmjax.log_likelihood(
+        v, x, divergence="hutchinson", key=key, probe="gaussian", rtol=1e-9, atol=1e-9
+    )
     eps = jax.random.normal(key, (1, 1, d), jnp.float64)[0, 0]
     # latent of x = 0 is 0; integral of (1 + t) eps^T A eps over [0, 1] is 1.5 eps^T A eps
     expected = -0.5 * d * math.log(2 * math.pi) - 1.5 * eps @ a_mat @ eps
@@ -441,10 +513,14 @@ def test_custom_base_log_prob_and_interval():
     logp, stats = fmjax.log_likelihood(v, x, base_log_prob=base, solver="euler", steps=1)
     np.testing.assert_allclose(logp, base(x))
     assert int(stats.nfe) == 1
-    with pytest.raises(ValueError, match=r"one log-density per example, shape \(2,\); got "
-                                         r"shape \(2, 2\)"):  # forgot the sum over dims
-        fmjax.log_likelihood(v, x, base_log_prob=lambda z: jax.scipy.stats.norm.logpdf(z),
-                             solver="euler", steps=1)
+    with pytest.raises(
+        ValueError,
+        match=r"one log-density per example, shape \(2,\); got "
+        r"shape \(2, 2\)",
+    ):  # forgot the sum over dims
+        fmjax.log_likelihood(
+            v, x, base_log_prob=lambda z: jax.scipy.stats.norm.logpdf(z), solver="euler", steps=1
+        )
 
 
 def test_bits_per_dim_known_densities():
@@ -453,11 +529,13 @@ def test_bits_per_dim_known_densities():
     np.testing.assert_allclose(fmjax.bits_per_dim(jnp.zeros(2), d), 8.0)
     # uniform on [-1, 1]^D: log p = -D log 2 -> still 8 bits
     np.testing.assert_allclose(
-        fmjax.bits_per_dim(jnp.array(-d * math.log(2.0)), (3, 4, 4), value_range=(-1, 1)), 8.0)
+        fmjax.bits_per_dim(jnp.array(-d * math.log(2.0)), (3, 4, 4), value_range=(-1, 1)), 8.0
+    )
     # the paper's formula: bpd = -log p / (D ln 2) + 7 for [-1, 1]
     lp = jnp.array([-1234.5])
-    np.testing.assert_allclose(fmjax.bits_per_dim(lp, d, value_range=(-1.0, 1.0)),
-                               -lp / (d * math.log(2)) + 7)
+    np.testing.assert_allclose(
+        fmjax.bits_per_dim(lp, d, value_range=(-1.0, 1.0)), -lp / (d * math.log(2)) + 7
+    )
     # binary data (2 levels) with a uniform density on [0, 1]: 1 bit per dim
     np.testing.assert_allclose(fmjax.bits_per_dim(jnp.zeros(()), 5, num_levels=2), 1.0)
 
@@ -481,30 +559,31 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="needs a PRNG key"):
         fmjax.log_likelihood(v, x0, divergence="hutchinson")
     with pytest.raises(ValueError, match="probe must be one of"):
-        fmjax.log_likelihood(v, x0, divergence="hutchinson", key=jax.random.key(0),
-                             probe="sphere")
+        fmjax.log_likelihood(v, x0, divergence="hutchinson", key=jax.random.key(0), probe="sphere")
     with pytest.raises(ValueError, match="callable"):
         fmjax.sample(3.0, x0)
     with pytest.raises(ValueError, match="num_dims"):
         fmjax.bits_per_dim(jnp.zeros(2), 0)
     with pytest.raises(RuntimeError, match="max_steps"):
         fmjax.sample(v, x0, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=3)
-    _, st = fmjax.sample(v, x0, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=3,
-                         throw=False)
+    _, st = fmjax.sample(v, x0, solver="dopri5", rtol=1e-12, atol=1e-12, max_steps=3, throw=False)
     assert not bool(st.success)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
-    ({"atol": float("nan")}, "atol must be a finite number >= 0"),
-    ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"),
-    ({"max_steps": 0}, "max_steps must be a positive integer"),
-    ({"max_steps": 2.5}, "max_steps must be a positive integer"),
-    # non-finite times: returned x0 unchanged with success=True (t0 == t1 never held)
-    ({"t0": float("nan")}, "t0 must be a finite time; got nan"),
-    ({"t1": float("inf"), "solver": "euler", "steps": 2}, "t1 must be a finite time; got inf"),
-    ({"solver": "euler", "step_size": float("inf")}, "step_size must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
+        ({"atol": float("nan")}, "atol must be a finite number >= 0"),
+        ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"),
+        ({"max_steps": 0}, "max_steps must be a positive integer"),
+        ({"max_steps": 2.5}, "max_steps must be a positive integer"),
+        # non-finite times: returned x0 unchanged with success=True (t0 == t1 never held)
+        ({"t0": float("nan")}, "t0 must be a finite time; got nan"),
+        ({"t1": float("inf"), "solver": "euler", "steps": 2}, "t1 must be a finite time; got inf"),
+        ({"solver": "euler", "step_size": float("inf")}, "step_size must be a finite number > 0"),
+    ],
+)
 def test_bad_tolerances_and_step_budgets(kw, match):
     v = _gaussian_field()
     x = _x0(4)
@@ -517,12 +596,15 @@ def test_bad_tolerances_and_step_budgets(kw, match):
     fmjax.sample(v, x, rtol=0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad_v, match", [
-    (lambda t, x: x[:, :1], r"x's shape \(4, 2\); got shape \(4, 1\)"),
-    (lambda t, x: jnp.sum(x, axis=1), r"got shape \(4,\)"),
-    (lambda t, x: (x, x), "got tuple"),
-    (lambda t, x: x.astype(jnp.int32), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "bad_v, match",
+    [
+        (lambda t, x: x[:, :1], r"x's shape \(4, 2\); got shape \(4, 1\)"),
+        (lambda t, x: jnp.sum(x, axis=1), r"got shape \(4,\)"),
+        (lambda t, x: (x, x), "got tuple"),
+        (lambda t, x: x.astype(jnp.int32), "floating-point"),
+    ],
+)
 def test_field_output_must_have_the_state_shape(bad_v, match):
     # A (B, 1) or (B,) output would broadcast against the state inside the solver and give
     # a wrong flow without an error.
@@ -535,8 +617,11 @@ def test_field_output_must_have_the_state_shape(bad_v, match):
         fmjax.log_likelihood(bad_v, x)
     with pytest.raises(ValueError, match=match):
         fmjax.log_likelihood(bad_v, x, divergence="hutchinson", key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"x's shape \(1, 2\); got shape \(1, 1\) "
-                                         r"\(per_example=True: x is one example"):
+    with pytest.raises(
+        ValueError,
+        match=r"x's shape \(1, 2\); got shape \(1, 1\) "
+        r"\(per_example=True: x is one example",
+    ):
         fmjax.sample(lambda t, x: x[:, :1], x, per_example=True)
 
 
@@ -552,16 +637,25 @@ def test_ode_solve_of_a_pytree_state():
     assert bool(stats.success)
 
 
-@pytest.mark.parametrize("bad_field, match", [
-    (lambda t, y, args: {"a": -y["a"], "b": 2.0 * y["b"][:, None]},
-     r"dy/dt\['b'\] with the state's shape \(4,\); got shape \(4, 1\)"),
-    (lambda t, y, args: {"a": -y["a"][:, :1], "b": y["b"]},
-     r"dy/dt\['a'\] with the state's shape \(4, 2\); got shape \(4, 1\)"),
-    (lambda t, y, args: (-y["a"], y["b"]), "with the state's structure"),
-    (lambda t, y, args: {"a": -y["a"], "b": None}, "with the state's structure"),
-    (lambda t, y, args: {"a": y["a"].astype(jnp.int32), "b": y["b"]},
-     r"floating-point dy/dt\['a'\]; got dtype int32"),
-])
+@pytest.mark.parametrize(
+    "bad_field, match",
+    [
+        (
+            lambda t, y, args: {"a": -y["a"], "b": 2.0 * y["b"][:, None]},
+            r"dy/dt\['b'\] with the state's shape \(4,\); got shape \(4, 1\)",
+        ),
+        (
+            lambda t, y, args: {"a": -y["a"][:, :1], "b": y["b"]},
+            r"dy/dt\['a'\] with the state's shape \(4, 2\); got shape \(4, 1\)",
+        ),
+        (lambda t, y, args: (-y["a"], y["b"]), "with the state's structure"),
+        (lambda t, y, args: {"a": -y["a"], "b": None}, "with the state's structure"),
+        (
+            lambda t, y, args: {"a": y["a"].astype(jnp.int32), "b": y["b"]},
+            r"floating-point dy/dt\['a'\]; got dtype int32",
+        ),
+    ],
+)
 def test_ode_solve_checks_the_fields_output_against_the_state(bad_field, match):
     # (the check runs while tracing, so these raise before anything is compiled)
     y0 = {"a": jnp.ones((4, 2)), "b": jnp.full((4,), 0.5)}
@@ -585,5 +679,6 @@ def test_check_derivative_accepts_python_scalars_and_names_what_came_back():
     with pytest.raises(ValueError, match=r"dy/dt with the state's shape \(\); got str"):
         fmjax.ode.check_derivative("a", jnp.zeros(()))
     with pytest.raises(ValueError, match=r"v\(t, x\) must return dx/dt\['a'\] with x's shape"):
-        fmjax.ode.check_derivative({"a": jnp.zeros(3)}, {"a": jnp.zeros(2)}, fn="v(t, x)",
-                                   out="dx/dt", state="x")
+        fmjax.ode.check_derivative(
+            {"a": jnp.zeros(3)}, {"a": jnp.zeros(2)}, fn="v(t, x)", out="dx/dt", state="x"
+        )

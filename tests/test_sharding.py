@@ -90,25 +90,35 @@ print("RESULT " + json.dumps(res))
 
 def _env(**extra):
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+    )
     env.update(extra)
     return env
 
 
 def test_four_devices_equal_one_device_and_indivisible_batch_errors():
-    out = subprocess.run([sys.executable, "-c", WORKER], check=False, cwd=ROOT, capture_output=True,
-                         text=True, timeout=400,
-                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    r = json.loads(line[len("RESULT "):])
+    r = json.loads(line[len("RESULT ") :])
     assert r["steps"] == [2, 2] and r["rng_equal"]
     one, four = r["metrics"]
-    for m1, m4 in zip(one, four):  # loss and gradient norm of each step
-        np.testing.assert_allclose([m4["loss"], m4["grad_norm"]],
-                                   [m1["loss"], m1["grad_norm"]], rtol=1e-5)
+    for m1, m4 in zip(one, four, strict=True):  # loss and gradient norm of each step
+        np.testing.assert_allclose(
+            [m4["loss"], m4["grad_norm"]], [m1["loss"], m1["grad_norm"]], rtol=1e-5
+        )
     # params, EMA and both Adam moments after two steps, elementwise: rtol 1e-5 and atol 1e-7
     # of the largest magnitude (float32 reassociation of the gradient all-reduce)
     for k in ("params_worst", "mu_worst", "nu_worst"):
@@ -144,8 +154,12 @@ def test_bad_batches_and_arguments():
 
 
 def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
-    for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE",
-              "TPU_WORKER_HOSTNAMES"):
+    for k in (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_JOB_ID",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+    ):
         monkeypatch.delenv(k, raising=False)
     assert sharding.initialize_distributed() is False
     assert sharding.initialize_distributed(num_processes=1) is False

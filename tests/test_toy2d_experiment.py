@@ -16,8 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_train_and_evaluate_tiny(tmp_path):
     cfg = toy2d_config.get_config("tiny")
     metrics = toy2d.train_and_evaluate(cfg, str(tmp_path), progress=False)
-    for name in ("samples.png", "trajectories.png", "density.png", "metrics.json",
-                 "config.json", "train_log.jsonl"):
+    for name in (
+        "samples.png",
+        "trajectories.png",
+        "density.png",
+        "metrics.json",
+        "config.json",
+        "train_log.jsonl",
+    ):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 0, name
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -29,27 +35,47 @@ def test_train_and_evaluate_tiny(tmp_path):
 
 
 def test_cli_with_overrides_and_locked_config(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.toy2d",
-           "--config=experiments/configs/toy2d.py:tiny", "--config.dataset=eight_gaussians",
-           "--config.train.num_steps=10", f"--workdir={tmp_path}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.toy2d",
+        "--config=experiments/configs/toy2d.py:tiny",
+        "--config.dataset=eight_gaussians",
+        "--config.train.num_steps=10",
+        f"--workdir={tmp_path}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"to {tmp_path}" in out.stdout
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["dataset"] == "eight_gaussians" and cfg["train"]["num_steps"] == 10
-    bad = subprocess.run(cmd[:-1] + ["--config.train.num_stepz=3", f"--workdir={tmp_path}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    bad = subprocess.run(
+        cmd[:-1] + ["--config.train.num_stepz=3", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert bad.returncode != 0 and "num_stepz" in bad.stderr
 
 
 def test_every_named_path_is_configurable():
     import fmjax
+
     cfg = toy2d_config.get_config("tiny")
     for name in fmjax.paths.NAMES:
         cfg.path.name = name
-        assert toy2d.make_path(cfg) == fmjax.paths.get(name, **(
-            {"sigma_min": 1e-4} if name == "cond_ot" else
-            {"n": 2.0} if name == "polynomial" else {}))
+        assert toy2d.make_path(cfg) == fmjax.paths.get(
+            name,
+            **(
+                {"sigma_min": 1e-4}
+                if name == "cond_ot"
+                else {"n": 2.0}
+                if name == "polynomial"
+                else {}
+            ),
+        )
     cfg.path.name, cfg.path.ve.sigma_max = "ve", 80.0
     assert toy2d.make_path(cfg) == fmjax.paths.VE(sigma_min=0.01, sigma_max=80.0)
     cfg.path.name, cfg.path.polynomial.n = "polynomial", 0.5
@@ -87,8 +113,9 @@ def test_bad_config_values():
         toy2d.train(cfg, progress=False)
     # trained with gradient ascent, or failed with optax's own message
     for field, value, match in [
-            ("learning_rate", -1e-3, r"train.learning_rate must be a finite number in \(0, inf\)"),
-            ("warmup_steps", 30, r"train.warmup_steps \(30\) must be below train.num_steps")]:
+        ("learning_rate", -1e-3, r"train.learning_rate must be a finite number in \(0, inf\)"),
+        ("warmup_steps", 30, r"train.warmup_steps \(30\) must be below train.num_steps"),
+    ]:
         cfg = toy2d_config.get_config("tiny")
         cfg.train[field] = value
         with pytest.raises(ValueError, match=match):
@@ -102,9 +129,11 @@ class _ExactField:
     def __init__(self, path):
         from fmjax import marginals
         from fmjax.data import toy
+
         self.path = path
-        self.q = marginals.GaussianMixture.create(toy.eight_gaussians_centers(),
-                                                   toy.EIGHT_GAUSSIANS_SIGMA)
+        self.q = marginals.GaussianMixture.create(
+            toy.eight_gaussians_centers(), toy.EIGHT_GAUSSIANS_SIGMA
+        )
 
     def apply(self, params, t, x):
         return self.q.velocity(self.path, x, t)
@@ -126,8 +155,7 @@ def test_evaluation_starts_from_the_paths_source(tmp_path):
     toy2d._check_config(cfg)
     model = _ExactField(toy2d.make_path(cfg))
     out = toy2d.evaluate(cfg, model, None, str(tmp_path))
-    x = toy.sample("eight_gaussians", jax.random.split(jax.random.key(cfg.seed + 1), 6)[0],
-                   200)
+    x = toy.sample("eight_gaussians", jax.random.split(jax.random.key(cfg.seed + 1), 6)[0], 200)
     true_nll = -float(np.mean(toy.log_prob("eight_gaussians", x)))
     assert out["nll_nats"] == pytest.approx(true_nll, abs=0.03)
     assert out["mmd"] < 5 * max(out["mmd_data_vs_data"], 1e-3)
@@ -142,15 +170,22 @@ class _ExactPrediction(_ExactField):
         self.prediction = prediction
 
     def apply(self, params, t, x):
-        return self.path.convert(super().apply(params, t, x), x, t, src="velocity",
-                                 dst=self.prediction)
+        return self.path.convert(
+            super().apply(params, t, x), x, t, src="velocity", dst=self.prediction
+        )
 
 
-@pytest.mark.parametrize("path_name,prediction,span", [
-    ("cond_ot", "eps", (1e-3, 1.0)), ("cond_ot", "score", (1e-3, 1.0)),
-    ("cosine", "x1", (0.0, 0.999))])
+@pytest.mark.parametrize(
+    "path_name,prediction,span",
+    [
+        ("cond_ot", "eps", (1e-3, 1.0)),
+        ("cond_ot", "score", (1e-3, 1.0)),
+        ("cosine", "x1", (0.0, 0.999)),
+    ],
+)
 def test_prediction_models_are_evaluated_where_their_velocity_is_finite(
-        tmp_path, path_name, prediction, span):
+    tmp_path, path_name, prediction, span
+):
     # eps / score divide by alpha_0 = 0 and x1 by the cosine path's sigma_1 = 0: the solves
     # run over path.velocity_range, and a perfect model still scores the data's own NLL
     import jax
@@ -163,13 +198,14 @@ def test_prediction_models_are_evaluated_where_their_velocity_is_finite(
     cfg.eval.num_nll, cfg.eval.num_samples, cfg.eval.grid_size = 200, 500, 4
     cfg.eval.num_trajectories, cfg.eval.rtol, cfg.eval.atol = 8, 1e-4, 1e-4
     toy2d._check_config(cfg)
-    out = toy2d.evaluate(cfg, _ExactPrediction(toy2d.make_path(cfg), prediction), None,
-                         str(tmp_path))
+    out = toy2d.evaluate(
+        cfg, _ExactPrediction(toy2d.make_path(cfg), prediction), None, str(tmp_path)
+    )
     assert (out["prediction"], out["t0"], out["t1"]) == (prediction, *span)
-    x = toy.sample("eight_gaussians", jax.random.split(jax.random.key(cfg.seed + 1), 6)[0],
-                   200)
-    assert out["nll_nats"] == pytest.approx(-float(np.mean(toy.log_prob("eight_gaussians", x))),
-                                            abs=0.01)
+    x = toy.sample("eight_gaussians", jax.random.split(jax.random.key(cfg.seed + 1), 6)[0], 200)
+    assert out["nll_nats"] == pytest.approx(
+        -float(np.mean(toy.log_prob("eight_gaussians", x))), abs=0.01
+    )
     assert out["mmd"] < 5 * max(out["mmd_data_vs_data"], 1e-3)
 
 
@@ -180,8 +216,9 @@ def test_training_an_x1_model_and_bad_prediction_settings(tmp_path):
     assert metrics["prediction"] == "x1" and (metrics["t0"], metrics["t1"]) == (0.0, 1.0)
     assert metrics["nll_nats"] > metrics["true_entropy_nats"] and metrics["nfe_sample"] > 0
     for field, value, match in [
-            ("prediction", "noise", r"train.prediction must be one of \('velocity', 'x1'"),
-            ("t_margin", 0.0, r"eval.t_margin: margin must be a finite number in \(0, 0.5\)")]:
+        ("prediction", "noise", r"train.prediction must be one of \('velocity', 'x1'"),
+        ("t_margin", 0.0, r"eval.t_margin: margin must be a finite number in \(0, 0.5\)"),
+    ]:
         cfg = toy2d_config.get_config("tiny")
         cfg["train" if field == "prediction" else "eval"][field] = value
         with pytest.raises(ValueError, match=match):

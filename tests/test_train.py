@@ -46,15 +46,17 @@ def test_fused_steps_equal_sequential_steps(predraw):
     def data_fn(key):
         return jax.random.normal(key, (16, 2)) + 2.0
 
-    fused = train.make_fused_train_steps(loss_fn, tx, data_fn, 5, ema_decay=0.5, donate=False,
-                                         predraw=predraw)
+    fused = train.make_fused_train_steps(
+        loss_fn, tx, data_fn, 5, ema_decay=0.5, donate=False, predraw=predraw
+    )
     s_fused, m = fused(state)
     single = train.make_train_step(loss_fn, tx, ema_decay=0.5, donate=False)
     s = state
     for i in range(5):
         loss_key, data_key = train.step_keys(s.rng, s.step)
-        assert np.array_equal(jax.random.key_data(loss_key),
-                              jax.random.key_data(jax.random.fold_in(s.rng, i)))
+        assert np.array_equal(
+            jax.random.key_data(loss_key), jax.random.key_data(jax.random.fold_in(s.rng, i))
+        )
         s, _ = single(s, data_fn(data_key))
     chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5)
     jax.tree_util.tree_map(chex_close, s_fused.params, s.params)
@@ -76,16 +78,20 @@ def test_fused_steps_draw_data_independent_of_the_loss_keys():
         return jnp.sum(p["w"] ** 2), {"min_gap": gap, "corr": jnp.corrcoef(t, x1[:, 0])[0, 1]}
 
     fused = train.make_fused_train_steps(
-        loss_fn, tx, lambda k: jax.random.uniform(k, (batch, 1)), 3, donate=False)
+        loss_fn, tx, lambda k: jax.random.uniform(k, (batch, 1)), 3, donate=False
+    )
     _, m = fused(state)
     assert float(m["min_gap"]) > 0.0  # (was exactly 0: x1 == t)
     assert abs(float(m["corr"])) < 0.5
     rng = jax.random.key(3)
     loss_key, data_key = train.step_keys(rng, 7)
-    derived = [*jax.random.split(loss_key, 3), *(jax.random.fold_in(loss_key, j)
-                                                 for j in range(16))]
-    assert not any(np.array_equal(jax.random.key_data(data_key), jax.random.key_data(k))
-                   for k in derived)
+    derived = [
+        *jax.random.split(loss_key, 3),
+        *(jax.random.fold_in(loss_key, j) for j in range(16)),
+    ]
+    assert not any(
+        np.array_equal(jax.random.key_data(data_key), jax.random.key_data(k)) for k in derived
+    )
 
 
 def test_fit_logs_and_stops_on_non_finite_loss():
@@ -93,8 +99,9 @@ def test_fit_logs_and_stops_on_non_finite_loss():
     step = train.make_train_step(_quadratic_loss, tx)
     batches = iter([jnp.ones((4, 2))] * 10)
     logged = []
-    state, hist = train.fit(state, step, batches, 10, log_every=5, on_log=logged.append,
-                            progress=False)
+    state, hist = train.fit(
+        state, step, batches, 10, log_every=5, on_log=logged.append, progress=False
+    )
     assert [h["step"] for h in hist] == [5, 10] and logged == hist
     assert hist[-1]["loss"] < hist[0]["loss"]
 
@@ -103,19 +110,27 @@ def test_fit_logs_and_stops_on_non_finite_loss():
 
     # the state has made 10 steps: the NaN of the 2nd step here is step 12
     with pytest.raises(train.NonFiniteLossError, match="non-finite loss nan at step 12"):
-        train.fit(state, train.make_train_step(nan_loss, tx), iter([jnp.ones(2)] * 4), 4,
-                  log_every=2, progress=False)
+        train.fit(
+            state,
+            train.make_train_step(nan_loss, tx),
+            iter([jnp.ones(2)] * 4),
+            4,
+            log_every=2,
+            progress=False,
+        )
 
 
 def test_fit_counts_steps_from_the_state_and_logs_at_each_multiple():
     _, tx, state = _setup()
     step = train.make_train_step(_quadratic_loss, tx)
-    state, hist = train.fit(state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5,
-                            progress=False)
+    state, hist = train.fit(
+        state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5, progress=False
+    )
     assert int(state.step) == 10
     # a restored state continues the uninterrupted run's step numbers
-    state, hist = train.fit(state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5,
-                            progress=False)
+    state, hist = train.fit(
+        state, step, iter([jnp.ones((4, 2))] * 10), 10, log_every=5, progress=False
+    )
     assert [h["step"] for h in hist] == [15, 20] and int(state.step) == 20
 
     # log_every not a multiple of steps_per_call: the first call at or past each multiple
@@ -140,16 +155,18 @@ def test_fused_steps_predraw_only_small_vmappable_batches(monkeypatch):
         seed = jax.random.randint(key, (), 0, 2**30)
         return jax.pure_callback(
             lambda s: np.random.default_rng(int(s)).normal(size=(8, 2)).astype(np.float32),
-            jax.ShapeDtypeStruct((8, 2), jnp.float32), seed)
+            jax.ShapeDtypeStruct((8, 2), jnp.float32),
+            seed,
+        )
 
     def loss_fn(p, key, x):
         return jnp.mean((x * p["w"] - 1.0) ** 2)
 
     with pytest.raises(ValueError, match="predraw=False"):
-        train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False,
-                                     predraw=True)(state)
-    s_off, _ = train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False,
-                                            predraw=False)(state)
+        train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False, predraw=True)(state)
+    s_off, _ = train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False, predraw=False)(
+        state
+    )
     monkeypatch.setattr(train.step, "PREDRAW_MAX_BYTES", 3 * 8 * 2 * 4 - 1)  # one byte short
     s_auto, _ = train.make_fused_train_steps(loss_fn, tx, host_data, 3, donate=False)(state)
     np.testing.assert_array_equal(s_auto.params["w"], s_off.params["w"])
@@ -168,13 +185,14 @@ def _mlp_loss(params, key, batch):
 @pytest.mark.parametrize("tx", [optax.sgd(0.1), optax.adam(1e-2)], ids=["sgd", "adam"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_microbatches_give_the_whole_batch_update(tx, k):
-    params = {"w1": jax.random.normal(jax.random.key(1), (3, 16)) * 0.5,
-              "w2": jax.random.normal(jax.random.key(2), (16, 3)) * 0.5}
+    params = {
+        "w1": jax.random.normal(jax.random.key(1), (3, 16)) * 0.5,
+        "w2": jax.random.normal(jax.random.key(2), (16, 3)) * 0.5,
+    }
     state = train.TrainState.create(params, tx, jax.random.key(0))
     batches = [jax.random.normal(jax.random.key(10 + i), (16, 3)) for i in range(3)]
     whole = train.make_train_step(_mlp_loss, tx, ema_decay=0.9, donate=False)
-    parts = train.make_train_step(_mlp_loss, tx, ema_decay=0.9, donate=False,
-                                  microbatches=k)
+    parts = train.make_train_step(_mlp_loss, tx, ema_decay=0.9, donate=False, microbatches=k)
     s1, s2 = state, state
     for b in batches:
         s1, m1 = whole(s1, b)
@@ -184,23 +202,28 @@ def test_microbatches_give_the_whole_batch_update(tx, k):
     chex.assert_trees_all_close(s2.params, s1.params, rtol=1e-5, atol=1e-7)
     chex.assert_trees_all_close(s2.ema_params, s1.ema_params, rtol=1e-5, atol=1e-7)
     assert int(s2.step) == 3
+
     # the fused steps accumulate the same way
     def data_fn(key):
         return jax.random.normal(key, (16, 3))
 
     f1 = train.make_fused_train_steps(_mlp_loss, tx, data_fn, 3, donate=False)(state)
-    f2 = train.make_fused_train_steps(_mlp_loss, tx, data_fn, 3, donate=False,
-                                      microbatches=k)(state)
+    f2 = train.make_fused_train_steps(_mlp_loss, tx, data_fn, 3, donate=False, microbatches=k)(
+        state
+    )
     chex.assert_trees_all_close(f2[0].params, f1[0].params, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(f2[1]["loss_mean"], f1[1]["loss_mean"], rtol=1e-5)
 
 
 def test_microbatch_rows_and_keys():
     """Microbatch j holds rows j, j + k, ... and draws with fold_in(step key, j)."""
+
     def loss_fn(params, key, batch):
-        return jnp.sum(params["w"]) * 0.0, {"row0": batch["x"][0, 0],
-                                            "label0": batch["y"][0].astype(jnp.float32),
-                                            "u": jax.random.uniform(key)}
+        return jnp.sum(params["w"]) * 0.0, {
+            "row0": batch["x"][0, 0],
+            "label0": batch["y"][0].astype(jnp.float32),
+            "u": jax.random.uniform(key),
+        }
 
     tx = optax.sgd(0.1)
     state = train.TrainState.create({"w": jnp.zeros(2)}, tx, jax.random.key(3))
@@ -246,8 +269,9 @@ def test_bad_arguments():
         with pytest.raises(ValueError, match="microbatches"):
             train.make_train_step(_quadratic_loss, tx, microbatches=bad)
         with pytest.raises(ValueError, match="microbatches"):
-            train.make_fused_train_steps(_quadratic_loss, tx, lambda k: jnp.ones((4, 2)), 2,
-                                         microbatches=bad)
+            train.make_fused_train_steps(
+                _quadratic_loss, tx, lambda k: jnp.ones((4, 2)), 2, microbatches=bad
+            )
     state = train.TrainState.create(params, tx, jax.random.key(0))
     with pytest.raises(ValueError, match=r"microbatches=4 must divide .* shape \(6, 2\)"):
         train.make_train_step(_quadratic_loss, tx, microbatches=4)(state, jnp.ones((6, 2)))

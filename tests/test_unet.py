@@ -415,11 +415,15 @@ def test_attention_placement_cannot_silently_change_with_the_input_size():
     t32, x32 = _inputs(h=32, w=32)
     with pytest.raises(ValueError, match=r"\[16\] never occur for an input of height 28"):
         jax.eval_shape(lambda: tiny().init(jax.random.key(0), t32, x32[:, :28, :28]))
-    model = UNet(ch=16, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(8,),
-                 num_head_channels=8)
+    model = UNet(
+        ch=16, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=(8,), num_head_channels=8
+    )
     params = _random_params(model, x16)
-    assert {k for k in params["params"] if "_attn_" in k} == {"down_1_attn_0", "up_1_attn_0",
-                                                             "up_1_attn_1"}
+    assert {k for k in params["params"] if "_attn_" in k} == {
+        "down_1_attn_0",
+        "up_1_attn_0",
+        "up_1_attn_1",
+    }
     jax.eval_shape(lambda p: model.apply(p, t16, x16), params)  # its own size: fine
     with pytest.raises(ValueError, match="initialised at another input size"):
         jax.eval_shape(lambda p: model.apply(p, t32, x32), params)  # attention at level 2

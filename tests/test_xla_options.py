@@ -31,6 +31,7 @@ def test_tuned_and_plain_variants_agree(monkeypatch):
     monkeypatch.setenv("FMJAX_XLA_CPU_TUNING", "0")
     plain, _ = fmjax.log_likelihood(v, x, **kw)
     np.testing.assert_allclose(np.asarray(tuned), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
     # Both equal an explicit midpoint solve with the trace of a per-example jacfwd Jacobian.
     def div(t, x):
         jac = jax.vmap(jax.jacfwd(lambda xi, ti: v(ti[None], xi[None])[0]))(x, t)
@@ -43,6 +44,7 @@ def test_tuned_and_plain_variants_agree(monkeypatch):
         xt = s[0]
         tt = jnp.full((xt.shape[0],), t)
         return v(tt, xt), div(tt, xt)
+
     t, s = 1.0, y0
     for _ in range(8):  # explicit midpoint from t=1 down to t=0
         k1 = f(t, s)
@@ -62,8 +64,8 @@ def test_exact_likelihood_under_user_transformations():
     def nll(scale, x):
         def v(t, x):
             return scale * jnp.tanh(jnp.concatenate([x, t[:, None]], 1) @ w)[:, :2]
-        return -fmjax.log_likelihood(v, x, divergence="exact", solver="midpoint",
-                                     steps=4)[0].mean()
+
+        return -fmjax.log_likelihood(v, x, divergence="exact", solver="midpoint", steps=4)[0].mean()
 
     x = jax.random.normal(jax.random.PRNGKey(4), (16, 2))
     top = nll(0.7, x)

@@ -34,6 +34,5 @@ def get_config(preset: str = "default"):
     if preset == "tiny":
         imagenet32.tiny(c)
     elif preset != "default":
-        raise ValueError(f"unknown cifar10 preset {preset!r}; known presets: 'default', "
-                         "'tiny'.")
+        raise ValueError(f"unknown cifar10 preset {preset!r}; known presets: 'default', 'tiny'.")
     return c

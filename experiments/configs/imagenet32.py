@@ -126,8 +126,7 @@ def get_config(preset: str = "default"):
     if preset == "tiny":
         tiny(c)
     elif preset != "default":
-        raise ValueError(f"unknown imagenet32 preset {preset!r}; known presets: 'default', "
-                         "'tiny'.")
+        raise ValueError(f"unknown imagenet32 preset {preset!r}; known presets: 'default', 'tiny'.")
     return c
 
 

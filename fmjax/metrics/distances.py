@@ -12,8 +12,10 @@ __all__ = ["mmd", "sliced_wasserstein"]
 
 def _check(x, y):
     if jnp.ndim(x) != 2 or jnp.ndim(y) != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must be (N, D) and (M, D) with the same D; got "
-                         f"{jnp.shape(x)} and {jnp.shape(y)}.")
+        raise ValueError(
+            f"x and y must be (N, D) and (M, D) with the same D; got "
+            f"{jnp.shape(x)} and {jnp.shape(y)}."
+        )
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError("mmd needs at least two points in each sample.")
 
@@ -83,6 +85,7 @@ def sliced_wasserstein(key, x, y, num_projections: int = 256):
     """Sliced 2-Wasserstein distance over random directions (equal sample sizes)."""
     _check(x, y)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"sliced_wasserstein needs equal sample sizes; got {x.shape[0]} and "
-                         f"{y.shape[0]}.")
+        raise ValueError(
+            f"sliced_wasserstein needs equal sample sizes; got {x.shape[0]} and {y.shape[0]}."
+        )
     return _sliced_w(key, jnp.asarray(x), jnp.asarray(y), num_projections)

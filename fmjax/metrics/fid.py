@@ -131,8 +131,11 @@ class BasicConv(nn.Module):
         mean = self.param("mean", nn.initializers.zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
         y = jax.lax.conv_general_dilated(
-            x, kernel.astype(x.dtype), window_strides=_pair(self.strides),
-            padding=((ph, ph), (pw, pw)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            x,
+            kernel.astype(x.dtype),
+            window_strides=_pair(self.strides),
+            padding=((ph, ph), (pw, pw)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=self.precision,
         )
         mult = scale * jax.lax.rsqrt(var + BN_EPS)
@@ -144,14 +147,14 @@ def resize_bilinear(images, size: int):
     antialiasing (= torch ``interpolate(mode='bilinear', align_corners=False)``)."""
     if images.shape[1:3] == (size, size):
         return images
-    return jax.image.resize(images, (images.shape[0], size, size, images.shape[3]),
-                            method="bilinear", antialias=False)
+    return jax.image.resize(
+        images, (images.shape[0], size, size, images.shape[3]), method="bilinear", antialias=False
+    )
 
 
 def _avg_pool_valid(x):
     """3x3, stride 1, padding 1, averaging over the in-image part of each window only."""
-    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                       count_include_pad=False)
+    return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_same(x):
@@ -237,16 +240,22 @@ class InceptionE(nn.Module):  # Mixed_7b (pool='avg': FID E_1), Mixed_7c (pool='
         conv = functools.partial(BasicConv, precision=self.precision)
         b1 = conv(320, name="branch1x1")(x)
         b3 = conv(384, name="branch3x3_1")(x)
-        b3 = jnp.concatenate([
-            conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
-            conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
-        ], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                conv(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+                conv(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
+            ],
+            axis=-1,
+        )
         bd = conv(448, name="branch3x3dbl_1")(x)
         bd = conv(384, 3, padding=1, name="branch3x3dbl_2")(bd)
-        bd = jnp.concatenate([
-            conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
-            conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
-        ], axis=-1)
+        bd = jnp.concatenate(
+            [
+                conv(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+                conv(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
+            ],
+            axis=-1,
+        )
         pooled = _avg_pool_valid(x) if self.pool == "avg" else _max_pool_same(x)
         bp = conv(192, name="branch_pool")(pooled)
         return jnp.concatenate([b1, b3, bd, bp], axis=-1)
@@ -301,8 +310,8 @@ class InceptionV3FID(nn.Module):
 def param_shapes() -> dict[str, tuple[int, ...]]:
     """The npz layout: ``{"<unit>/<field>": shape}`` for every stored array (no I/O)."""
     shapes = jax.eval_shape(
-        lambda: InceptionV3FID(resize_to=None).init(jax.random.key(0),
-                                                    jnp.zeros((1, 299, 299, 3))))
+        lambda: InceptionV3FID(resize_to=None).init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+    )
     flat = traverse_util.flatten_dict(shapes["params"], sep="/")
     return {k: tuple(v.shape) for k, v in sorted(flat.items())}
 
@@ -323,10 +332,15 @@ def _check_flat(flat: dict[str, np.ndarray], where: str) -> None:
         if extra:
             parts.append(f"{len(extra)} unexpected (e.g. {extra[:3]})")
         if bad:
-            parts.append("wrong shapes: " + ", ".join(
-                f"{k} {tuple(flat[k].shape)} != {expected[k]}" for k in bad[:3]))
-        raise ValueError(f"{where} does not match the FID Inception layout {LAYOUT_VERSION!r}: "
-                         + "; ".join(parts) + ". See fmjax.metrics.fid's docstring.")
+            parts.append(
+                "wrong shapes: "
+                + ", ".join(f"{k} {tuple(flat[k].shape)} != {expected[k]}" for k in bad[:3])
+            )
+        raise ValueError(
+            f"{where} does not match the FID Inception layout {LAYOUT_VERSION!r}: "
+            + "; ".join(parts)
+            + ". See fmjax.metrics.fid's docstring."
+        )
 
 
 def _as_params(params):
@@ -338,8 +352,10 @@ def _as_params(params):
 
 def save_weights(path, params) -> None:
     """Writes ``params`` (the Flax params of :class:`InceptionV3FID`) in the npz layout."""
-    flat = {k: np.asarray(v, np.float32)
-            for k, v in traverse_util.flatten_dict(_as_params(params), sep="/").items()}
+    flat = {
+        k: np.asarray(v, np.float32)
+        for k, v in traverse_util.flatten_dict(_as_params(params), sep="/").items()
+    }
     _check_flat(flat, "params")
     with open(os.fspath(path), "wb") as f:
         np.savez(f, __layout__=np.array(LAYOUT_VERSION), **flat)
@@ -361,7 +377,8 @@ def load_weights(weights_path) -> dict[str, Any]:
             raise ValueError(
                 f"{path} is not an fmjax FID Inception npz (its '__layout__' is {layout!r}, "
                 f"expected {LAYOUT_VERSION!r}). Convert pytorch-fid's {PYTORCH_FID_WEIGHTS} "
-                "with convert_pytorch_fid_weights().")
+                "with convert_pytorch_fid_weights()."
+            )
         flat = {k: np.asarray(z[k], np.float32) for k in z.files if k != "__layout__"}
     _check_flat(flat, path)
     return {"params": traverse_util.unflatten_dict(flat, sep="/")}
@@ -398,9 +415,13 @@ def _from_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
     missing = []
     for unit in _unit_names():
         prefix = unit.replace("/", ".")
-        names = {"kernel": f"{prefix}.conv.weight", "scale": f"{prefix}.bn.weight",
-                 "bias": f"{prefix}.bn.bias", "mean": f"{prefix}.bn.running_mean",
-                 "var": f"{prefix}.bn.running_var"}
+        names = {
+            "kernel": f"{prefix}.conv.weight",
+            "scale": f"{prefix}.bn.weight",
+            "bias": f"{prefix}.bn.bias",
+            "mean": f"{prefix}.bn.running_mean",
+            "var": f"{prefix}.bn.running_var",
+        }
         for field, name in names.items():
             if name not in state_dict:
                 missing.append(name)
@@ -408,15 +429,22 @@ def _from_torch_state_dict(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
             a = arr(state_dict[name])
             flat[f"{unit}/{field}"] = a.transpose(2, 3, 1, 0) if field == "kernel" else a
             used.add(name)
-    unexpected = sorted(k for k in state_dict if k not in used and not k.startswith("fc.")
-                        and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(
+        k
+        for k in state_dict
+        if k not in used and not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    )
     if missing or unexpected:
-        hint = (" It has AuxLogits: this looks like torchvision's ImageNet Inception-v3, not "
-                f"pytorch-fid's FID Inception ({PYTORCH_FID_WEIGHTS})."
-                if any(k.startswith("AuxLogits") for k in unexpected) else "")
+        hint = (
+            " It has AuxLogits: this looks like torchvision's ImageNet Inception-v3, not "
+            f"pytorch-fid's FID Inception ({PYTORCH_FID_WEIGHTS})."
+            if any(k.startswith("AuxLogits") for k in unexpected)
+            else ""
+        )
         raise ValueError(
             f"not a pytorch-fid Inception state dict: {len(missing)} missing keys (e.g. "
-            f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}).{hint}")
+            f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}).{hint}"
+        )
     _check_flat(flat, "the converted state dict")
     return flat
 
@@ -432,7 +460,8 @@ def convert_pytorch_fid_weights(pt_path, out_npz) -> str:
         raise ImportError(
             "convert_pytorch_fid_weights needs PyTorch to read the .pth file (pip install "
             "torch; the CPU build is enough). Only the conversion needs it: the resulting "
-            ".npz is read without torch.") from err
+            ".npz is read without torch."
+        ) from err
     pt_path = os.fspath(pt_path)
     if not os.path.isfile(pt_path):
         raise FIDWeightsNotFoundError(f"pytorch-fid weights file {pt_path!r} does not exist.")
@@ -440,8 +469,7 @@ def convert_pytorch_fid_weights(pt_path, out_npz) -> str:
         state = torch.load(pt_path, map_location="cpu", weights_only=True)
     except TypeError:  # torch < 1.13 has no weights_only
         state = torch.load(pt_path, map_location="cpu")
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                        dict):
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     flat = _from_torch_state_dict(dict(state))
     out_npz = os.fspath(out_npz)
@@ -485,8 +513,9 @@ def _psd_sqrt(a):
     return (q * np.sqrt(np.clip(w, 0.0, None))) @ q.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
-                     method: str = "sqrtm") -> float:
+def frechet_distance(
+    mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6, method: str = "sqrtm"
+) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 on the host.
 
     ``method="sqrtm"`` (default, as pytorch-fid): ``tr sqrtm(sigma1 @ sigma2)`` with
@@ -496,20 +525,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
     symmetric eigendecompositions (negative round-off eigenvalues clipped to 0): faster and
     well defined for singular covariances; equal up to round-off.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(
-        np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(
-        np.asarray(sigma2, np.float64))
+    mu1, mu2 = (
+        np.atleast_1d(np.asarray(mu1, np.float64)),
+        np.atleast_1d(np.asarray(mu2, np.float64)),
+    )
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"need mu (D,) and sigma (D, D) of the same D; got {mu1.shape}, "
-                         f"{s1.shape}, {mu2.shape}, {s2.shape}.")
+        raise ValueError(
+            f"need mu (D,) and sigma (D, D) of the same D; got {mu1.shape}, "
+            f"{s1.shape}, {mu2.shape}, {s2.shape}."
+        )
     diff = mu1 - mu2
     if method == "eigh":
         r = _psd_sqrt(s1)
         m = r @ s2 @ r
-        tr_covmean = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0,
-                                                  None))))
+        tr_covmean = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None))))
     elif method == "sqrtm":
         from scipy import linalg
 
@@ -522,8 +556,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6,
         if np.iscomplexobj(covmean):
             imag = np.max(np.abs(np.diagonal(covmean).imag))
             if imag > 1e-3:
-                raise ValueError(f"frechet_distance: sqrtm has a large imaginary part ({imag:g}"
-                                 "); the covariances are probably not PSD. Try method='eigh'.")
+                raise ValueError(
+                    f"frechet_distance: sqrtm has a large imaginary part ({imag:g}"
+                    "); the covariances are probably not PSD. Try method='eigh'."
+                )
             covmean = covmean.real
         tr_covmean = float(np.trace(covmean))
     else:
@@ -547,14 +583,19 @@ def preprocess(images, *, quantize: bool = True) -> np.ndarray:
     raw = np.asarray(images)
     if np.issubdtype(raw.dtype, np.integer):
         if raw.size and (raw.min() < 0 or raw.max() > 255):
-            raise ValueError(f"integer images are 8-bit levels in [0, 255]; got values in "
-                             f"[{raw.min()}, {raw.max()}].")
+            raise ValueError(
+                f"integer images are 8-bit levels in [0, 255]; got values in "
+                f"[{raw.min()}, {raw.max()}]."
+            )
         return (raw.astype(np.float32) * (2.0 / 255.0) - 1.0).astype(np.float32)
     y = raw.astype(np.float32)
     if y.size > 1 and np.all(np.isfinite(y)) and (y.min() >= 0.0 or y.max() > 10.0):
-        warnings.warn(f"FID expects model-space images in [-1, 1]; got a batch with values in "
-                      f"[{y.min():g}, {y.max():g}] ([0, 1] or [0, 255] images?). Pass 8-bit "
-                      "levels as an integer array, or map to [-1, 1].", stacklevel=2)
+        warnings.warn(
+            f"FID expects model-space images in [-1, 1]; got a batch with values in "
+            f"[{y.min():g}, {y.max():g}] ([0, 1] or [0, 255] images?). Pass 8-bit "
+            "levels as an integer array, or map to [-1, 1].",
+            stacklevel=2,
+        )
     if not quantize:
         return np.clip(y, -1.0, 1.0)
     k = np.clip(np.floor((y + 1.0) * 128.0), 0, 255)
@@ -591,11 +632,12 @@ class _FeatureAccumulator:
             images = images[: self.limit - self.count]
         x = preprocess(images, quantize=self.quantize)
         for s in range(0, len(x), self.chunk):
-            part = x[s:s + self.chunk]
+            part = x[s : s + self.chunk]
             n = len(part)
             if n < self.chunk:
-                part = np.concatenate([part, np.zeros((self.chunk - n,) + part.shape[1:],
-                                                      part.dtype)])
+                part = np.concatenate(
+                    [part, np.zeros((self.chunk - n,) + part.shape[1:], part.dtype)]
+                )
             f = inception_features(self.params, part, resize_to=self.resize_to)
             self.parts.append(np.asarray(f, np.float64)[:n])
             self.count += n

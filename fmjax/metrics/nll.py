@@ -111,12 +111,18 @@ def dequantization_keys(example_key, num_dequant: int):
     return jax.vmap(one)(jnp.arange(num_dequant, dtype=jnp.uint32))
 
 
-def dequantization_noise(example_keys_, event_shape, num_dequant: int, bin_width: float,
-                         dtype=jnp.float32):
+def dequantization_noise(
+    example_keys_, event_shape, num_dequant: int, bin_width: float, dtype=jnp.float32
+):
     """Uniform dequantization noise ``(B, K, *event_shape)`` in ``[0, bin_width)``, drawn from
     the per-example keys ``example_keys_`` (B,) exactly as :func:`image_bpd` draws it."""
-    return _noise(_typed_key(example_keys_), tuple(event_shape), int(num_dequant),
-                  float(bin_width), jnp.dtype(dtype))
+    return _noise(
+        _typed_key(example_keys_),
+        tuple(event_shape),
+        int(num_dequant),
+        float(bin_width),
+        jnp.dtype(dtype),
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -124,7 +130,8 @@ def _noise(keys, event_shape, num_dequant, bin_width, dtype):
     def one(ek):
         noise_keys, _ = dequantization_keys(ek, num_dequant)
         return jax.vmap(lambda nk: bin_width * jax.random.uniform(nk, event_shape, dtype))(
-            noise_keys)
+            noise_keys
+        )
 
     return jax.vmap(one)(keys)
 
@@ -135,10 +142,21 @@ def _noise(keys, event_shape, num_dequant, bin_width, dtype):
 
 
 _OPTION_DEFAULTS = {
-    "divergence": "hutchinson", "num_probes": 1, "probe": "rademacher",
-    "hutchinson_mode": "jvp", "solver": "dopri5", "steps": None, "step_size": None,
-    "rtol": 1e-5, "atol": 1e-5, "max_steps": 4096, "value_range": (-1.0, 1.0),
-    "num_levels": 256, "source_std": 1.0, "t0": 0.0, "t1": 1.0,
+    "divergence": "hutchinson",
+    "num_probes": 1,
+    "probe": "rademacher",
+    "hutchinson_mode": "jvp",
+    "solver": "dopri5",
+    "steps": None,
+    "step_size": None,
+    "rtol": 1e-5,
+    "atol": 1e-5,
+    "max_steps": 4096,
+    "value_range": (-1.0, 1.0),
+    "num_levels": 256,
+    "source_std": 1.0,
+    "t0": 0.0,
+    "t1": 1.0,
 }
 
 
@@ -146,8 +164,9 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
     """Validated, hashable (static) options for the batch computation."""
     unknown = set(kw) - set(_OPTION_DEFAULTS)
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of "
-                        f"{sorted(_OPTION_DEFAULTS)}.")
+        raise TypeError(
+            f"unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTION_DEFAULTS)}."
+        )
     o = {**_OPTION_DEFAULTS, **kw}
     o["num_dequant"] = integer(num_dequant, "num_dequant")
     if o["divergence"] not in DIVERGENCES:
@@ -160,15 +179,27 @@ def _options(num_dequant, **kw) -> dict[str, Any]:
     o["t0"] = real(o["t0"], "t0", low=0.0, high=1.0)
     o["t1"] = real(o["t1"], "t1", low=0.0, high=1.0)
     check_span(o["t0"], o["t1"])
-    ode.check_solver_args(o["solver"], o["steps"], o["step_size"], o["t0"], o["t1"],
-                          rtol=o["rtol"], atol=o["atol"], max_steps=o["max_steps"])
+    ode.check_solver_args(
+        o["solver"],
+        o["steps"],
+        o["step_size"],
+        o["t0"],
+        o["t1"],
+        rtol=o["rtol"],
+        atol=o["atol"],
+        max_steps=o["max_steps"],
+    )
     lo, hi = (float(a) for a in o["value_range"])
     if not hi > lo:
         raise ValueError(f"value_range must be (lo, hi) with hi > lo; got {o['value_range']!r}.")
     o["value_range"] = (lo, hi)
     o["num_levels"] = integer(o["num_levels"], "num_levels", minimum=2)
-    o["source_std"] = real(o["source_std"], "source_std (the std of the N(0, source_std^2 I) "
-                           "source)", low=0.0, low_open=True)
+    o["source_std"] = real(
+        o["source_std"],
+        "source_std (the std of the N(0, source_std^2 I) source)",
+        low=0.0,
+        low_open=True,
+    )
     o["max_steps"] = int(o["max_steps"])
     o["rtol"], o["atol"] = float(o["rtol"]), float(o["atol"])
     return o
@@ -187,18 +218,31 @@ def _bpd_core(v, x, keys, mask, *, opts, mesh):
 
     def one_solve(y, pk):
         logp, stats = log_likelihood(
-            v, y[None], base_log_prob=source_log_prob,
-            divergence=o["divergence"], key=pk if hutch else None,
-            num_probes=o["num_probes"], probe=o["probe"], hutchinson_mode=o["hutchinson_mode"],
-            solver=o["solver"], steps=o["steps"], step_size=o["step_size"], rtol=o["rtol"],
-            atol=o["atol"], max_steps=o["max_steps"], t0=o["t0"], t1=o["t1"], throw=False,
+            v,
+            y[None],
+            base_log_prob=source_log_prob,
+            divergence=o["divergence"],
+            key=pk if hutch else None,
+            num_probes=o["num_probes"],
+            probe=o["probe"],
+            hutchinson_mode=o["hutchinson_mode"],
+            solver=o["solver"],
+            steps=o["steps"],
+            step_size=o["step_size"],
+            rtol=o["rtol"],
+            atol=o["atol"],
+            max_steps=o["max_steps"],
+            t0=o["t0"],
+            t1=o["t1"],
+            throw=False,
         )
         return logp[0], stats.nfe, stats.success
 
     b = x.shape[0]
     noise_keys, probe_keys = jax.vmap(lambda ek: dequantization_keys(ek, k_samples))(keys)
-    u = jax.vmap(jax.vmap(
-        lambda nk: bin_width * jax.random.uniform(nk, x.shape[1:], x.dtype)))(noise_keys)
+    u = jax.vmap(jax.vmap(lambda nk: bin_width * jax.random.uniform(nk, x.shape[1:], x.dtype)))(
+        noise_keys
+    )
     # One flat vmap over the B * K solves (compiles faster than nested vmaps).
     y = (x[:, None] + u).reshape((b * k_samples,) + x.shape[1:])
     logps, nfes, oks = jax.vmap(one_solve)(y, probe_keys.reshape(-1))
@@ -265,11 +309,24 @@ def image_bpd(
       field over the ``B * K`` solves (a scalar).
     """
     _check_batch(x, "x")
-    opts = _options(num_dequant, divergence=divergence, solver=solver, rtol=rtol, atol=atol,
-                    value_range=tuple(value_range), num_levels=num_levels, num_probes=num_probes,
-                    probe=probe, hutchinson_mode=hutchinson_mode, steps=steps,
-                    step_size=step_size, max_steps=max_steps, source_std=source_std,
-                    t0=t0, t1=t1)
+    opts = _options(
+        num_dequant,
+        divergence=divergence,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        value_range=tuple(value_range),
+        num_levels=num_levels,
+        num_probes=num_probes,
+        probe=probe,
+        hutchinson_mode=hutchinson_mode,
+        steps=steps,
+        step_size=step_size,
+        max_steps=max_steps,
+        source_std=source_std,
+        t0=t0,
+        t1=t1,
+    )
     x = jnp.asarray(x)
     b = x.shape[0]
     key = _typed_key(key)
@@ -278,10 +335,13 @@ def image_bpd(
     elif key.shape == (b,):
         keys = key
     else:
-        raise ValueError(f"key must be one key or a batch of {b} keys (one per example); got "
-                         f"a key array of shape {key.shape}.")
-    bpd, nfe, ok, _ = _bpd_core(as_field(v), x, keys, jnp.ones((b,), bool),
-                                opts=tuple(sorted(opts.items())), mesh=None)
+        raise ValueError(
+            f"key must be one key or a batch of {b} keys (one per example); got "
+            f"a key array of shape {key.shape}."
+        )
+    bpd, nfe, ok, _ = _bpd_core(
+        as_field(v), x, keys, jnp.ones((b,), bool), opts=tuple(sorted(opts.items())), mesh=None
+    )
     if throw:
         _raise_if_failed(ok, "fmjax.metrics.image_bpd")
     return bpd, jnp.mean(nfe)
@@ -337,8 +397,21 @@ def _write_json_atomic(path: str, obj) -> None:
 
 def _fingerprint(key, opts) -> dict[str, Any]:
     """What the totals depend on: a state file written under other settings is rejected."""
-    fp = {k: opts[k] for k in ("num_dequant", "divergence", "num_probes", "probe", "solver",
-                               "steps", "step_size", "rtol", "atol", "num_levels")}
+    fp = {
+        k: opts[k]
+        for k in (
+            "num_dequant",
+            "divergence",
+            "num_probes",
+            "probe",
+            "solver",
+            "steps",
+            "step_size",
+            "rtol",
+            "atol",
+            "num_levels",
+        )
+    }
     fp["value_range"] = list(opts["value_range"])
     if opts["source_std"] != 1.0:  # absent for N(0, I): state files from before stay valid
         fp["source_std"] = opts["source_std"]
@@ -413,8 +486,8 @@ def evaluate_bpd(
       callback: called with the running summary after every batch (e.g. for logging).
       **solver_kw: ``divergence``, ``solver``, ``rtol``, ``atol``, ``value_range``,
         ``num_levels``, ``num_probes``, ``probe``, ``hutchinson_mode``, ``steps``,
-        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in :func:`image_bpd` (changing
-        ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
+        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in :func:`image_bpd`
+        (changing ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
 
     Returns:
       A dict of plain Python numbers with the keys ``bpd`` (the mean), ``bpd_stderr`` (the standard
@@ -430,11 +503,14 @@ def evaluate_bpd(
     if key.ndim != 0:
         raise ValueError(f"evaluate_bpd needs a single key; got a key array of shape {key.shape}.")
     if max_batches is not None and (int(max_batches) != max_batches or max_batches < 0):
-        raise ValueError(f"max_batches must be None or a non-negative integer; got "
-                         f"{max_batches!r}.")
+        raise ValueError(
+            f"max_batches must be None or a non-negative integer; got {max_batches!r}."
+        )
     if mesh is None and jax.process_count() > 1:
-        raise ValueError("with several processes pass mesh= (a mesh over all devices with a "
-                         "'data' axis); mesh=None evaluates on one device of one process.")
+        raise ValueError(
+            "with several processes pass mesh= (a mesh over all devices with a "
+            "'data' axis); mesh=None evaluates on one device of one process."
+        )
     fingerprint = _fingerprint(key, opts)
     v = as_field(v)
 
@@ -451,28 +527,43 @@ def evaluate_bpd(
 
 def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, callback):
     static_opts = tuple(sorted(opts.items()))
-    totals = {"sum_bpd": 0.0, "sum_sq_bpd": 0.0, "count": 0, "sum_nfe": 0.0,
-              "batches_done": 0, "rows_seen": 0, "local_rows_done": 0}
+    totals = {
+        "sum_bpd": 0.0,
+        "sum_sq_bpd": 0.0,
+        "count": 0,
+        "sum_nfe": 0.0,
+        "batches_done": 0,
+        "rows_seen": 0,
+        "local_rows_done": 0,
+    }
     complete = False
     resumed = False
     path = None
     if state_file is not None:
         if not (hasattr(it, "get_state") and hasattr(it, "set_state")):
-            raise TypeError("state_file needs an iterator with get_state()/set_state() (e.g. "
-                            f"grain's); got {type(it).__name__}.")
+            raise TypeError(
+                "state_file needs an iterator with get_state()/set_state() (e.g. "
+                f"grain's); got {type(it).__name__}."
+            )
         path = _state_path(state_file)
         if os.path.exists(path):
             with open(path) as f:
                 saved = json.load(f)
             if saved.get("version") != STATE_VERSION:
-                raise ValueError(f"{path}: unknown state version {saved.get('version')!r} "
-                                 f"(expected {STATE_VERSION}).")
+                raise ValueError(
+                    f"{path}: unknown state version {saved.get('version')!r} "
+                    f"(expected {STATE_VERSION})."
+                )
             if saved["fingerprint"] != fingerprint:
-                diff = sorted(k for k in set(fingerprint) | set(saved["fingerprint"])
-                              if saved["fingerprint"].get(k) != fingerprint.get(k))
+                diff = sorted(
+                    k
+                    for k in set(fingerprint) | set(saved["fingerprint"])
+                    if saved["fingerprint"].get(k) != fingerprint.get(k)
+                )
                 raise ValueError(
                     f"{path} holds an evaluation with other settings (differ: {diff}); delete "
-                    "it or pass another state_file to start over.")
+                    "it or pass another state_file to start over."
+                )
             totals = saved["totals"]
             complete = saved["complete"]
             it.set_state(saved["iterator"])
@@ -494,8 +585,9 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             break
         x = np.asarray(batch["image"])
         if x.ndim < 2 or not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"batch['image'] must be a floating (B, *event) array; got "
-                             f"{x.dtype} {x.shape}.")
+            raise ValueError(
+                f"batch['image'] must be a floating (B, *event) array; got {x.dtype} {x.shape}."
+            )
         b = x.shape[0]
         mask = np.asarray(batch["mask"], bool) if "mask" in batch else np.ones((b,), bool)
         # this process's rows in the batches before (state files from before this total
@@ -508,22 +600,26 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             # batches), so a short last batch does not reuse the positions of the one before
             index = rows_done * jax.process_count() + jax.process_index() * b + np.arange(b)
         if mask.shape != (b,) or index.shape != (b,):
-            raise ValueError(f"batch 'mask'/'index' must have shape ({b},); got {mask.shape} "
-                             f"and {index.shape}.")
+            raise ValueError(
+                f"batch 'mask'/'index' must have shape ({b},); got {mask.shape} and {index.shape}."
+            )
         index = index.astype(np.uint32)
         if mesh is None:
             keys = example_keys(base_key, index)
-            bpd, nfe, ok, gmask = _bpd_core(v, jnp.asarray(x), keys, jnp.asarray(mask),
-                                            opts=static_opts, mesh=None)
+            bpd, nfe, ok, gmask = _bpd_core(
+                v, jnp.asarray(x), keys, jnp.asarray(mask), opts=static_opts, mesh=None
+            )
         else:
             pad = (-b) % local_shards
             xs, ms, ids = _pad_rows(x, pad), _pad_rows(mask, pad), _pad_rows(index, pad)
             keys = _fold_in_each(base_key, _shard_rows(ids, mesh))
-            bpd, nfe, ok, gmask = _bpd_core(v, _shard_rows(xs, mesh), keys,
-                                            _shard_rows(ms, mesh), opts=static_opts, mesh=mesh)
+            bpd, nfe, ok, gmask = _bpd_core(
+                v, _shard_rows(xs, mesh), keys, _shard_rows(ms, mesh), opts=static_opts, mesh=mesh
+            )
         bpd, nfe, ok, gmask = (np.asarray(a) for a in (bpd, nfe, ok, gmask))
-        _raise_if_failed(ok | ~gmask, "fmjax.metrics.evaluate_bpd",
-                         f" in batch {totals['batches_done']}")
+        _raise_if_failed(
+            ok | ~gmask, "fmjax.metrics.evaluate_bpd", f" in batch {totals['batches_done']}"
+        )
         sel = bpd[gmask].astype(np.float64)
         totals = {
             "sum_bpd": totals["sum_bpd"] + float(np.sum(sel)),
@@ -535,15 +631,30 @@ def _evaluate(v, it, key, opts, fingerprint, state_file, mesh, max_batches, call
             "rows_seen": totals["rows_seen"] + int(gmask.size),
         }
         if path is not None:
-            _write_json_atomic(path, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                      "totals": totals, "complete": False,
-                                      "iterator": it.get_state()})
+            _write_json_atomic(
+                path,
+                {
+                    "version": STATE_VERSION,
+                    "fingerprint": fingerprint,
+                    "totals": totals,
+                    "complete": False,
+                    "iterator": it.get_state(),
+                },
+            )
         if callback is not None:
-            callback(_summary(totals, complete=False, num_dequant=opts["num_dequant"],
-                              resumed=resumed))
+            callback(
+                _summary(totals, complete=False, num_dequant=opts["num_dequant"], resumed=resumed)
+            )
 
     if path is not None and complete:
-        _write_json_atomic(path, {"version": STATE_VERSION, "fingerprint": fingerprint,
-                                  "totals": totals, "complete": True,
-                                  "iterator": it.get_state()})
+        _write_json_atomic(
+            path,
+            {
+                "version": STATE_VERSION,
+                "fingerprint": fingerprint,
+                "totals": totals,
+                "complete": True,
+                "iterator": it.get_state(),
+            },
+        )
     return _summary(totals, complete=complete, num_dequant=opts["num_dequant"], resumed=resumed)

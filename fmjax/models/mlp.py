@@ -91,8 +91,9 @@ ACTIVATIONS: dict[str, Callable] = {
 TIME_EMBEDDINGS = ("sinusoidal", "raw")
 
 
-def sinusoidal_embedding(t: jnp.ndarray, num_freqs: int, max_period: float = 10000.0,
-                         time_scale: float = 1000.0) -> jnp.ndarray:
+def sinusoidal_embedding(
+    t: jnp.ndarray, num_freqs: int, max_period: float = 10000.0, time_scale: float = 1000.0
+) -> jnp.ndarray:
     """Fourier features ``[sin(s t w), cos(s t w)]`` of ``t`` (shape ``(B,)``) -> ``(B, 2F)``.
 
     ``w_k = max_period**(-k / F)``, ``k = 0..F-1``, ``s = time_scale``.
@@ -155,17 +156,21 @@ class MLP(nn.Module):
             integer(self.class_dim, "class_dim")
         integer(self.context_dim, "context_dim", minimum=0)
         if self.num_classes is not None and self.context_dim:
-            raise ValueError("give num_classes (class labels) or context_dim (float context), "
-                             f"not both; got num_classes={self.num_classes}, context_dim="
-                             f"{self.context_dim}")
+            raise ValueError(
+                "give num_classes (class labels) or context_dim (float context), "
+                f"not both; got num_classes={self.num_classes}, context_dim="
+                f"{self.context_dim}"
+            )
         super().__post_init__()
 
     def _cond_features(self, cond, batch):
         """The conditioning features (B, F) to concatenate, or None."""
         if self.num_classes is None and not self.context_dim:
             if cond is not None:
-                raise ValueError("this MLP takes no condition (num_classes=None, context_dim=0);"
-                                 f" got cond of shape {jnp.shape(cond)}")
+                raise ValueError(
+                    "this MLP takes no condition (num_classes=None, context_dim=0);"
+                    f" got cond of shape {jnp.shape(cond)}"
+                )
             return None
         if self.num_classes is not None:
             k = int(self.num_classes)
@@ -176,19 +181,24 @@ class MLP(nn.Module):
                 raise ValueError(
                     f"expected class labels cond of shape ({batch},) and an integer dtype "
                     f"(0..{k - 1}, null class {k}), got shape {cond.shape} and dtype "
-                    f"{cond.dtype}")
-            if not traced(cond) and cond.size and (
-                    int(cond.min()) < 0 or int(cond.max()) > k):
+                    f"{cond.dtype}"
+                )
+            if not traced(cond) and cond.size and (int(cond.min()) < 0 or int(cond.max()) > k):
                 raise ValueError(  # an index past the table gives NaN, not an error
                     f"class labels must lie in [0, {k}] (null class {k}); got labels in "
-                    f"[{int(cond.min())}, {int(cond.max())}]")
+                    f"[{int(cond.min())}, {int(cond.max())}]"
+                )
             return nn.Embed(k + 1, int(self.class_dim), name="class_embedding")(cond)
         c = int(self.context_dim)
-        if cond is None or jnp.shape(cond) != (batch, c) or not jnp.issubdtype(
-                jnp.result_type(cond), jnp.floating):
+        if (
+            cond is None
+            or jnp.shape(cond) != (batch, c)
+            or not jnp.issubdtype(jnp.result_type(cond), jnp.floating)
+        ):
             raise ValueError(
                 f"expected float context cond of shape ({batch}, {c}) (context_dim={c}), got "
-                f"{'None' if cond is None else (jnp.shape(cond), jnp.result_type(cond))}")
+                f"{'None' if cond is None else (jnp.shape(cond), jnp.result_type(cond))}"
+            )
         return jnp.asarray(cond, jnp.float32)
 
     @nn.compact
@@ -223,8 +233,9 @@ class MLP(nn.Module):
 
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
-            h = nn.Dense(self.hidden, dtype=self.dtype, param_dtype=jnp.float32,
-                         name=f"hidden_{i}")(h)
+            h = nn.Dense(
+                self.hidden, dtype=self.dtype, param_dtype=jnp.float32, name=f"hidden_{i}"
+            )(h)
             h = act(h)
         out_dim = d if self.out_dim is None else self.out_dim
         v = nn.Dense(out_dim, dtype=self.dtype, param_dtype=jnp.float32, name="out")(h)

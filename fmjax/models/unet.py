@@ -282,19 +282,24 @@ class UNet(nn.Module):
             raise ValueError(
                 f"attn_resolutions={tuple(self.attn_resolutions)}: {missing} never occur for an "
                 f"input of height {hgt} (the feature maps are {resolutions} pixels high); "
-                "attention there would silently be left out")
+                "attention there would silently be left out"
+            )
         if self.has_variable("params", "conv_in"):
             have = {k for k in self.variables["params"] if "_attn_" in k}
-            want = {f"{side}_{level}_attn_{i}"
-                    for level, r in enumerate(resolutions) if r in self.attn_resolutions
-                    for side, n in (("down", self.num_res_blocks),
-                                    ("up", self.num_res_blocks + 1)) for i in range(n)}
+            want = {
+                f"{side}_{level}_attn_{i}"
+                for level, r in enumerate(resolutions)
+                if r in self.attn_resolutions
+                for side, n in (("down", self.num_res_blocks), ("up", self.num_res_blocks + 1))
+                for i in range(n)
+            }
             if have != want:
                 raise ValueError(
                     f"UNet parameters were initialised at another input size: their attention "
                     f"blocks are {sorted(have)}, an input of shape {x_shape} would use "
                     f"{sorted(want)} (attn_resolutions are pixel heights of the feature maps); "
-                    "apply the model at the size it was initialised for")
+                    "apply the model at the size it was initialised for"
+                )
         if self.has_variable("params", "conv_in"):
             expected_c = self.variables["params"]["conv_in"]["kernel"].shape[-2]
             if c != expected_c:

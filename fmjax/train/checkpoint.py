@@ -45,15 +45,18 @@ log = logging.getLogger(__name__)
 def with_sharding(abstract_tree, sharding):
     """``abstract_tree`` (e.g. from ``jax.eval_shape``) with ``sharding`` on every leaf."""
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_tree
+    )
 
 
 def abstract_like(tree):
     """Shape, dtype and sharding of every array of ``tree`` (a restore target)."""
+
     def leaf(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
     return jax.tree_util.tree_map(leaf, tree)
 
 
@@ -96,8 +99,7 @@ class _IteratorRestoreTarget:
         self.iterator = iterator
 
     def set_state(self, state: bytes):
-        self.iterator.set_state(json.loads(state.decode() if isinstance(state, bytes)
-                                           else state))
+        self.iterator.set_state(json.loads(state.decode() if isinstance(state, bytes) else state))
 
     def start_prefetch(self):
         pass
@@ -120,9 +122,17 @@ class CheckpointManager:
         as ``config.json`` beside the checkpoints and into each checkpoint's ``meta``.
     """
 
-    def __init__(self, directory, *, save_every: int = 1000, keep: int = 3,
-                 best_metric: str | None = None, best_mode: str = "min",
-                 async_save: bool = True, config=None):
+    def __init__(
+        self,
+        directory,
+        *,
+        save_every: int = 1000,
+        keep: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        async_save: bool = True,
+        config=None,
+    ):
         save_every, keep = integer(save_every, "save_every"), integer(keep, "keep")
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}.")
@@ -142,8 +152,14 @@ class CheckpointManager:
         cm = ocp.checkpoint_managers
         policies = [cm.LatestN(n=int(keep))]
         if self.best_metric:
-            policies.append(cm.BestN(get_metric_fn=metric_fn, reverse=best_mode == "min", n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                cm.BestN(
+                    get_metric_fn=metric_fn,
+                    reverse=best_mode == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.save_every,
             preservation_policy=cm.AnyPreservationPolicy(policies),
@@ -166,8 +182,11 @@ class CheckpointManager:
             old = path.read_text()
             if old == text:
                 return
-            log.warning("the config differs from the one saved in %s; keeping the old one "
-                        "as config.previous.json", path)
+            log.warning(
+                "the config differs from the one saved in %s; keeping the old one "
+                "as config.previous.json",
+                path,
+            )
             (self.directory / "config.previous.json").write_text(old)
         tmp = self.directory / "config.json.tmp"
         tmp.write_text(text)
@@ -198,8 +217,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save / restore
 
-    def save(self, step: int, state, data_iterator=None, *, metrics=None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state, data_iterator=None, *, metrics=None, force: bool = False
+    ) -> bool:
         """Save ``state`` (and the iterator's position) as checkpoint ``step``.
 
         Returns whether a checkpoint was started (``step`` is a save step, or ``force``).
@@ -211,8 +231,13 @@ class CheckpointManager:
         if not (force or self.should_save(step)):
             return False
         metrics = _float_metrics(metrics)
-        meta = {"step": step, "time": time.time(), "metrics": metrics,
-                "config": self._config, "process_count": jax.process_count()}
+        meta = {
+            "step": step,
+            "time": time.time(),
+            "metrics": metrics,
+            "config": self._config,
+            "process_count": jax.process_count(),
+        }
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             import grain.checkpoint
@@ -221,8 +246,7 @@ class CheckpointManager:
             meta["data_state"] = data_state
             items["data"] = grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state))
         items["meta"] = ocp.args.JsonSave(meta)
-        saved = self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                                force=True)
+        saved = self._mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
         return bool(saved)
 
     def restore(self, target, data_iterator=None, *, step: int | None = None):
@@ -240,9 +264,11 @@ class CheckpointManager:
         abstract = abstract_like(target)
         missing = [x for x in jax.tree_util.tree_leaves(abstract) if x.sharding is None]
         if missing:
-            raise ValueError("restore() needs a target with a sharding on every array (pass "
-                             "the live state, or use with_sharding(jax.eval_shape(...), "
-                             "sharding)).")
+            raise ValueError(
+                "restore() needs a target with a sharding on every array (pass "
+                "the live state, or use with_sharding(jax.eval_shape(...), "
+                "sharding))."
+            )
         items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
         restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
         meta = dict(restored["meta"] or {})
@@ -254,19 +280,29 @@ class CheckpointManager:
         import grain.checkpoint
 
         try:
-            self._mngr.restore(step, args=ocp.args.Composite(
-                data=grain.checkpoint.CheckpointRestore(_IteratorRestoreTarget(iterator))))
+            self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    data=grain.checkpoint.CheckpointRestore(_IteratorRestoreTarget(iterator))
+                ),
+            )
         except (ValueError, FileNotFoundError, KeyError) as e:
             saved = meta.get("data_state")
             if saved is None:
                 raise ValueError(
                     f"checkpoint {step} in {self.directory} has no data iterator position "
-                    f"for this process ({e}).") from e
+                    f"for this process ({e})."
+                ) from e
             # Saved with another process count: the pipeline's position (global batches
             # consumed) is the same in every process, so process 0's state applies.
-            log.warning("no data position saved for process %d of %d at step %d (saved with "
-                        "%s processes); using process 0's", jax.process_index(),
-                        jax.process_count(), step, meta.get("process_count"))
+            log.warning(
+                "no data position saved for process %d of %d at step %d (saved with "
+                "%s processes); using process 0's",
+                jax.process_index(),
+                jax.process_count(),
+                step,
+                meta.get("process_count"),
+            )
             iterator.set_state(saved)
 
     def metadata(self, step: int | None = None) -> dict | None:
@@ -274,8 +310,7 @@ class CheckpointManager:
         step = self.latest_step() if step is None else int(step)
         if step is None:
             return None
-        restored = self._mngr.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))
+        restored = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
 
     # ------------------------------------------------------------------ lifecycle

@@ -64,8 +64,12 @@ def write_json(path, obj, *, only_main: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def image_grid(images, nrow: int | None = None, padding: int = 2,
-               value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+def image_grid(
+    images,
+    nrow: int | None = None,
+    padding: int = 2,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> np.ndarray:
     """Tile a batch ``(N, H, W, C)`` into one ``uint8`` image ``(rows*H', cols*W', C)``.
 
     Float images are mapped from ``value_range`` to [0, 255] (clipped); uint8 pass as they
@@ -85,12 +89,13 @@ def image_grid(images, nrow: int | None = None, padding: int = 2,
         raise ValueError(f"images need 1, 3 or 4 channels; got {c}.")
     cols = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255,
-                   np.uint8)
+    grid = np.full(
+        (rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255, np.uint8
+    )
     for i in range(n):
         r, k = divmod(i, cols)
         y0, x0 = padding + r * (h + padding), padding + k * (w + padding)
-        grid[y0:y0 + h, x0:x0 + w] = x[i]
+        grid[y0 : y0 + h, x0 : x0 + w] = x[i]
     return grid
 
 
@@ -128,12 +133,13 @@ class MetricWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                warnings.warn("tensorboardX is not installed: no TensorBoard event files "
-                              "(pip install tensorboardX); metrics.jsonl is still written.",
-                              stacklevel=2)
+                warnings.warn(
+                    "tensorboardX is not installed: no TensorBoard event files "
+                    "(pip install tensorboardX); metrics.jsonl is still written.",
+                    stacklevel=2,
+                )
             else:
-                self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"),
-                                         flush_secs=30)
+                self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tb"), flush_secs=30)
 
     def _truncate(self, resume_step: int):
         if not os.path.exists(self.jsonl_path):

@@ -18,9 +18,18 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; training stopped."""
 
 
-def fit(state, step_fn: Callable, batches: Iterator | None, num_steps: int, *,
-        log_every: int = 100, on_log: Callable | None = None, progress: bool = True,
-        steps_per_call: int = 1, desc: str = "train"):
+def fit(
+    state,
+    step_fn: Callable,
+    batches: Iterator | None,
+    num_steps: int,
+    *,
+    log_every: int = 100,
+    on_log: Callable | None = None,
+    progress: bool = True,
+    steps_per_call: int = 1,
+    desc: str = "train",
+):
     """Run ``num_steps`` steps of ``step_fn``; returns ``(state, history)``.
 
     ``step_fn(state, batch)`` (or ``step_fn(state)`` when ``batches`` is None, e.g. a fused
@@ -36,8 +45,9 @@ def fit(state, step_fn: Callable, batches: Iterator | None, num_steps: int, *,
     steps_per_call = integer(steps_per_call, "steps_per_call")
     log_every = integer(log_every, "log_every")
     if num_steps % steps_per_call:
-        raise ValueError(f"num_steps={num_steps} must be a multiple of "
-                         f"steps_per_call={steps_per_call}.")
+        raise ValueError(
+            f"num_steps={num_steps} must be a multiple of steps_per_call={steps_per_call}."
+        )
     from tqdm.auto import tqdm
 
     history = []
@@ -58,7 +68,8 @@ def fit(state, step_fn: Callable, batches: Iterator | None, num_steps: int, *,
                 bar.close()
                 raise NonFiniteLossError(
                     f"non-finite loss {metrics['loss']} at step {step}; stopping. Lower the "
-                    "learning rate or enable gradient clipping; the last checkpoint is intact.")
+                    "learning rate or enable gradient clipping; the last checkpoint is intact."
+                )
             history.append(metrics)
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", it_s=f"{metrics['steps_per_s']:.1f}")

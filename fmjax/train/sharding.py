@@ -50,8 +50,9 @@ def make_mesh(devices=None) -> Mesh:
     mixes the sharded batch with freshly drawn, unsharded noise a sharding-type error).
     """
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -79,7 +80,8 @@ def check_batch_divisible(global_batch_size: int, mesh: Mesh, what: str = "globa
         raise ValueError(
             f"the {what} size ({global_batch_size}) must be a positive multiple of the number "
             f"of devices on the {DATA_AXIS!r} mesh axis ({n}, over {jax.process_count()} "
-            f"process(es)); choose a batch size divisible by {n}.")
+            f"process(es)); choose a batch size divisible by {n}."
+        )
     return global_batch_size // n
 
 
@@ -98,7 +100,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     if None in local or len(local) != 1:
         raise ValueError(
             "every array of a batch must have the same leading (batch) axis; got shapes "
-            f"{[np.shape(x) for x in leaves]}.")
+            f"{[np.shape(x) for x in leaves]}."
+        )
     (local_size,) = local
     global_size = local_size * jax.process_count()
     check_batch_divisible(global_size, mesh)
@@ -106,12 +109,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     if local_size % n_local:
         raise ValueError(
             f"this process's share of the batch ({local_size}) must be divisible by its "
-            f"{n_local} local devices.")
+            f"{n_local} local devices."
+        )
 
     def put(x):
         x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x,
-                                                      (global_size, *x.shape[1:]))
+        return jax.make_array_from_process_local_data(sharding, x, (global_size, *x.shape[1:]))
 
     return jax.tree_util.tree_map(put, batch)
 
@@ -119,16 +122,19 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def _replicate_leaf(x, sharding):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         impl = jax.random.key_impl(x)
-        return jax.random.wrap_key_data(_replicate_leaf(jax.random.key_data(x), sharding),
-                                        impl=impl)
+        return jax.random.wrap_key_data(
+            _replicate_leaf(jax.random.key_data(x), sharding), impl=impl
+        )
     if jax.process_count() == 1:
         # a copy: the train step donates its state, which must never delete the caller's
         return jax.device_put(x, sharding, may_alias=False)
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
         return jax.numpy.copy(x)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        raise ValueError("replicate() got a global array that is sharded differently; "
-                         "reshard it inside jit instead.")
+        raise ValueError(
+            "replicate() got a global array that is sharded differently; "
+            "reshard it inside jit instead."
+        )
     host = np.asarray(x)  # the same value in every process
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
@@ -174,9 +180,14 @@ def _cluster_detectable() -> bool:
     return len(hosts) > 1
 
 
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *,
-                           local_device_ids=None, initialization_timeout: int = 300) -> bool:
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids=None,
+    initialization_timeout: int = 300,
+) -> bool:
     """Start JAX's multi-process runtime; a no-op for a single-process run.
 
     Call it before any other JAX call. With ``coordinator`` (``"host:port"`` of process 0),
@@ -201,7 +212,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         raise ValueError(
             "initialize_distributed needs coordinator ('host:port'), num_processes and "
             f"process_id together (or none of them); got coordinator={coordinator!r}, "
-            f"num_processes={num_processes!r}, process_id={process_id!r}.")
+            f"num_processes={num_processes!r}, process_id={process_id!r}."
+        )
     elif not 0 <= int(process_id) < int(num_processes):
         raise ValueError(f"process_id must be in [0, {num_processes}); got {process_id}.")
     platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
@@ -209,6 +221,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         # Harmless on GPU/TPU (only the CPU backend reads it); needed for CPU multi-process.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-        local_device_ids=local_device_ids, initialization_timeout=initialization_timeout)
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
     return jax.process_count() > 1

@@ -29,8 +29,14 @@ from fmjax._checks import integer, real
 from fmjax.sampling import DATA_AXIS, auto_mesh, check_rows_divisible
 from fmjax.train.state import TrainState
 
-__all__ = ["DATA_KEY_INDEX", "apply_update", "make_fused_train_steps", "make_train_step",
-           "split_microbatches", "step_keys"]
+__all__ = [
+    "DATA_KEY_INDEX",
+    "apply_update",
+    "make_fused_train_steps",
+    "make_train_step",
+    "split_microbatches",
+    "step_keys",
+]
 
 DATA_KEY_INDEX = 2**32 - 1
 """The fused steps draw step ``i``'s batch with ``fold_in(fold_in(rng, i), DATA_KEY_INDEX)``.
@@ -71,12 +77,14 @@ def split_microbatches(batch, microbatches: int):
     Microbatch ``j`` holds the rows ``j, j + k, j + 2k, ...`` (``k = microbatches``): strided,
     so that for a batch split over a mesh's devices in contiguous blocks each microbatch
     keeps an equal share of every device's rows and no row moves between devices."""
+
     def split(x):
         rows = jnp.shape(x)[0] if jnp.ndim(x) else None
         if rows is None or rows % microbatches:
             raise ValueError(
                 f"microbatches={microbatches} must divide the batch size; got a batch leaf of "
-                f"shape {jnp.shape(x)} (on a mesh with shard_loss, each device's rows).")
+                f"shape {jnp.shape(x)} (on a mesh with shard_loss, each device's rows)."
+            )
         x = jnp.reshape(x, (rows // microbatches, microbatches, *jnp.shape(x)[1:]))
         return jnp.swapaxes(x, 0, 1)
 
@@ -111,14 +119,20 @@ def _sharded_loss_and_grad(loss_fn, mesh, params, key, batch, microbatches=1):
     Device ``i`` calls ``loss_fn(params, fold_in(key, i), its_rows)`` (split into
     ``microbatches`` on the device, accumulated before the all-reduce); the result is the
     global loss when ``loss_fn`` is a mean over its rows (equal shards)."""
+
     def local(params, key, batch):
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         flat, unravel = ravel_pytree(_loss_and_grad(loss_fn, params, key, batch, microbatches))
         return unravel(jax.lax.pmean(flat, DATA_AXIS))
 
     spec = PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec(DATA_AXIS)),
-                         out_specs=spec, check_vma=False)(params, key, batch)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, spec, PartitionSpec(DATA_AXIS)),
+        out_specs=spec,
+        check_vma=False,
+    )(params, key, batch)
 
 
 def apply_update(state: TrainState, grads, tx, ema_decay):
@@ -129,8 +143,7 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
         ema = params
     else:
         ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
 def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None, microbatches=1):
@@ -139,8 +152,9 @@ def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None, microba
     if mesh is None:
         loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch, microbatches)
     else:
-        loss, aux, grads = _sharded_loss_and_grad(loss_fn, mesh, state.params, key, batch,
-                                                  microbatches)
+        loss, aux, grads = _sharded_loss_and_grad(
+            loss_fn, mesh, state.params, key, batch, microbatches
+        )
     new_state = apply_update(state, grads, tx, ema_decay)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, metrics
@@ -159,9 +173,13 @@ def _jit_step(fn, mesh, donate, *, batch_arg):
         return jax.jit(fn, donate_argnums=donate_argnums)
     replicated = NamedSharding(mesh, PartitionSpec())
     in_shardings = (replicated, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-    in_shardings = in_shardings[:2 if batch_arg else 1]
-    jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=(replicated, replicated),
-                     donate_argnums=donate_argnums)
+    in_shardings = in_shardings[: 2 if batch_arg else 1]
+    jitted = jax.jit(
+        fn,
+        in_shardings=in_shardings,
+        out_shardings=(replicated, replicated),
+        donate_argnums=donate_argnums,
+    )
 
     @functools.wraps(fn)
     def step(*args):
@@ -179,8 +197,16 @@ def _jit_step(fn, mesh, donate, *, batch_arg):
     return step
 
 
-def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
-                    donate: bool = True, shard_loss: bool = False, microbatches: int = 1):
+def make_train_step(
+    loss_fn,
+    tx,
+    *,
+    ema_decay: float | None = None,
+    mesh=None,
+    donate: bool = True,
+    shard_loss: bool = False,
+    microbatches: int = 1,
+):
     """Return ``step(state, batch) -> (state, metrics)``, jitted, with the state donated.
 
     With a ``mesh`` the batch is split over its ``"data"`` axis. By default the step is one
@@ -210,14 +236,29 @@ def make_train_step(loss_fn, tx, *, ema_decay: float | None = None, mesh=None,
         raise ValueError("shard_loss=True splits the loss over a mesh; pass mesh= as well.")
     if mesh is not None:
         mesh = auto_mesh(mesh)
-    fn = functools.partial(_one_step, loss_fn, tx, ema_decay,
-                           mesh=mesh if shard_loss else None, microbatches=microbatches)
+    fn = functools.partial(
+        _one_step,
+        loss_fn,
+        tx,
+        ema_decay,
+        mesh=mesh if shard_loss else None,
+        microbatches=microbatches,
+    )
     return _jit_step(fn, mesh, donate, batch_arg=True)
 
 
-def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
-                           ema_decay: float | None = None, donate: bool = True, mesh=None,
-                           predraw: bool | None = None, microbatches: int = 1):
+def make_fused_train_steps(
+    loss_fn,
+    tx,
+    data_fn,
+    num_steps: int,
+    *,
+    ema_decay: float | None = None,
+    donate: bool = True,
+    mesh=None,
+    predraw: bool | None = None,
+    microbatches: int = 1,
+):
     """``num_steps`` training steps in one compiled call, data drawn on device.
 
     ``data_fn(key) -> batch`` draws a fresh global batch (e.g. a toy density sampler), so
@@ -267,8 +308,9 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
             batch = draw(data_key)
         else:
             loss_key, batch = keys_and_batch
-        return _one_step(loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key,
-                         microbatches=microbatches)
+        return _one_step(
+            loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key, microbatches=microbatches
+        )
 
     def batches_fit(state):  # num_steps batches within PREDRAW_MAX_BYTES (shapes only)
         shapes = jax.eval_shape(data_fn, step_keys(state.rng, state.step)[1])
@@ -286,7 +328,8 @@ def make_fused_train_steps(loss_fn, tx, data_fn, num_steps: int, *,
                 raise ValueError(
                     f"predraw draws the {num_steps} batches with jax.vmap(data_fn), which "
                     f"failed ({type(e).__name__}: {e}); pass predraw=False to draw inside "
-                    "each step.") from e
+                    "each step."
+                ) from e
             state, metrics = jax.lax.scan(step, state, (loss_keys, batches))
         else:
             state, metrics = jax.lax.scan(step, state, None, length=num_steps)
