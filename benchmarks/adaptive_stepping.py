@@ -21,15 +21,17 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 import jax
 import numpy as np
-import w2d
+from harness import bench
+from w2d_fmjax import FmjaxSide
+from w2d_workload import SEED, W2D, W2D_SMALL, load_layers
 
 import fmjax
 
 
 def measure(cfg, path, n, per_example, error_norm="rms", repeats=3):
-    side = w2d.FmjaxSide(cfg)
-    params = side.params_from_layers(w2d.load_layers(path))
-    x0 = jax.random.normal(jax.random.PRNGKey(w2d.SEED), (n, 2))
+    side = FmjaxSide(cfg)
+    params = side.params_from_layers(load_layers(path))
+    x0 = jax.random.normal(jax.random.PRNGKey(SEED), (n, 2))
 
     def run():
         x, stats = fmjax.sample(
@@ -44,7 +46,7 @@ def measure(cfg, path, n, per_example, error_norm="rms", repeats=3):
         jax.block_until_ready(x)
         return stats
 
-    first, times, stats = w2d.bench(run, repeats)
+    first, times, stats = bench(run, repeats)
     nfe = np.asarray(stats.nfe)
     nfe_desc = (
         f"NFE {int(nfe)}"
@@ -75,8 +77,8 @@ def main(argv=None):
         if not os.path.exists(path):
             ap.error(f"no weights file {path!r}: run benchmarks/w2d.py with --weights first")
     for name, cfg, path, n in (
-        ("W2D", w2d.W2D, args.weights, 50_000),
-        ("W2D-small", w2d.W2D_SMALL, args.weights_small, 1000),
+        ("W2D", W2D, args.weights, 50_000),
+        ("W2D-small", W2D_SMALL, args.weights_small, 1000),
     ):
         if name not in models:
             continue

@@ -21,7 +21,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 import jax
 import jax.numpy as jnp
-import w2d
+from harness import bench, interleave
 
 import fmjax
 
@@ -80,8 +80,8 @@ def main(argv=None):
         }
 
         runs = {label: _runner(f, x0, solver, steps) for label, f in fields.items()}
-        firsts = {label: w2d.bench(run, 0)[0] for label, run in runs.items()}
-        times, _, errors = w2d.interleave(runs, args.rounds, min_seconds=0.3)
+        firsts = {label: bench(run, 0)[0] for label, run in runs.items()}
+        times, _, errors = interleave(runs, args.rounds, min_seconds=0.3)
         if errors:
             raise RuntimeError(errors)
         print(f"\n{name}: {width} x {depth} hidden, {n} points, {solver} x {steps} steps")

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
-import w2d  # the benchmark's helpers: interleave, the W2D-small spec
+from harness import add_min_turn, interleave, summarize
+from w2d_fmjax import cfm_loss, checkerboard_fn, mlp
+from w2d_workload import W2D_SMALL
 
 
 def main(argv=None):
@@ -37,12 +38,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--fused-steps", type=int, default=200)
     ap.add_argument("--per-step-steps", type=int, default=50)
-    ap.add_argument(
-        "--min-turn",
-        type=float,
-        default=0.5,
-        help="seconds each variant's turn in a round lasts at least",
-    )
+    add_min_turn(ap, what="variant")
     args = ap.parse_args(argv)
 
     import fmjax
@@ -53,26 +49,14 @@ def main(argv=None):
     import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    import fmjax.data.toy
-    import fmjax.models
     import fmjax.train
     from fmjax.train import sharding
 
-    spec, batch = w2d.W2D_SMALL, args.batch
-    model = fmjax.models.MLP(
-        hidden=spec["hidden"],
-        depth=spec["depth"],
-        activation=spec["activation"],
-        time_embedding="raw",
-    )
-    path = fmjax.paths.CondOT(sigma_min=0.0)
+    batch = args.batch
+    model = mlp(W2D_SMALL)
+    loss_fn = cfm_loss(model, fmjax.paths.CondOT(sigma_min=0.0))
+    data_fn = checkerboard_fn(batch)
     tx = optax.adam(1e-3)
-
-    def loss_fn(p, key, x1):
-        return fmjax.losses.cfm_loss(lambda t, x: model.apply(p, t, x), path, key, x1)
-
-    def data_fn(key):
-        return fmjax.data.toy.checkerboard(key, batch)
 
     params = model.init(jax.random.key(0), jnp.zeros((1,)), jnp.zeros((1, 2)))
     dev0 = jax.devices()[0]
@@ -123,7 +107,7 @@ def main(argv=None):
         if mesh is not None:
             fused(f"fused x{args.fused_steps}, {n} devices, predraw={predraw}", True, predraw)
 
-    times, _, errors = w2d.interleave(fns, args.rounds, args.min_turn)
+    times, _, errors = interleave(fns, args.rounds, args.min_turn)
     print(
         f"W2D-small training, batch {batch}, {n} CPU device(s), {args.rounds} rounds, "
         f"jax {jax.__version__}\n"
@@ -133,8 +117,8 @@ def main(argv=None):
         if label in errors:
             print(f"| {label} | ERROR {errors[label]} | |")
             continue
-        rates = [steps_per_call[label] / t for t in ts]
-        print(f"| {label} | {statistics.median(rates):.0f} | {min(rates):.0f}-{max(rates):.0f} |")
+        rates = summarize([steps_per_call[label] / t for t in ts])
+        print(f"| {label} | {rates['median']:.0f} | {rates['min']:.0f}-{rates['max']:.0f} |")
     return 1 if errors else 0
 
 

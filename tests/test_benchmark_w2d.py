@@ -1,10 +1,10 @@
-"""benchmarks/w2d.py: the interleaved timing rounds, the per-round ratios, and a smoke run.
+"""benchmarks/w2d.py and its harness: the interleaved timing rounds, the per-round ratios,
+the table, and smoke runs of the scripts.
 
-The peers (torch) are not installed in CI, so the smoke run covers the fmjax side only; the
+The peers (torch) are not installed in CI, so the smoke runs cover the fmjax side only; the
 round and ratio logic is checked on made-up callables and times.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-_spec = importlib.util.spec_from_file_location(
-    "w2d_bench", os.path.join(ROOT, "benchmarks", "w2d.py")
-)
-w2d = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(w2d)
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)  # the scripts import their sibling modules
+
+import harness  # noqa: E402
+import w2d_report  # noqa: E402
 
 
 def test_interleave_rotates_the_order_and_times_every_call():
@@ -32,7 +32,7 @@ def test_interleave_rotates_the_order_and_times_every_call():
 
         return fn
 
-    times, outputs, errors = w2d.interleave({k: make(k) for k in "abc"}, repeats=4)
+    times, outputs, errors = harness.interleave({k: make(k) for k in "abc"}, repeats=4)
     # round r starts at label r mod 3, each label once per round
     assert calls == list("abcbcacababc")
     assert errors == {}
@@ -50,7 +50,7 @@ def test_interleave_drops_a_failing_callable_and_keeps_the_others():
             raise RuntimeError("solver diverged")
         return 0
 
-    times, _, errors = w2d.interleave({"good": lambda: 1, "bad": bad}, repeats=3)
+    times, _, errors = harness.interleave({"good": lambda: 1, "bad": bad}, repeats=3)
     assert errors == {"bad": "RuntimeError: solver diverged"}
     assert len(times["good"]) == 3 and len(times["bad"]) == 1
     assert count["bad"] == 2  # not called again after it failed
@@ -68,7 +68,7 @@ def test_interleave_repeats_calls_for_min_seconds_and_records_the_mean_per_call(
         return fn
 
     t0 = time.perf_counter()
-    times, outputs, _ = w2d.interleave(
+    times, outputs, _ = harness.interleave(
         {"slow": make("slow", 0.03), "fast": make("fast", 0.002)}, repeats=2, min_seconds=0.02
     )
     total = time.perf_counter() - t0
@@ -84,12 +84,12 @@ def test_interleave_repeats_calls_for_min_seconds_and_records_the_mean_per_call(
 def test_round_ratios_take_the_faster_peer_of_each_round():
     times = {"fmjax": [1.0, 2.0, 4.0], "p": [3.0, 3.0, 3.0], "q": [5.0, 1.0, 6.0]}
     # per round: min(peer) / fmjax = 3/1, 1/2, 3/4
-    assert w2d.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0, 0.5, 0.75])
+    assert harness.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0, 0.5, 0.75])
     # a peer that failed after one round limits the rounds compared
     times["q"] = [5.0]
-    assert w2d.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0])
-    assert w2d.round_ratios(times, "fmjax", []) is None
-    assert w2d.round_ratios(times, "fmjax", ["missing"]) is None
+    assert harness.round_ratios(times, "fmjax", ["p", "q"]) == pytest.approx([3.0])
+    assert harness.round_ratios(times, "fmjax", []) is None
+    assert harness.round_ratios(times, "fmjax", ["missing"]) is None
 
 
 def test_markdown_lists_the_ratios_of_the_fmjax_lines():
@@ -101,7 +101,7 @@ def test_markdown_lists_the_ratios_of_the_fmjax_lines():
         "min": 0.9,
         "max": 1.1,
         "unit": "s",
-        **{f"ratio_{k}": v for k, v in w2d.summarize([2.0, 3.0, 2.5]).items()},
+        **{f"ratio_{k}": v for k, v in harness.summarize([2.0, 3.0, 2.5]).items()},
     }
     peer = {
         "row": "small",
@@ -120,31 +120,16 @@ def test_markdown_lists_the_ratios_of_the_fmjax_lines():
         "repeats": 3,
         "loadavg_start": 0.0,
     }
-    table = w2d.markdown([rec, peer], meta)
+    table = w2d_report.markdown([rec, peer], meta)
     assert "vs faster peer 2.50x (2.00-3.00)" in table
     assert "| small | c | fmjax | 2.50x (2.00-3.00) | 3 |" in table
     assert "| small | c | torchcfm | 2.50x" not in table
 
 
-def test_quick_run_of_the_fmjax_side(tmp_path):
-    """The script end to end (no peers): every W2D-small case is timed and recorded."""
-    out = tmp_path / "raw.json"
+def run_script(name, *args):
+    """``python benchmarks/<name> args`` from the repository root: its stdout."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "w2d.py"),
-            "--quick",
-            "--only",
-            "fmjax",
-            "--rows",
-            "small",
-            "--repeats",
-            "2",
-            "--cpu-devices",
-            "1",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, os.path.join(BENCHMARKS, name), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -152,6 +137,17 @@ def test_quick_run_of_the_fmjax_side(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_quick_run_of_the_fmjax_side(tmp_path):
+    """The script end to end (no peers): every W2D-small case is timed and recorded."""
+    out = tmp_path / "raw.json"
+    run_script(
+        "w2d.py",
+        *("--quick", "--only", "fmjax", "--rows", "small", "--repeats", "2"),
+        *("--cpu-devices", "1", "--out", str(out)),
+    )
     records = json.loads(out.read_text())["records"]
     assert all("error" not in r for r in records)
     cases = {r["case"] for r in records}
@@ -167,31 +163,11 @@ def test_quick_run_of_the_fmjax_side(tmp_path):
 def test_quality_row_over_several_training_seeds(tmp_path):
     """--quality-seeds 2: one line per training seed (different models) and their mean / sd."""
     out = tmp_path / "raw.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "w2d.py"),
-            "--quick",
-            "--only",
-            "fmjax",
-            "--rows",
-            "quality",
-            "--quality-steps",
-            "5",
-            "--quality-seeds",
-            "2",
-            "--cpu-devices",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-        check=False,
+    run_script(
+        "w2d.py",
+        *("--quick", "--only", "fmjax", "--rows", "quality", "--quality-steps", "5"),
+        *("--quality-seeds", "2", "--cpu-devices", "1", "--out", str(out)),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     records = [r for r in json.loads(out.read_text())["records"] if r["framework"] == "fmjax"]
     assert all("error" not in r for r in records)
     seeds = [r for r in records if "training seed " in r["case"]]
@@ -203,3 +179,19 @@ def test_quality_row_over_several_training_seeds(tmp_path):
     assert mean["nll_seed_sd"] == pytest.approx(abs(nll[0] - nll[1]) / np.sqrt(2))
     assert mean["mmd2"] == pytest.approx(mmd.mean())
     assert mean["mmd2_seed_sd"] == pytest.approx(abs(mmd[0] - mmd[1]) / np.sqrt(2))
+
+
+def test_w2d_small_steps_script_runs_on_its_sibling_modules():
+    out = run_script(
+        "w2d_small_steps.py",
+        *("--cpu-devices", "1", "--rounds", "1", "--batch", "16"),
+        *("--fused-steps", "2", "--per-step-steps", "2", "--min-turn", "0"),
+    )
+    assert "| per-step, one device |" in out
+    assert "| fused x2, one device, predraw=True |" in out
+
+
+def test_adaptive_stepping_script_imports_its_sibling_modules():
+    """``--help`` imports the script's modules (a run needs the W2D weights files); w2d.py
+    runs above, guidance.py in test_guidance."""
+    assert "usage:" in run_script("adaptive_stepping.py", "--help")
