@@ -30,8 +30,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ott.geometry import geometry
-from ott.solvers import linear
 
 from fmjax._checks import real, traced
 
@@ -43,6 +41,7 @@ __all__ = [
     "independent",
     "minibatch_ot",
     "ot_cost_matrix",
+    "pairing",
     "round_to_permutation",
     "sinkhorn_plan",
     "sinkhorn_scores",
@@ -172,6 +171,10 @@ def sinkhorn_scores(cost, *, reg: float = 0.05, num_iters: int = 2000, threshold
     the log domain, ``(f_i + g_j - C_ij) / eps``, so entries stay finite where ``P``
     underflows; the Sinkhorn iterations stop at ``threshold`` (marginal error) or
     ``num_iters``."""
+    # ott-jax is imported on first use: it imports Flax, which the core does not
+    from ott.geometry import geometry
+    from ott.solvers import linear
+
     geom = geometry.Geometry(cost_matrix=cost, epsilon=reg, scale_cost="mean")
     out = linear.solve(geom, threshold=threshold, max_iterations=num_iters)
     return (out.f[:, None] + out.g[None, :] - geom.cost_matrix) / geom.epsilon
@@ -272,6 +275,45 @@ def minibatch_ot(
     perm = round_to_permutation(scores, allowed)
     # non-finite data under jit: pass NaN on to the pairs (and so the loss), not a pairing
     return jnp.where(finite, x0[perm], jnp.nan), x1
+
+
+def pairing(
+    coupling: str | Callable = "ot",
+    *,
+    source: Callable | None = None,
+    data: str = "x1",
+    cond: str | None = None,
+) -> Callable:
+    """A batch transform ``prepare(key, batch) -> batch`` that draws source samples for
+    ``batch[data]`` and pairs them with it by ``coupling``, adding them as ``batch["x0"]``.
+
+    For ``fmjax.train.make_train_step(prepare=...)``: it runs on the whole global batch before
+    the batch is split over microbatches or devices, so the pairing is over the whole step's
+    batch; the loss then uses ``cfm_loss(..., x0=batch["x0"])``.
+
+    Args:
+      coupling: a name from :data:`COUPLINGS` or a ``coupling(key, x0, x1[, cond=])``.
+      source: ``source(key, shape, dtype)`` draws the source samples (e.g. a path's
+        ``sample_source``); default N(0, I).
+      data: the batch entry holding the data.
+      cond: the batch entry holding each data point's condition (labels or context
+        vectors), given to the coupling; None: unconditional pairing.
+    """
+    fn = get(coupling) if isinstance(coupling, str) else coupling
+    draw = source or (lambda key, shape, dtype: jax.random.normal(key, shape, dtype))
+
+    def prepare(key, batch):
+        if data not in batch or (cond is not None and cond not in batch):
+            want = [data] + ([cond] if cond is not None else [])
+            raise ValueError(f"pairing: the batch must hold {want}; got keys {sorted(batch)}.")
+        x1 = batch[data]
+        k_draw, k_pair = jax.random.split(key)
+        x0 = draw(k_draw, jnp.shape(x1), jnp.result_type(x1))
+        kw = {} if cond is None else {"cond": batch[cond]}
+        x0, _ = fn(k_pair, x0, x1, **kw)
+        return {**batch, "x0": x0}
+
+    return prepare
 
 
 #: Couplings by name, as ``cfm_loss(coupling=...)`` accepts them.

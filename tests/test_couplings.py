@@ -7,10 +7,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import run_python
 
-from fmjax import couplings, losses, paths
+from fmjax import couplings, losses, paths, train
 
 
 def _points(n, d=2, seed=0, shift=3.0):
@@ -161,6 +162,20 @@ for method in ("exact", "sinkhorn"):
         four = f(None, *args, cond=c)[0]
         assert len(four.sharding.device_set) == 4 or four.sharding.is_fully_replicated
         out[f"{method}/{cond is not None}"] = float(jnp.max(jnp.abs(one - four)))
+# a training step that pairs before splitting over devices (shard_loss) and microbatches
+import optax
+from fmjax import losses, paths, train
+def loss_fn(p, key, batch):
+    v = lambda t, x: x @ p["w"] + t[:, None] * p["b"]
+    return losses.cfm_loss(v, paths.CondOT(), key, batch["x1"], x0=batch["x0"], t=batch["t"])
+state = train.TrainState.create(
+    {"w": jnp.eye(2) * 0.3, "b": jnp.ones(2)}, optax.sgd(0.1), jax.random.key(4))
+batch = {"x1": x1, "t": jnp.linspace(0.0, 1.0, 64)}
+kw = dict(microbatches=2, prepare=couplings.pairing("ot"), donate=False)
+one = train.make_train_step(loss_fn, optax.sgd(0.1), **kw)(state, batch)[0].params
+four = train.make_train_step(loss_fn, optax.sgd(0.1), mesh=mesh, shard_loss=True, **kw)(
+    state, batch)[0].params
+out["train_step"] = float(max(jnp.max(jnp.abs(one[k] - four[k])) for k in one))
 print("RESULT", json.dumps(out))
 """
 
@@ -170,5 +185,72 @@ def test_four_devices_pair_the_global_batch_as_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     diffs = json.loads(line.split(" ", 1)[1])
+    step = diffs.pop("train_step")
     assert len(diffs) == 4
     assert all(d == 0.0 for d in diffs.values()), diffs
+    assert step < 1e-6
+
+
+def _linear_loss(params, key, batch):
+    def v(t, x):
+        return x @ params["w"] + t[:, None] * params["b"]
+
+    return losses.cfm_loss(v, paths.CondOT(), key, batch["x1"], x0=batch["x0"], t=batch["t"])
+
+
+def test_pairing_over_the_whole_step_batch_before_microbatches():
+    x1 = _points(16, seed=8)[1]
+    batch = {"x1": x1, "t": jnp.linspace(0.0, 1.0, 16)}  # times fixed per row
+    state = train.TrainState.create(
+        {"w": jnp.eye(2) * 0.3, "b": jnp.ones(2)}, optax.sgd(0.1), jax.random.key(4)
+    )
+    prepare = couplings.pairing("ot")
+    out = {}
+    for k in (1, 4):
+        step = train.make_train_step(
+            _linear_loss, optax.sgd(0.1), microbatches=k, prepare=prepare, donate=False
+        )
+        out[k] = step(state, batch)[0].params
+    # one pairing of all 16 rows, then split: the same update with and without microbatches
+    for name in ("w", "b"):
+        np.testing.assert_allclose(out[4][name], out[1][name], rtol=1e-5)
+    # the x0 it adds is the global optimum for its draw: a permutation of N(0, I) draws
+    key = jax.random.fold_in(train.step_keys(state.rng, 0)[0], train.PREPARE_KEY_INDEX)
+    x0 = prepare(key, batch)["x0"]
+    drawn = jax.random.normal(jax.random.split(key)[0], x1.shape)
+    np.testing.assert_array_equal(x0, couplings.minibatch_ot(None, drawn, x1)[0])
+
+    # pairing inside the loss pairs within each microbatch instead: another update
+    def paired_in_loss(params, key, batch):
+        return losses.cfm_loss(
+            lambda t, x: x @ params["w"] + t[:, None] * params["b"],
+            paths.CondOT(),
+            key,
+            batch["x1"],
+            t=batch["t"],
+            coupling="ot",
+        )
+
+    inner = {
+        k: train.make_train_step(paired_in_loss, optax.sgd(0.1), microbatches=k, donate=False)(
+            state, batch
+        )[0].params["w"]
+        for k in (1, 4)
+    }
+    assert not np.allclose(inner[1], inner[4], rtol=1e-3)
+
+
+def test_pairing_with_labels_and_errors():
+    x1 = _points(len(LABELS), seed=9)[1]
+    prepare = couplings.pairing(
+        "ot_sinkhorn", cond="label", source=lambda k, s, d: 0.5 * jax.random.normal(k, s, d)
+    )
+    out = prepare(jax.random.key(0), {"x1": x1, "label": LABELS})
+    drawn = 0.5 * jax.random.normal(jax.random.split(jax.random.key(0))[0], x1.shape)
+    perm = _perm_of(out["x0"], drawn)
+    assert _is_permutation(perm)
+    np.testing.assert_array_equal(LABELS[perm], LABELS)
+    with pytest.raises(
+        ValueError, match=r"the batch must hold \['x1', 'label'\]; got keys \['x1'\]"
+    ):
+        prepare(jax.random.key(0), {"x1": x1})
