@@ -52,7 +52,7 @@ def get_config(preset: str = "default"):
     # sampling efficiency: straightness, transport cost and MMD against NFE for euler,
     # midpoint, heun, rk4 at sweep_steps steps and dopri5 at sweep_tols (fmjax.metrics.efficiency)
     c.eval.sweep = True
-    c.eval.sweep_samples = 2000
+    c.eval.sweep_samples = 1000
     c.eval.sweep_steps = (1, 2, 4, 8, 16, 32, 64, 128)
     c.eval.sweep_tols = (1e-2, 1e-3, 1e-4)
 
