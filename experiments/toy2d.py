@@ -26,6 +26,7 @@ import fmjax
 from experiments import path_config
 from fmjax._checks import integer, real
 from fmjax.data import toy
+from fmjax.metrics import efficiency
 from fmjax.models import MLP
 
 
@@ -44,6 +45,7 @@ _INT_FIELDS = (
     ("eval", "num_samples", 1),
     ("eval", "grid_size", 1),
     ("eval", "num_trajectories", 1),
+    ("eval", "sweep_samples", 2),
 )
 
 
@@ -69,6 +71,10 @@ def _check_config(cfg):
             f"train.steps_per_call ({t.steps_per_call})."
         )
     e = cfg.eval  # checked before training, not after it
+    for k in e.sweep_steps:
+        integer(k, "eval.sweep_steps entries")
+    for tol in e.sweep_tols:
+        real(tol, "eval.sweep_tols entries", low=0.0, low_open=True)
     for keys, rtol, atol in (
         ("eval.rtol / eval.atol", e.rtol, e.atol),
         ("eval.grid_rtol", e.grid_rtol, e.grid_rtol),
@@ -153,9 +159,9 @@ def evaluate(cfg, model, params, workdir):
     t_lo, t_hi = path.velocity_range(prediction, cfg.eval.t_margin)
     span = {"t0": t_lo, "t1": t_hi}
     key = jax.random.key(cfg.seed + 1)
-    # (split(key, n)[i] does not depend on n, so the sixth key leaves the first five as
-    # they were; fold_in(k_ref, 1) would be the key toy.sample(k_ref) draws its u with)
-    k_nll, k_x0, k_ref, k_sw, k_traj, k_ref2 = jax.random.split(key, 6)
+    # (split(key, n)[i] does not depend on n, so added keys leave the first ones as they
+    # were; fold_in(k_ref, 1) would be the key toy.sample(k_ref) draws its u with)
+    k_nll, k_x0, k_ref, k_sw, k_traj, k_ref2, k_sweep, k_ref3 = jax.random.split(key, 8)
     e = cfg.eval
     out = {"prediction": prediction, "t0": t_lo, "t1": t_hi}
 
@@ -198,6 +204,10 @@ def evaluate(cfg, model, params, workdir):
         fmjax.metrics.sliced_wasserstein(k_sw, ref2, ref)
     )
 
+    # straightness and transport cost of the learned flow, and quality against NFE
+    if e.sweep:
+        out.update(_efficiency(cfg, v, path, span, k_sweep, k_ref3))
+
     # density on a grid
     lim = e.plot_lim
     g = np.linspace(-lim, lim, e.grid_size, dtype=np.float32)
@@ -225,6 +235,56 @@ def evaluate(cfg, model, params, workdir):
 
     _plot(cfg, workdir, np.asarray(samples), np.asarray(ref), traj, grid_logp, out)
     return out
+
+
+def _efficiency(cfg, v, path, span, key, key_ref):
+    """Straightness and transport cost (one dopri5 solve) and the sweep of solvers and step
+    counts from the same source samples, with the MMD of each against fresh data."""
+    e = cfg.eval
+    x0 = path.sample_source(key, (e.sweep_samples, 2))
+    ref = toy.sample(cfg.dataset, key_ref, e.sweep_samples)
+    t0 = time.perf_counter()
+    flow = efficiency.straightness(v, x0, rtol=e.rtol, atol=e.atol, **span)
+    records = efficiency.sweep(
+        v,
+        x0,
+        steps=tuple(e.sweep_steps),
+        tolerances=tuple(e.sweep_tols),
+        reference_tol=e.rtol,
+        quality=lambda x: {"mmd": float(fmjax.metrics.mmd(x, ref))},
+        **span,
+    )
+    return {
+        "straightness": float(flow.straightness),
+        "transport_cost": float(flow.transport_cost),
+        "sweep": records,
+        "sweep_seconds": time.perf_counter() - t0,
+    }
+
+
+def _plot_sweep(workdir, records):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for solver in dict.fromkeys(r["solver"] for r in records):
+        rs = [r for r in records if r["solver"] == solver]
+        style = "o-" if "steps" in rs[0] else "s--"
+        nfe = [r["nfe"] for r in rs]
+        axes[0].plot(nfe, [r["mmd"] for r in rs], style, label=solver, ms=4)
+        errs = [(n, r["ode_error"]) for n, r in zip(nfe, rs, strict=True) if r["ode_error"] > 0]
+        if errs:
+            axes[1].plot(*zip(*errs, strict=True), style, label=solver, ms=4)
+    for ax, what in ((axes[0], "MMD$^2$ to fresh data"), (axes[1], "ODE error (vs tight dopri5)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(what)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("quality against function evaluations, from the same source samples")
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "nfe_quality.png"), dpi=100)
+    plt.close(fig)
 
 
 def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
@@ -259,6 +319,9 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "trajectories.png"), dpi=100)
     plt.close(fig)
+
+    if "sweep" in metrics:
+        _plot_sweep(workdir, metrics["sweep"])
 
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(np.exp(grid_logp), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")

@@ -14,6 +14,8 @@ independent of v, so their gradients agree.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 
@@ -76,6 +78,13 @@ def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
     return x0, t, kc
 
 
+def _takes_cond(coupling) -> bool:
+    try:
+        return "cond" in inspect.signature(coupling).parameters
+    except (TypeError, ValueError):  # no signature to read: a plain coupling(key, x0, x1)
+        return False
+
+
 def cfm_loss(
     v,
     path,
@@ -102,7 +111,10 @@ def cfm_loss(
       t: optional times ``(B,)``; otherwise ``time_sampler(key, B)`` or U[path.t_range].
       coupling: ``coupling(key, x0, x1) -> (x0, x1)`` or a name from
         :mod:`fmjax.couplings` ('independent', 'ot', 'ot_sinkhorn'); default independent.
-        'ot' (exact) draws nothing; 'ot_sinkhorn' and a callable get a key split from ``key``.
+        The named couplings draw nothing; a callable gets a key split from ``key``. With
+        ``cond``, a coupling whose signature has a ``cond`` parameter (the named ones) is
+        given the conditions, so the OT couplings pair within each class (integer labels) or
+        at a cost for distant contexts (float vectors).
         Gradients flow through the re-paired x0 and x1 with the pairing held fixed.
       reduction: 'mean' (MSE over all elements, as the PyTorch references), 'sum' (the
         paper's squared norm, summed over dimensions, averaged over the batch) or 'none'
@@ -125,13 +137,14 @@ def cfm_loss(
     paths_lib.check_prediction(prediction, "prediction")
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "cfm_loss")
-    x0, t, kc = _draw(
-        path, key, x1, x0, t, time_sampler, need_key=coupling not in (None, "independent", "ot")
-    )
+    x0, t, kc = _draw(path, key, x1, x0, t, time_sampler, need_key=callable(coupling))
     if coupling is not None:
         coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
         data = x1
-        x0, x1 = coupling(kc, x0, x1)
+        if cond is not None and _takes_cond(coupling):
+            x0, x1 = coupling(kc, x0, x1, cond=cond)
+        else:
+            x0, x1 = coupling(kc, x0, x1)
         if cond is not None and x1 is not data:
             raise ValueError(
                 f"cfm_loss(cond=...): the coupling {coupling!r} returned a new x1; with "

@@ -23,6 +23,7 @@ def test_train_and_evaluate_tiny(tmp_path):
         "metrics.json",
         "config.json",
         "train_log.jsonl",
+        "nfe_quality.png",
     ):
         path = tmp_path / name
         assert path.exists() and path.stat().st_size > 0, name
@@ -32,6 +33,20 @@ def test_train_and_evaluate_tiny(tmp_path):
     assert on_disk["true_entropy_nats"] == pytest.approx(3.6765, abs=1e-4)
     # a 20-step model is far from the data, but it is a density: NLL above the entropy
     assert on_disk["nll_nats"] > on_disk["true_entropy_nats"]
+    # sampling efficiency: every solver at every step count, then dopri5 at each tolerance
+    # and at the reference tolerance (ODE error 0 by definition)
+    assert on_disk["straightness"] > 0 and on_disk["transport_cost"] > 0
+    sweep = on_disk["sweep"]
+    fixed = [(r["solver"], r["steps"]) for r in sweep if "steps" in r]
+    assert fixed == [(s, k) for s in ("euler", "midpoint", "heun", "rk4") for k in (1, 4)]
+    assert [(r["solver"], r["tol"]) for r in sweep if "tol" in r] == [
+        ("dopri5", 1e-2),
+        ("dopri5", cfg.eval.rtol),
+    ]
+    assert all(r["nfe"] > 0 and r["mmd"] >= 0 for r in sweep)
+    assert sweep[-1]["ode_error"] == 0.0 and sweep[0]["ode_error"] > 0
+    euler = {r["steps"]: r for r in sweep if r["solver"] == "euler"}
+    assert euler[1]["nfe"] == 1 and euler[4]["nfe"] == 4
 
 
 def test_cli_with_overrides_and_locked_config(tmp_path):

@@ -49,6 +49,12 @@ def get_config(preset: str = "default"):
     c.eval.num_trajectories = 500
     c.eval.plot_lim = 4.5
     c.eval.t_margin = 1e-3  # kept from an end where the prediction's conversion is singular
+    # sampling efficiency: straightness, transport cost and MMD against NFE for euler,
+    # midpoint, heun, rk4 at sweep_steps steps and dopri5 at sweep_tols (fmjax.metrics.efficiency)
+    c.eval.sweep = True
+    c.eval.sweep_samples = 1000
+    c.eval.sweep_steps = (1, 2, 4, 8, 16, 32, 64, 128)
+    c.eval.sweep_tols = (1e-2, 1e-3, 1e-4)
 
     if preset == "tiny":
         c.model.hidden = 32
@@ -64,6 +70,9 @@ def get_config(preset: str = "default"):
         c.eval.num_trajectories = 16
         c.eval.rtol = c.eval.atol = 1e-3
         c.eval.grid_rtol = 1e-3
+        c.eval.sweep_samples = 64
+        c.eval.sweep_steps = (1, 4)
+        c.eval.sweep_tols = (1e-2,)
     elif preset != "default":
         raise ValueError(f"unknown toy2d preset {preset!r}; known presets: 'default', 'tiny'.")
     return c

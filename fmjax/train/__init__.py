@@ -10,6 +10,7 @@ from fmjax.train.loop import NonFiniteLossError, fit
 from fmjax.train.state import TrainState
 from fmjax.train.step import (
     DATA_KEY_INDEX,
+    PREPARE_KEY_INDEX,
     apply_update,
     make_fused_train_steps,
     make_train_step,
@@ -20,6 +21,7 @@ from fmjax.train.step import (
 __all__ = [
     "DATA_KEY_INDEX",
     "NonFiniteLossError",
+    "PREPARE_KEY_INDEX",
     "TrainState",
     "apply_update",
     "checkpoint",

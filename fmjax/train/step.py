@@ -31,6 +31,7 @@ from fmjax.train.state import TrainState
 
 __all__ = [
     "DATA_KEY_INDEX",
+    "PREPARE_KEY_INDEX",
     "apply_update",
     "make_fused_train_steps",
     "make_train_step",
@@ -45,6 +46,11 @@ With JAX's threefry keys ``fold_in(k, j) == split(k, n)[j]``, so a data key ``fo
 would be the key ``cfm_loss`` draws ``t`` with (its ``split(k, 3)[1]``), and a device's
 key on a mesh. The last 32-bit index is one that no split of the loss key into fewer than
 ``2**32 - 1`` keys reaches."""
+
+
+PREPARE_KEY_INDEX = 2**32 - 2
+"""``make_train_step(prepare=...)`` calls ``prepare`` with ``fold_in(loss_key, PREPARE_KEY_INDEX)``:
+like :data:`DATA_KEY_INDEX`, an index that no split of the loss key reaches."""
 
 
 PREDRAW_MAX_BYTES = 64 * 2**20
@@ -146,9 +152,13 @@ def apply_update(state: TrainState, grads, tx, ema_decay):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
-def _one_step(loss_fn, tx, ema_decay, state, batch, mesh=None, key=None, microbatches=1):
+def _one_step(
+    loss_fn, tx, ema_decay, state, batch, mesh=None, key=None, microbatches=1, prepare=None
+):
     if key is None:
         key = step_keys(state.rng, state.step)[0]  # (the unused data key is dead code to XLA)
+    if prepare is not None:  # the whole global batch, before any split
+        batch = prepare(jax.random.fold_in(key, PREPARE_KEY_INDEX), batch)
     if mesh is None:
         loss, aux, grads = _loss_and_grad(loss_fn, state.params, key, batch, microbatches)
     else:
@@ -206,6 +216,7 @@ def make_train_step(
     donate: bool = True,
     shard_loss: bool = False,
     microbatches: int = 1,
+    prepare=None,
 ):
     """Return ``step(state, batch) -> (state, metrics)``, jitted, with the state donated.
 
@@ -227,6 +238,12 @@ def make_train_step(
     coupling) then pairs within each microbatch. ``k`` must divide the batch size (with
     ``shard_loss``, each device's rows: those are split on the device and the gradients
     all-reduced once per step; in the global view XLA all-reduces each part's gradients).
+
+    ``prepare(key, batch) -> batch`` runs on the whole global batch before it is split over
+    microbatches or devices (in the global view, with a key of its own: see
+    :data:`PREPARE_KEY_INDEX`). :func:`fmjax.couplings.pairing` is the one to use for a
+    minibatch OT coupling over the global batch: it adds the paired source samples
+    ``batch["x0"]``, which ``loss_fn`` passes to ``cfm_loss(x0=...)``.
     """
     _check_decay(ema_decay)
     microbatches = integer(microbatches, "microbatches")
@@ -243,6 +260,7 @@ def make_train_step(
         ema_decay,
         mesh=mesh if shard_loss else None,
         microbatches=microbatches,
+        prepare=prepare,
     )
     return _jit_step(fn, mesh, donate, batch_arg=True)
 
