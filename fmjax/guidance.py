@@ -15,7 +15,7 @@ is their affine combination
 
 ``w = 1`` is the conditional field, ``w = 0`` the unconditional one, ``w > 1`` guides
 (sharper, less diverse samples). The weights sum to one and every conversion of an affine
-path (``paths.AffinePath.convert``) is affine in the prediction with an ``x`` term that does
+path (:func:`fmjax.predictions.convert`) is affine in the prediction with an ``x`` term that does
 not depend on it, so guiding the velocity, the x1-, eps- or score-prediction all give the same
 field. The result is an ordinary ``v(t, x)`` for :func:`fmjax.sample`; it is not the flow of
 a normalised density, so :func:`fmjax.log_likelihood` of it is not a likelihood.
@@ -29,7 +29,7 @@ import numpy as np
 
 from fmjax import _checks
 from fmjax._field import as_field
-from fmjax.sampling import check_cond
+from fmjax.batching import check_cond
 
 __all__ = ["classifier_free", "conditional"]
 

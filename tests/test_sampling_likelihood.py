@@ -259,7 +259,7 @@ def test_reported_nfe_equals_counted_calls(solver, kw):
 
 
 def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monkeypatch):
-    # _fsal_state falls back to None when diffrax's FSAL state has another form (another
+    # fsal_state falls back to None when diffrax's FSAL state has another form (another
     # diffrax version): the solver then evaluates field(t0, y0) itself, one more call.
     calls = []
 
@@ -267,7 +267,7 @@ def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monke
         jax.debug.callback(lambda: calls.append(1))
         return -x * (1.0 + jnp.sin(5 * t[:, None]))
 
-    monkeypatch.setattr(fmjax.ode, "_fsal_state", lambda *args: None)
+    monkeypatch.setattr(fmjax.solvers, "fsal_state", lambda *args: None)
     _, stats = fmjax.sample(counting_field, _x0(3), solver="dopri5", rtol=1e-6, atol=1e-6)
     jax.effects_barrier()
     assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
