@@ -167,10 +167,9 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
       batched: evaluate the conditional and unconditional fields in one call of ``v`` on
         ``2B`` rows (default; each row of ``x`` twice in a row, with its condition and with
         the null one, so a batch sharded over a mesh stays where it is), or in two calls of
-        ``B`` rows (half the activation memory). Both give the same field. Measured on a
-        2-core CPU (``docs/benchmarks.md``), one call is as fast as two for a model whose
-        matmuls bound the time and costs 1.3x the unguided solve, against 2x, for a small
-        model whose per-call overhead does.
+        ``B`` rows (half the activation memory). Both give the same field; one call saves
+        a model call's fixed overhead per evaluation, which matters for a small model
+        (``docs/benchmarks.md``).
 
     Returns:
       ``v_w(t, x)`` (``v_w(t, x, cond)`` for ``cond=None``) as a ``jax.tree_util.Partial``;

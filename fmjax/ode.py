@@ -6,7 +6,8 @@ step budget and the adaptive error norm), checked once when it is made; it is fr
 hashable, so equal options are one jit cache entry. :func:`solve`, :func:`fmjax.sample` and
 :func:`fmjax.log_likelihood` take it as ``options=`` or build it from the same settings
 given as keywords (``solver="rk4", steps=20``); :class:`SolverOptions`,
-:func:`solver_options` and :func:`check_times` are defined in :mod:`fmjax.solvers`.
+:func:`fmjax.solvers.solver_options` and :func:`fmjax.solvers.check_times` are defined in
+:mod:`fmjax.solvers`.
 
 Fixed-step solvers (``euler``, ``midpoint``, ``heun``, ``rk4``) take ``steps`` or
 ``step_size``; ``step_size=h`` makes ``ceil(|t1 - t0| / h)`` equal steps that end exactly at
@@ -33,9 +34,7 @@ from fmjax import solvers
 from fmjax._checks import traced
 from fmjax.solvers import (
     ADAPTIVE_SOLVERS,
-    ERROR_NORMS,
     FIXED_SOLVERS,
-    RK4,
     SOLVERS,
     SolverOptions,
     check_times,
@@ -47,22 +46,15 @@ from fmjax.solvers import (
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
-    "ERROR_NORMS",
     "FIXED_SOLVERS",
-    "RK4",
     "SOLVERS",
     "SolveStats",
     "SolverOptions",
     "check_derivative",
     "check_save_times",
     "check_solver_args",
-    "check_times",
-    "initial_step_size",
-    "leaf_rms_norm",
-    "max_example_rms_norm",
     "raise_if_failed",
     "solve",
-    "solver_options",
 ]
 
 
