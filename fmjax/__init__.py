@@ -54,7 +54,7 @@ __all__ = [
     "use_cpu_devices",
 ]
 
-_LAZY = ("models", "data", "train", "metrics")
+_LAZY = ("models", "data", "train", "metrics", "cpu_devices")  # cpu_devices: see its docstring
 
 
 def __getattr__(name):
