@@ -1,24 +1,42 @@
 """fmjax: Flow Matching for generative modeling (Lipman et al., ICLR 2023) in JAX.
 
-The core (``paths``, ``schedules``, ``couplings``, ``losses``, ``marginals``, ``guidance``,
-``sample``, ``log_likelihood``) is pure JAX + diffrax and never imports Flax: a vector field is any
+The core (``paths``, ``predictions``, ``schedules``, ``couplings``, ``losses``, ``marginals``,
+``guidance``, ``batching``, ``ode``, ``sample``, ``log_likelihood``) is pure JAX + diffrax and
+never imports Flax: a vector field is any
 function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on first use.
 """
 
 import importlib
 
-from fmjax import couplings, guidance, losses, marginals, ode, paths, schedules
-from fmjax.cpu_devices import use_cpu_devices
-from fmjax.host_memory import tune_cpu_allocator
+from fmjax import (
+    batching,
+    couplings,
+    cpu,
+    densities,
+    guidance,
+    losses,
+    marginals,
+    ode,
+    paths,
+    predictions,
+    schedules,
+    solvers,
+)
+from fmjax.cpu import tune_cpu_allocator, use_cpu_devices
 from fmjax.likelihood import bits_per_dim, log_likelihood
 from fmjax.sampling import sample
+from fmjax.solvers import SolverOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SolverOptions",
+    "batching",
     "bits_per_dim",
     "couplings",
+    "cpu",
     "data",
+    "densities",
     "guidance",
     "log_likelihood",
     "losses",
@@ -27,14 +45,16 @@ __all__ = [
     "models",
     "ode",
     "paths",
+    "predictions",
     "sample",
     "schedules",
+    "solvers",
     "train",
     "tune_cpu_allocator",
     "use_cpu_devices",
 ]
 
-_LAZY = ("models", "data", "train", "metrics")
+_LAZY = ("models", "data", "train", "metrics", "cpu_devices")  # cpu_devices: see its docstring
 
 
 def __getattr__(name):

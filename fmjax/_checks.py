@@ -6,9 +6,10 @@ import math
 import operator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["integer", "real", "traced"]
+__all__ = ["integer", "real", "same_shape", "traced"]
 
 
 def traced(*values) -> bool:
@@ -80,3 +81,12 @@ def real(
             f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}; got {value!r}."
         )
     return x
+
+
+def same_shape(a, b, name_a: str, name_b: str) -> None:
+    """Raise a ValueError unless ``a`` and ``b`` have the same shape."""
+    if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape; got {jnp.shape(a)} and "
+            f"{jnp.shape(b)}."
+        )

@@ -15,7 +15,7 @@ is their affine combination
 
 ``w = 1`` is the conditional field, ``w = 0`` the unconditional one, ``w > 1`` guides
 (sharper, less diverse samples). The weights sum to one and every conversion of an affine
-path (``paths.AffinePath.convert``) is affine in the prediction with an ``x`` term that does
+path (:func:`fmjax.predictions.convert`) is affine in the prediction with an ``x`` term that does
 not depend on it, so guiding the velocity, the x1-, eps- or score-prediction all give the same
 field. The result is an ordinary ``v(t, x)`` for :func:`fmjax.sample`; it is not the flow of
 a normalised density, so :func:`fmjax.log_likelihood` of it is not a likelihood.
@@ -29,7 +29,7 @@ import numpy as np
 
 from fmjax import _checks
 from fmjax._field import as_field
-from fmjax.sampling import check_cond
+from fmjax.batching import check_cond
 
 __all__ = ["classifier_free", "conditional"]
 
@@ -167,10 +167,9 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
       batched: evaluate the conditional and unconditional fields in one call of ``v`` on
         ``2B`` rows (default; each row of ``x`` twice in a row, with its condition and with
         the null one, so a batch sharded over a mesh stays where it is), or in two calls of
-        ``B`` rows (half the activation memory). Both give the same field. Measured on a
-        2-core CPU (``docs/benchmarks.md``), one call is as fast as two for a model whose
-        matmuls bound the time and costs 1.3x the unguided solve, against 2x, for a small
-        model whose per-call overhead does.
+        ``B`` rows (half the activation memory). Both give the same field; one call saves
+        a model call's fixed overhead per evaluation, which matters for a small model
+        (``docs/benchmarks.md``).
 
     Returns:
       ``v_w(t, x)`` (``v_w(t, x, cond)`` for ``cond=None``) as a ``jax.tree_util.Partial``;

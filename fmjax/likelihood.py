@@ -23,18 +23,21 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fmjax import _xla, ode
+from fmjax import ode
 from fmjax._checks import integer
-from fmjax.sampling import (
-    _check_batch,
-    _place_cond,
-    as_field,
+from fmjax._field import as_field
+from fmjax.batching import (
     batch_time,
     call_field,
+    check_batch,
     check_cond,
     check_field_output,
     place_batch,
+    place_cond,
 )
+from fmjax.cpu import jit_with_cpu_options
+from fmjax.densities import normal_log_prob, standard_normal_log_prob
+from fmjax.solvers import SolverOptions, solver_options
 
 __all__ = [
     "DIVERGENCES",
@@ -66,20 +69,6 @@ class LikelihoodStats(NamedTuple):
     delta_logp: Any
 
 
-def standard_normal_log_prob(x):
-    """log N(x; 0, I) per example for a batch ``(B, *event_shape)``."""
-    d = math.prod(x.shape[1:])
-    return -0.5 * jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) - 0.5 * d * math.log(
-        2 * math.pi
-    )
-
-
-def normal_log_prob(x, std):
-    """log N(x; 0, std^2 I) per example for a batch ``(B, *event_shape)``."""
-    x = jnp.asarray(x)
-    return standard_normal_log_prob(x / std) - math.prod(x.shape[1:]) * jnp.log(std)
-
-
 def check_span(t0, t1) -> None:
     """A likelihood solve runs from the data at ``t1`` down to the noise at ``t0 < t1``."""
     if not t0 < t1:
@@ -90,9 +79,9 @@ def _exact_divergence(f, x, chunk_size):
     """Value and trace of the per-example Jacobian of a batched f at x, any event shape.
 
     One forward-mode JVP per event dimension, all vmapped against a single primal pass
-    (``jax.vmap(jax.jvp)``): measured ~1.4x faster on CPU than ``jax.linearize`` followed by
-    vmapped tangents, which stores and re-reads every residual. With ``chunk_size``, the
-    directions are evaluated ``chunk_size`` at a time from a linearisation (bounded memory).
+    (``jax.vmap(jax.jvp)``), rather than ``jax.linearize`` followed by vmapped tangents,
+    which stores and re-reads every residual. With ``chunk_size``, the directions are
+    evaluated ``chunk_size`` at a time from a linearisation (bounded memory).
     """
     b = x.shape[0]
     d = math.prod(x.shape[1:])
@@ -145,16 +134,10 @@ def _log_likelihood_impl(
     num_probes,
     probe,
     hutchinson_mode,
-    solver,
+    options,
     t0,
     t1,
-    steps,
-    step_size,
-    rtol,
-    atol,
-    max_steps,
     chunk_size,
-    error_norm,
 ):
     probes = None
     if divergence == "hutchinson":
@@ -175,20 +158,7 @@ def _log_likelihood_impl(
         return dx, div
 
     y0 = (x1, jnp.zeros((x1.shape[0],), x1.dtype))
-    (latent, delta), _, stats = ode.solve(
-        field,
-        y0,
-        t0=t1,
-        t1=t0,
-        solver=solver,
-        steps=steps,
-        step_size=step_size,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        args=probes,
-        error_norm=error_norm,
-    )
+    (latent, delta), _, stats = ode.solve(field, y0, t0=t1, t1=t0, options=options, args=probes)
     base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(latent)
     if jnp.shape(base) != jnp.shape(delta):
         raise ValueError(
@@ -198,9 +168,9 @@ def _log_likelihood_impl(
     return base + delta, LikelihoodStats(*stats, latent=latent, delta_logp=delta)
 
 
-# Exact-divergence solves compile with fmjax._xla's CPU options (measured 1.3-1.4x faster on
-# XLA:CPU); Hutchinson solves measured the same either way and use the plain jit.
-_log_likelihood = _xla.jit_with_cpu_options(
+# Exact-divergence solves compile with fmjax.cpu's XLA:CPU options (see that module);
+# Hutchinson solves use the plain jit.
+_log_likelihood = jit_with_cpu_options(
     _log_likelihood_impl,
     static_argnames=(
         "base_log_prob",
@@ -208,16 +178,10 @@ _log_likelihood = _xla.jit_with_cpu_options(
         "num_probes",
         "probe",
         "hutchinson_mode",
-        "solver",
+        "options",
         "t0",
         "t1",
-        "steps",
-        "step_size",
-        "rtol",
-        "atol",
-        "max_steps",
         "chunk_size",
-        "error_norm",
     ),
 )
 
@@ -232,19 +196,14 @@ def log_likelihood(
     probe: str = "rademacher",
     hutchinson_mode: str = "jvp",
     base_log_prob=None,
-    solver: str = "dopri5",
+    options: SolverOptions | None = None,
     t0: float = 0.0,
     t1: float = 1.0,
-    steps: int | None = None,
-    step_size: float | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    max_steps: int = 4096,
     chunk_size: int | None = None,
-    error_norm: str = "rms",
     mesh=None,
     cond=None,
     throw: bool = True,
+    **solver_settings,
 ):
     """Log-density ``log p_{t1}(x1)`` of the flow of ``v`` started from ``base_log_prob``.
 
@@ -261,23 +220,27 @@ def log_likelihood(
         activations) or 'vjp' (reverse mode, ``(eps^T J) eps``); the same estimate.
       base_log_prob: log-density of the source at t0 on a batch, ``(B, *event) -> (B,)``;
         default standard normal (hashable callables only: it is a static argument).
-      solver, steps, step_size, rtol, atol, max_steps, error_norm: as in
-        :func:`fmjax.sample`; both norms hold the log-density change to rtol/atol on its own,
-        apart from the points (as torchdiffeq does for its tuple state), and ``'max'`` every
-        example's.
+      options: the solver settings, a :class:`fmjax.ode.SolverOptions` (default dopri5 at
+        rtol = atol = 1e-5), or its fields as keywords (``**solver_settings``), as in
+        :func:`fmjax.sample`; both error norms hold the log-density change to rtol/atol on
+        its own, apart from the points (as torchdiffeq does for its tuple state), and
+        ``'max'`` every example's.
       t0, t1: the noise and data ends; the solve runs from t1 down to t0.
       mesh: a mesh with a ``"data"`` axis: ``x1`` is split over it and the solve runs data
         parallel with the unsharded solve's steps and NFE (see :func:`fmjax.sample`).
       cond: each example's condition for a conditional ``v(t, x, cond)`` (an array or
         pytree of arrays with leading size B, split over ``mesh`` with ``x1``): the result is
         ``log p(x1[i] | cond[i])``. ``None`` (default): ``v(t, x)``.
+      throw: outside jit, raise if the solve failed; inside jit check ``stats.success``.
+      **solver_settings: the fields of :class:`fmjax.ode.SolverOptions` as keywords
+        (``solver="rk4", steps=10``), instead of ``options``.
 
     Returns:
       ``(log_prob, stats)``: log-densities of shape (B,) in nats and a
       :class:`LikelihoodStats` (NFE counts evaluations of the augmented field). The solve
       runs in x1's float precision, at least float32 (as :func:`fmjax.sample`).
     """
-    _check_batch(x1, "x1")
+    check_batch(x1, "x1")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}; got {divergence!r}.")
     if divergence == "hutchinson":
@@ -289,13 +252,12 @@ def log_likelihood(
         if hutchinson_mode not in ("jvp", "vjp"):
             raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {hutchinson_mode!r}.")
     chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
-    ode.check_solver_args(
-        solver, steps, step_size, t0, t1, error_norm, rtol=rtol, atol=atol, max_steps=max_steps
-    )
+    options = solver_options(options, **solver_settings)
+    ode.check_times(t0, t1, options)
     check_span(t0, t1)
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "fmjax.log_likelihood")
-        cond = _place_cond(cond, mesh, x1)
+        cond = place_cond(cond, mesh)
     logp, stats = _log_likelihood(tuned=divergence == "exact")(
         as_field(v),
         place_batch(jnp.asarray(x1), mesh, "x1"),
@@ -306,16 +268,10 @@ def log_likelihood(
         num_probes=int(num_probes),
         probe=probe,
         hutchinson_mode=hutchinson_mode,
-        solver=solver,
+        options=options,
         t0=float(t0),
         t1=float(t1),
-        steps=steps,
-        step_size=None if step_size is None else float(step_size),
-        rtol=float(rtol),
-        atol=float(atol),
-        max_steps=int(max_steps),
         chunk_size=chunk_size,
-        error_norm=error_norm,
     )
     if throw:
         ode.raise_if_failed(stats, "fmjax.log_likelihood")

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import couplings as couplings_lib
-from fmjax import paths as paths_lib
-from fmjax.sampling import check_cond
+from fmjax import predictions
+from fmjax.batching import check_cond
 
 __all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
 
@@ -59,7 +59,7 @@ def _check(x1, reduction):
 
 
 def _prediction(v, t, xt, cond=None):
-    return paths_lib.prediction_of(v, t, xt, "v", args=() if cond is None else (cond,))
+    return predictions.prediction_of(v, t, xt, "v", args=() if cond is None else (cond,))
 
 
 def _draw(path, key, x1, x0, t, time_sampler, need_key=False):
@@ -134,7 +134,7 @@ def cfm_loss(
         data point; a custom coupling that returns a new x1 is refused.
     """
     _check(x1, reduction)
-    paths_lib.check_prediction(prediction, "prediction")
+    predictions.check_prediction(prediction, "prediction")
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "cfm_loss")
     x0, t, kc = _draw(path, key, x1, x0, t, time_sampler, need_key=callable(coupling))
@@ -155,7 +155,7 @@ def cfm_loss(
         xt, target = path.interpolate_and_target(x0, x1, t)
     else:
         xt = path.interpolate(x0, x1, t)
-        target = path.prediction_target(x0, x1, t, prediction)
+        target = predictions.prediction_target(path, x0, x1, t, prediction)
     return _reduce(jnp.square(_prediction(v, t, xt, cond) - target), reduction)
 
 

@@ -26,7 +26,6 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from fmjax._checks import traced
-from fmjax.paths import _broadcast_t
 
 __all__ = ["EmpiricalData", "GaussianMixture"]
 
@@ -99,7 +98,8 @@ class EmpiricalData(_Marginal):
         return self.points[jax.random.categorical(key, logits, shape=(n,))]
 
     def _components(self, path, x, t):
-        a, s, _, _ = path._coeffs_like(t, x)  # (B, 1) or scalar
+        c = path.coefficients_like(t, x)  # (B, 1) or scalar
+        a, s = c.alpha, c.sigma
         mu = a[..., None] * self.points if jnp.ndim(a) else a * self.points  # (B|1, N, D)
         mu = jnp.broadcast_to(mu, (x.shape[0],) + self.points.shape)
         sq = jnp.sum(jnp.square(x[:, None, :] - mu), axis=-1)
@@ -169,7 +169,8 @@ class GaussianMixture(_Marginal):
         """Per component k: log(w_k N(x; a m_k, var_k I)) (B, K), x - a m_k (B, K, D),
         var_k = a^2 s_k^2 + sigma^2 (B|1, K), and the coefficients a, sigma, a', sigma'
         (B|1, 1)."""
-        a, s, da, ds = (jnp.reshape(c, (-1, 1)) for c in path._coeffs_like(t, x))
+        c = path.coefficients_like(t, x)
+        a, s, da, ds = (jnp.reshape(v, (-1, 1)) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma))
         var_k = jnp.square(a * self.stds) + jnp.square(s)
         diff = x[:, None, :] - a[..., None] * self.means  # (B, K, D)
         log_joint = jnp.log(self.weights) + _gauss_logpdf(
@@ -200,6 +201,3 @@ class GaussianMixture(_Marginal):
         self._check(x)
         log_joint, diff, var_k, _ = self._terms(path, x, t)
         return jnp.einsum("bk,bkd->bd", jax.nn.softmax(log_joint, axis=1), -diff / var_k[..., None])
-
-
-del _broadcast_t

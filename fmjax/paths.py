@@ -24,42 +24,47 @@ single example (``t`` a scalar, ``x`` of any event shape) or a batch (``t`` of s
 pytrees with all hyper-parameters static, so they pass through ``jax.jit``/``vmap``/``grad``
 unchanged and their constants are folded at compile time.
 
-Prediction types: a network can predict the velocity ``v``, the data ``x1`` (E[x1 | x_t]),
-the noise ``eps`` (E[x0 | x_t]) or the ``score`` of p_t (for the standard normal source,
-``score = -E[x0 | x_t] / sigma_t``). :meth:`AffinePath.convert` maps any of these into any
-other with the identities ``x = sigma x0 + alpha x1`` and ``v = sigma' x0 + alpha' x1``.
-Train such a network with ``fmjax.losses.cfm_loss(..., prediction=...)`` (its regression
-target is :meth:`GaussianPath.prediction_target`) and sample it through
-:meth:`GaussianPath.velocity_field`.
+A model may predict another quantity than the velocity (the data ``x1``, the noise ``eps`` or
+the score): :mod:`fmjax.predictions` converts between them and turns such a model into a
+velocity field; the path methods :meth:`GaussianPath.convert`,
+:meth:`GaussianPath.prediction_target`, :meth:`GaussianPath.velocity_range` and
+:meth:`GaussianPath.velocity_field` call it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fmjax import schedules
-from fmjax._checks import real, traced
-from fmjax._field import as_field
+from fmjax._checks import same_shape, traced
+from fmjax.densities import normal_log_prob
 
 __all__ = [
-    "PREDICTIONS",
     "VE",
     "VP",
     "AffinePath",
+    "Coefficients",
     "CondOT",
     "GaussianPath",
     "check_time",
 ]
 
-#: What a model may predict: the velocity, the data ``x1``, the noise ``eps`` or the score.
-PREDICTIONS = ("velocity", "x1", "eps", "score")
+
+class Coefficients(NamedTuple):
+    """A path's schedules at t: ``x_t = sigma x0 + alpha x1`` and its time derivative
+    ``d/dt x_t = d_sigma x0 + d_alpha x1``."""
+
+    alpha: Any
+    sigma: Any
+    d_alpha: Any
+    d_sigma: Any
 
 
 def _static_dataclass(cls):
@@ -97,14 +102,6 @@ def _broadcast_t(t, x):
     )
 
 
-def _check_same_shape(a, b, name_a, name_b):
-    if jnp.shape(a) != jnp.shape(b):
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape; got {jnp.shape(a)} and "
-            f"{jnp.shape(b)}."
-        )
-
-
 class GaussianPath:
     """Base class: the path ``x_t = sigma_t x0 + alpha_t x1``; subclasses give
     :meth:`coefficients` and ``t_range`` (the closed interval of t on which the path and its
@@ -112,49 +109,52 @@ class GaussianPath:
 
     t_range = (0.0, 1.0)
 
-    def coefficients(self, t):
+    def coefficients(self, t) -> Coefficients:
         """``(alpha_t, sigma_t, d alpha_t/dt, d sigma_t/dt)`` evaluated at t (any shape)."""
         raise NotImplementedError
 
-    def _coeffs_like(self, t, x):
+    def coefficients_like(self, t, x) -> Coefficients:
+        """:meth:`coefficients` at a checked ``t`` (inside ``t_range``; an integer ``t`` is
+        taken as float32), each shaped to broadcast against ``x``: ``t`` a scalar for one
+        example, or of shape ``(B,)`` for a batch ``x`` of shape ``(B, *event_shape)``."""
         check_time(t, self.t_range)
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.floating):
             t = t.astype(jnp.float32)
-        return tuple(_broadcast_t(c, x) for c in self.coefficients(t))
+        return Coefficients(*(_broadcast_t(c, x) for c in self.coefficients(t)))
 
     # -- the path ----------------------------------------------------------------------
     def mean_std(self, x1, t):
         """Mean ``mu_t(x1) = alpha_t x1`` and std ``sigma_t`` of ``p_t(x | x1)``."""
-        a, s, _, _ = self._coeffs_like(t, x1)
-        return a * x1, s
+        c = self.coefficients_like(t, x1)
+        return c.alpha * x1, c.sigma
 
     def interpolate(self, x0, x1, t):
         """``x_t = psi_t(x0 | x1) = sigma_t x0 + alpha_t x1``."""
-        _check_same_shape(x0, x1, "x0", "x1")
-        a, s, _, _ = self._coeffs_like(t, x1)
-        return s * x0 + a * x1
+        same_shape(x0, x1, "x0", "x1")
+        c = self.coefficients_like(t, x1)
+        return c.sigma * x0 + c.alpha * x1
 
     def target(self, x0, x1, t):
         """The regression target ``d/dt psi_t(x0 | x1) = sigma'_t x0 + alpha'_t x1``."""
-        _check_same_shape(x0, x1, "x0", "x1")
-        _, _, da, ds = self._coeffs_like(t, x1)
-        return ds * x0 + da * x1
+        same_shape(x0, x1, "x0", "x1")
+        c = self.coefficients_like(t, x1)
+        return c.d_sigma * x0 + c.d_alpha * x1
 
     def interpolate_and_target(self, x0, x1, t):
         """``(x_t, d/dt x_t)`` sharing one evaluation of the schedules (the training hot path)."""
-        _check_same_shape(x0, x1, "x0", "x1")
-        a, s, da, ds = self._coeffs_like(t, x1)
-        return s * x0 + a * x1, ds * x0 + da * x1
+        same_shape(x0, x1, "x0", "x1")
+        c = self.coefficients_like(t, x1)
+        return c.sigma * x0 + c.alpha * x1, c.d_sigma * x0 + c.d_alpha * x1
 
     def conditional_velocity(self, x, x1, t):
         """Theorem 3: ``u_t(x | x1) = sigma'/sigma (x - alpha x1) + alpha' x1``.
 
         Singular where sigma_t = 0 (t = 1 for CondOT with sigma_min = 0, VP at t = 1).
         """
-        _check_same_shape(x, x1, "x", "x1")
-        a, s, da, ds = self._coeffs_like(t, x1)
-        return ds / s * (x - a * x1) + da * x1
+        same_shape(x, x1, "x", "x1")
+        c = self.coefficients_like(t, x1)
+        return c.d_sigma / c.sigma * (x - c.alpha * x1) + c.d_alpha * x1
 
     def sample_source(self, key, shape, dtype=jnp.float32):
         """Draw ``sigma_{t0} * N(0, I)``, the noise part of the path's start marginal.
@@ -166,161 +166,45 @@ class GaussianPath:
     def source_std(self, dtype=jnp.float32):
         """``sigma_{t0}``: the std of :meth:`sample_source` (1 for CondOT, ~1 for VP,
         sigma_max for VE)."""
-        return self.coefficients(jnp.asarray(self.t_range[0], dtype))[1]
+        return Coefficients(*self.coefficients(jnp.asarray(self.t_range[0], dtype))).sigma
 
     def source_log_prob(self, x):
         """Log-density of :meth:`sample_source`, ``N(0, sigma_{t0}^2 I)``, per example of a
         batch ``(B, *event_shape)``: the ``base_log_prob`` of :func:`fmjax.log_likelihood`
         that matches the samples' starting noise."""
-        from fmjax.likelihood import normal_log_prob  # local: paths stays below it
-
         x = jnp.asarray(x)
         return normal_log_prob(x, self.source_std(x.dtype))
 
-    # -- parameterisations ---------------------------------------------------------------
+    # -- models of other predictions (fmjax.predictions) ----------------------------------
     def convert(self, pred, x, t, *, src: str, dst: str):
-        """Convert a prediction at ``(t, x)`` between 'velocity', 'x1', 'eps' and 'score'.
+        """:func:`fmjax.predictions.convert` on this path."""
+        return _predictions().convert(self, pred, x, t, src=src, dst=dst)
 
-        Uses ``x = sigma x0 + alpha x1`` and ``v = sigma' x0 + alpha' x1`` with ``x0, x1``
-        replaced by their posterior means, and ``score = -E[x0 | x] / sigma`` (standard normal
-        source). Each conversion divides by a coefficient that may vanish at the ends of the
-        path (e.g. alpha_0 = 0 for CondOT when converting from eps); evaluate inside t_range.
-        """
-        for name, value in (("src", src), ("dst", dst)):
-            check_prediction(value, name)
-        _check_same_shape(pred, x, "pred", "x")
-        a, s, da, ds = self._coeffs_like(t, x)
-        if src == dst:
-            return pred
-        # Recover the posterior means (x0_hat, x1_hat) from the source prediction.
-        if src == "velocity":
-            det = da * s - ds * a
-            x0_hat = (da * x - a * pred) / det
-            x1_hat = (s * pred - ds * x) / det
-        elif src == "x1":
-            x1_hat = pred
-            x0_hat = (x - a * pred) / s
-        else:
-            x0_hat = pred if src == "eps" else -s * pred
-            x1_hat = (x - s * x0_hat) / a
-        if dst == "velocity":
-            return ds * x0_hat + da * x1_hat
-        if dst == "x1":
-            return x1_hat
-        if dst == "eps":
-            return x0_hat
-        return -x0_hat / s
-
-    def velocity_to_score(self, v, x, t):
-        return self.convert(v, x, t, src="velocity", dst="score")
-
-    def score_to_velocity(self, score, x, t):
-        return self.convert(score, x, t, src="score", dst="velocity")
-
-    def velocity_to_x1(self, v, x, t):
-        return self.convert(v, x, t, src="velocity", dst="x1")
-
-    def x1_to_velocity(self, x1_hat, x, t):
-        return self.convert(x1_hat, x, t, src="x1", dst="velocity")
-
-    def velocity_to_eps(self, v, x, t):
-        return self.convert(v, x, t, src="velocity", dst="eps")
-
-    def eps_to_velocity(self, eps, x, t):
-        return self.convert(eps, x, t, src="eps", dst="velocity")
-
-    # -- models that predict another parameterisation -----------------------------------
     def prediction_target(self, x0, x1, t, prediction: str = "velocity"):
-        """The regression target of a model that predicts ``prediction`` at ``x_t``:
-        'velocity' ``sigma'_t x0 + alpha'_t x1`` (:meth:`target`), 'x1' the data ``x1``,
-        'eps' the noise ``x0``, 'score' ``-x0 / sigma_t`` (denoising score matching; singular
-        where sigma_t = 0). Each is the conditional quantity whose regression gives the
-        posterior mean that :meth:`convert` turns into the marginal velocity."""
-        check_prediction(prediction, "prediction")
-        _check_same_shape(x0, x1, "x0", "x1")
-        if prediction == "velocity":
-            return self.target(x0, x1, t)
-        if prediction == "x1":
-            check_time(t, self.t_range)
-            return x1
-        if prediction == "eps":
-            check_time(t, self.t_range)
-            return x0
-        _, s, _, _ = self._coeffs_like(t, x1)
-        return -x0 / s
+        """:func:`fmjax.predictions.prediction_target` on this path."""
+        return _predictions().prediction_target(self, x0, x1, t, prediction)
 
-    def velocity_range(self, prediction: str, margin: float = 1e-3):
-        """``(t0, t1)``: the times over which :meth:`velocity_field` of a ``prediction``
-        model is finite, to pass to :func:`fmjax.sample` and :func:`fmjax.log_likelihood`.
+    def velocity_range(self, prediction: str, margin: float = 1e-3) -> tuple[float, float]:
+        """:func:`fmjax.predictions.velocity_range` on this path."""
+        return _predictions().velocity_range(self, prediction, margin)
 
-        ``t_range``, moved in by ``margin`` at an end where the conversion divides by zero
-        (by a coefficient below 1e-6):
-        the start for 'eps' and 'score' where alpha vanishes there, the end for 'x1' where
-        sigma does (e.g. ``(1e-3, 1)`` for 'eps' on CondOT, ``(0, 0.999)`` for 'x1' on
-        ``CondOT(sigma_min=0)``, and ``t_range`` itself for 'velocity'). Starting a sample
-        at ``t0 > 0`` from the source noise, or scoring against it there, neglects the data's
-        ``alpha_{t0} x1`` share of ``x_{t0}``: an approximation of order ``margin``.
-        """
-        check_prediction(prediction, "prediction")
-        margin = real(margin, "margin", low=0.0, high=0.5, low_open=True, high_open=True)
-        lo, hi = self.t_range
-
-        def vanishes(c):  # zero up to float32 rounding (cos(pi / 2) is -4e-8 there)
-            return abs(float(c)) < 1e-6
-
-        if prediction in ("eps", "score") and vanishes(self.coefficients(jnp.float32(lo))[0]):
-            lo += margin
-        if prediction == "x1" and vanishes(self.coefficients(jnp.float32(hi))[1]):
-            hi -= margin
-        return lo, hi
-
-    def velocity_field(self, f, prediction: str):
-        """``v(t, x)`` for :func:`fmjax.sample` / :func:`fmjax.log_likelihood` from a model
-        ``f(t, x)`` that predicts ``prediction`` ('velocity', 'x1', 'eps' or 'score'):
-        ``convert(f(t, x), x, t, src=prediction, dst='velocity')``, as a
-        ``jax.tree_util.Partial`` (``f``'s arrays stay runtime arguments).
-
-        The conversion divides by a coefficient that vanishes at an end of most paths: 'x1'
-        by sigma_t (t = 1 for CondOT with sigma_min = 0), 'eps' and 'score' by alpha_t
-        (alpha_0 = 0 for CondOT): solve over :meth:`velocity_range`, where it is positive.
-
-        A conditional model ``f(t, x, cond)`` gives the conditional ``v(t, x, cond)``, for
-        ``fmjax.sample(..., cond=...)`` and :mod:`fmjax.guidance`.
-        """
-        check_prediction(prediction, "prediction")
-        if not callable(f):
-            raise ValueError(f"f must be a callable f(t, x); got {type(f).__name__}.")
-        f = as_field(f)
-        if prediction == "velocity":
-            return f
-        return jax.tree_util.Partial(_TO_VELOCITY[prediction], self, f)
+    def velocity_field(self, f: Callable, prediction: str) -> Callable:
+        """:func:`fmjax.predictions.velocity_field` on this path."""
+        return _predictions().velocity_field(self, f, prediction)
 
 
-def check_prediction(value, name: str) -> None:
-    """Raise unless ``value`` is one of :data:`PREDICTIONS`."""
-    if not isinstance(value, str) or value not in PREDICTIONS:
-        raise ValueError(f"{name} must be one of {PREDICTIONS}; got {value!r}.")
+def _predictions():
+    """:mod:`fmjax.predictions`, which builds on this module (imported on first use)."""
+    from fmjax import predictions
+
+    return predictions
 
 
-def prediction_of(f, t, x, name: str = "f", args: tuple = ()):
-    """``f(t, x, *args)``, which must have x's shape (a model's prediction at a batch;
-    ``args``: e.g. the conditions of a conditional model)."""
-    pred = f(t, x, *args)
-    if jnp.shape(pred) != jnp.shape(x):
-        call = "(t, x" + ", cond" * len(args) + ")"
-        raise ValueError(
-            f"{name}{call} must return x's shape {jnp.shape(x)}; got {jnp.shape(pred)}."
-        )
-    return pred
-
-
-def _velocity_from(prediction, path, f, t, x, *args):
-    return path.convert(prediction_of(f, t, x, args=args), x, t, src=prediction, dst="velocity")
-
-
-# one function object per prediction, made once: a Partial's function is part of its static
-# tree structure (a string cannot be one of its leaves), so solves compile once per kind
-_TO_VELOCITY = {p: functools.partial(_velocity_from, p) for p in ("x1", "eps", "score")}
+def __getattr__(name):
+    # moved to fmjax.predictions; experiments/ still reach them here
+    if name in ("PREDICTIONS", "check_prediction"):
+        return getattr(_predictions(), name)
+    raise AttributeError(f"module 'fmjax.paths' has no attribute {name!r}")
 
 
 @_static_dataclass
@@ -360,12 +244,12 @@ class AffinePath(GaussianPath):
             raise ValueError(f"t_range must satisfy 0 <= lo < hi <= 1; got {self.t_range}.")
         object.__setattr__(self, "t_range", (float(lo), float(hi)))
 
-    def coefficients(self, t):
+    def coefficients(self, t) -> Coefficients:
         ones = jnp.ones_like(t)
         a, s = self.alpha(t), self.sigma(t)
         da = self.d_alpha(t) if self.d_alpha else jax.jvp(self.alpha, (t,), (ones,))[1]
         ds = self.d_sigma(t) if self.d_sigma else jax.jvp(self.sigma, (t,), (ones,))[1]
-        return tuple(jnp.broadcast_to(c, jnp.shape(t)) for c in (a, s, da, ds))
+        return Coefficients(*(jnp.broadcast_to(c, jnp.shape(t)) for c in (a, s, da, ds)))
 
 
 @_static_dataclass
@@ -384,10 +268,10 @@ class CondOT(GaussianPath):
             raise ValueError(f"sigma_min must lie in [0, 1); got {self.sigma_min!r}.")
         object.__setattr__(self, "sigma_min", float(self.sigma_min))
 
-    def coefficients(self, t):
+    def coefficients(self, t) -> Coefficients:
         c = 1.0 - self.sigma_min
         ones = jnp.ones_like(t)
-        return t, 1.0 - c * t, ones, -c * ones
+        return Coefficients(t, 1.0 - c * t, ones, -c * ones)
 
 
 @_static_dataclass
@@ -412,10 +296,10 @@ class VE(GaussianPath):
         object.__setattr__(self, "sigma_min", lo)
         object.__setattr__(self, "sigma_max", hi)
 
-    def coefficients(self, t):
+    def coefficients(self, t) -> Coefficients:
         log_ratio = math.log(self.sigma_max / self.sigma_min)
         s = self.sigma_min * jnp.exp((1.0 - t) * log_ratio)
-        return jnp.ones_like(t), s, jnp.zeros_like(t), -log_ratio * s
+        return Coefficients(jnp.ones_like(t), s, jnp.zeros_like(t), -log_ratio * s)
 
 
 @_static_dataclass
@@ -448,7 +332,7 @@ class VP(GaussianPath):
     def t_range(self):
         return (0.0, 1.0 - self.eps)
 
-    def coefficients(self, t):
+    def coefficients(self, t) -> Coefficients:
         s = 1.0 - t
         big_t = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s**2
         beta = self.beta_min + (self.beta_max - self.beta_min) * s
@@ -458,7 +342,7 @@ class VP(GaussianPath):
         one_minus_a2 = -jnp.expm1(-big_t)
         sig = jnp.sqrt(one_minus_a2)
         dsig = -a * da / sig
-        return a, sig, da, dsig
+        return Coefficients(a, sig, da, dsig)
 
 
 def rectified_flow() -> AffinePath:

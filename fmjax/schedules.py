@@ -2,7 +2,12 @@
 
 Each schedule is a frozen, hashable dataclass (equal parameters compare equal), so a path built
 twice from the same schedules hits the same jit cache entry. Any elementwise jnp function of t
-works as a schedule too; these are the common ones with their exact derivatives.
+works as a schedule too; these are the common ones.
+
+A schedule is only the function: :class:`fmjax.paths.AffinePath` takes its time derivative
+with ``jax.jvp`` (exact, automatic differentiation) unless it is given ``d_alpha`` /
+``d_sigma`` (``fmjax.paths.rectified_flow`` passes :class:`Constant` slopes).
+:attr:`Linear.derivative` is the one schedule-valued derivative here.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ class Linear:
         return self.intercept + self.slope * t
 
     @property
-    def derivative(self):
+    def derivative(self) -> Constant:
+        """``t -> slope``, the time derivative as a schedule."""
         return Constant(self.slope)
 
 

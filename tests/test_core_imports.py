@@ -16,6 +16,11 @@ CORE = [
     "fmjax.likelihood",
     "fmjax.ode",
     "fmjax.guidance",
+    "fmjax.predictions",
+    "fmjax.batching",
+    "fmjax.solvers",
+    "fmjax.densities",
+    "fmjax.cpu",
 ]
 
 

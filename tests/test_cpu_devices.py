@@ -16,7 +16,7 @@ import pytest
 from conftest import run_python
 
 import fmjax
-from fmjax import cpu_devices, train
+from fmjax import cpu, train
 
 WORKER = r"""
 import json, re, warnings
@@ -62,8 +62,8 @@ solves["sample_guided_cond"] = lambda m: fmjax.sample(late, x0, cond=labels, sol
 solves["lik_exact_cond"] = lambda m: fmjax.log_likelihood(vc, x0, cond=labels, solver="dopri5",
                                                           mesh=m)
 # ... which keeps the rows of a sharded batch on their devices: no collective in the field
-xs0 = fmjax.sampling.place_batch(x0, mesh)
-ys = fmjax.sampling.place_batch(jnp.asarray(labels), mesh)
+xs0 = fmjax.batching.place_batch(x0, mesh)
+ys = fmjax.batching.place_batch(jnp.asarray(labels), mesh)
 hlo = jax.jit(lambda f, t, x: f(t, x)).lower(
     fmjax.guidance.classifier_free(vc, ys, -1, 2.5), jnp.zeros(64), xs0).compile().as_text()
 res["guided_collectives"] = sorted(set(re.findall(
@@ -284,7 +284,7 @@ def test_microbatched_steps_on_a_mesh(worker):
 
 
 def test_num_cores_and_bad_arguments():
-    assert 1 <= cpu_devices.num_cores() <= (os.cpu_count() or 1)
+    assert 1 <= cpu.num_cores() <= (os.cpu_count() or 1)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises((ValueError, TypeError)):
             fmjax.use_cpu_devices(bad)

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 import fmjax
-from fmjax import host_memory
+from fmjax import cpu
 
 _PROBE = r"""
 import json, resource, sys
@@ -58,7 +58,7 @@ def _probe(mode):
     return json.loads(_last_line_of_fresh_python(_PROBE, mode))
 
 
-@pytest.mark.skipif(host_memory._glibc() is None, reason="needs glibc (mallopt)")
+@pytest.mark.skipif(cpu._glibc() is None, reason="needs glibc (mallopt)")
 def test_tuned_allocator_stops_per_call_page_faults():
     plain, tuned = _probe("plain"), _probe("tuned")
     assert tuned["applied"] is True
@@ -75,15 +75,15 @@ def test_too_late_warns_and_changes_nothing(monkeypatch):
 
     float(jnp.ones(2).sum())  # this process's backend is running
     calls = []
-    monkeypatch.setattr(host_memory, "_glibc", lambda: calls.append(1))
+    monkeypatch.setattr(cpu, "_glibc", lambda: calls.append(1))
     with pytest.warns(RuntimeWarning, match="before the first JAX computation"):
         assert fmjax.tune_cpu_allocator() is False
     assert calls == []  # mallopt never reached
 
 
 def test_without_glibc_returns_false(monkeypatch):
-    monkeypatch.setattr(host_memory, "_jax_backends_started", lambda: False)
-    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    monkeypatch.setattr(cpu, "backends_started", lambda: False)
+    monkeypatch.setattr(cpu, "_glibc", lambda: None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert fmjax.tune_cpu_allocator() is False
@@ -94,7 +94,7 @@ def test_importing_fmjax_and_experiments_starts_no_backend():
     code = (
         "import fmjax, fmjax.data, fmjax.models, fmjax.train, fmjax.metrics\n"
         "import experiments.toy2d, experiments.imagenet32, experiments.cifar10\n"
-        "from fmjax import host_memory\n"
-        "print(host_memory._jax_backends_started())"
+        "from fmjax import _jax_private\n"
+        "print(_jax_private.backends_started())"
     )
     assert _last_line_of_fresh_python(code) == "False"

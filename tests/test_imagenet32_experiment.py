@@ -252,7 +252,10 @@ class _ExactGaussianModel(nn.Module):
     @nn.compact
     def __call__(self, t, x, y=None, train=False):
         self.param("unused", nn.initializers.zeros, ())
-        a, sig, da, dsig = (c.reshape(-1, 1, 1, 1) for c in self.gaussian_path.coefficients(t))
+        c = self.gaussian_path.coefficients(t)
+        a, sig, da, dsig = (
+            v.reshape(-1, 1, 1, 1) for v in (c.alpha, c.sigma, c.d_alpha, c.d_sigma)
+        )
         var = sig**2 + a**2 * self.s**2
         scale = {
             "eps": sig,
@@ -299,9 +302,9 @@ def test_x1_eps_score_models_sample_and_score_as_their_closed_form(
     state = fmjax.train.TrainState.create(params, optax.adam(1e-3), jax.random.key(1))
     t0, t1 = t_range
     var = {
-        t: float(np.asarray(sig**2 + a**2 * s**2))
+        t: float(np.asarray(c.sigma**2 + c.alpha**2 * s**2))
         for t in t_range
-        for a, sig, _, _ in [path.coefficients(jnp.float32(t))]
+        for c in [path.coefficients(jnp.float32(t))]
     }
     s0 = image_flow.source_std(config)
 

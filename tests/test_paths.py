@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from fmjax import paths, schedules
+from fmjax import paths, predictions, schedules
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -127,14 +127,13 @@ def test_vp_closed_form_velocity():
 
 
 @pytest.mark.parametrize("name", ["cond_ot", "vp", "cosine", "poly", "ve"])
-@pytest.mark.parametrize("src", paths.PREDICTIONS)
-@pytest.mark.parametrize("dst", paths.PREDICTIONS)
+@pytest.mark.parametrize("src", predictions.PREDICTIONS)
+@pytest.mark.parametrize("dst", predictions.PREDICTIONS)
 def test_conversions_round_trip_and_consistency(name, src, dst):
     path = ALL_PATHS[name]
     x0, x1, t = _draw((4, 4, 2))
     xt = path.interpolate(x0, x1, t)
-    _, s, _, _ = path.coefficients(t)
-    s = s.reshape(-1, 1, 1, 1)
+    s = path.coefficients(t).sigma.reshape(-1, 1, 1, 1)
     # For a single (x0, x1) pair the "posterior means" are x0 and x1 themselves, so every
     # parameterisation has a known value at x_t.
     truth = {"velocity": path.target(x0, x1, t), "x1": x1, "eps": x0, "score": -x0 / s}

@@ -206,16 +206,16 @@ def test_a_leaf_is_held_to_the_tolerance_however_large_the_others():
 
 
 def test_error_norms_are_per_leaf_and_differentiable_at_zero_error():
-    for norm in (fmjax.ode.leaf_rms_norm, fmjax.ode.max_example_rms_norm):
+    for norm in (fmjax.solvers.leaf_rms_norm, fmjax.solvers.max_example_rms_norm):
         g = jax.grad(norm)((jnp.zeros((3, 2)), jnp.zeros((3,))))
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
     x, logp = jnp.array([[3.0, 4.0], [0.0, 0.0]]), jnp.array([0.0, 2.0])
     # per leaf (torchdiffeq's tuple norm), not one RMS over the 6 entries (sqrt(29 / 6))
-    np.testing.assert_allclose(fmjax.ode.leaf_rms_norm((x, logp)), np.sqrt(25.0 / 4.0))
-    np.testing.assert_allclose(fmjax.ode.leaf_rms_norm((x, 3.0 * logp)), np.sqrt(18.0))
+    np.testing.assert_allclose(fmjax.solvers.leaf_rms_norm((x, logp)), np.sqrt(25.0 / 4.0))
+    np.testing.assert_allclose(fmjax.solvers.leaf_rms_norm((x, 3.0 * logp)), np.sqrt(18.0))
     # per example and leaf: example 0's points sqrt(12.5), example 1's log-density 2
-    np.testing.assert_allclose(fmjax.ode.max_example_rms_norm((x, logp)), np.sqrt(12.5))
-    np.testing.assert_allclose(fmjax.ode.max_example_rms_norm((x, 4.0 * logp)), 8.0)
+    np.testing.assert_allclose(fmjax.solvers.max_example_rms_norm((x, logp)), np.sqrt(12.5))
+    np.testing.assert_allclose(fmjax.solvers.max_example_rms_norm((x, 4.0 * logp)), 8.0)
 
 
 def test_per_example_stepping_and_nfe_accounting():
@@ -259,7 +259,7 @@ def test_reported_nfe_equals_counted_calls(solver, kw):
 
 
 def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monkeypatch):
-    # _fsal_state falls back to None when diffrax's FSAL state has another form (another
+    # fsal_state falls back to None when diffrax's FSAL state has another form (another
     # diffrax version): the solver then evaluates field(t0, y0) itself, one more call.
     calls = []
 
@@ -267,7 +267,7 @@ def test_nfe_counts_the_first_evaluation_again_when_diffrax_cannot_take_it(monke
         jax.debug.callback(lambda: calls.append(1))
         return -x * (1.0 + jnp.sin(5 * t[:, None]))
 
-    monkeypatch.setattr(fmjax.ode, "_fsal_state", lambda *args: None)
+    monkeypatch.setattr(fmjax.solvers, "fsal_state", lambda *args: None)
     _, stats = fmjax.sample(counting_field, _x0(3), solver="dopri5", rtol=1e-6, atol=1e-6)
     jax.effects_barrier()
     assert len(calls) == int(stats.nfe) == 3 + 6 * int(stats.num_steps)
@@ -344,7 +344,7 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
     d0 = y0 / (tol + tol * y0)
     h0 = 0.01 / lam
     want = min(100 * h0, (0.01 / max(lam * d0, lam**2 * d0)) ** 0.2)
-    h, f0 = fmjax.ode.initial_step_size(
+    h, f0 = fmjax.solvers.initial_step_size(
         lambda t, y: lam * y,
         jnp.full((1,), y0),
         t0=jnp.asarray(t0),
@@ -352,7 +352,7 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         error_order=5,
         rtol=tol,
         atol=tol,
-        norm=fmjax.ode.leaf_rms_norm,
+        norm=fmjax.solvers.leaf_rms_norm,
     )
     np.testing.assert_allclose(h, want, rtol=1e-5)
     np.testing.assert_allclose(f0, [lam * y0])
@@ -381,7 +381,7 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         probes.append(t)
         return 1e-3 * y
 
-    fmjax.ode.initial_step_size(
+    fmjax.solvers.initial_step_size(
         slow,
         jnp.ones((1,), jnp.float32),
         t0=jnp.asarray(lo),
@@ -389,11 +389,11 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         error_order=5,
         rtol=tol,
         atol=tol,
-        norm=fmjax.ode.leaf_rms_norm,
+        norm=fmjax.solvers.leaf_rms_norm,
     )
     assert float(probes[1]) == float(hi)
     # y0 = 0 and a field vanishing there: probe h0 = 1e-6, then max(1e-6, 1e-3 h0)
-    h, _ = fmjax.ode.initial_step_size(
+    h, _ = fmjax.solvers.initial_step_size(
         lambda t, y: 0.0 * y,
         jnp.zeros((2,)),
         t0=jnp.asarray(t0),
@@ -401,7 +401,7 @@ def test_adaptive_solves_start_with_hairers_step(t0, t1):
         error_order=5,
         rtol=tol,
         atol=tol,
-        norm=fmjax.ode.leaf_rms_norm,
+        norm=fmjax.solvers.leaf_rms_norm,
     )
     np.testing.assert_allclose(h, 1e-6, rtol=1e-5)
 

@@ -1,21 +1,21 @@
-"""fmjax._xla: per-computation XLA:CPU options for exact-divergence solves."""
+"""fmjax.cpu: per-computation XLA:CPU options for exact-divergence solves."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import fmjax
-from fmjax import _xla
+from fmjax import _jax_private, cpu
 
 
 def test_options_on_cpu_and_switch_off(monkeypatch):
     assert jax.default_backend() == "cpu"
-    opts = _xla.cpu_divergence_options()
+    opts = cpu.cpu_divergence_options()
     # This jaxlib (the one CI installs) knows the option; an unknown one is detected.
     assert opts == {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-    assert not _xla._supported((("xla_cpu_experimental_ynn_fusion_type", "NOT_A_TYPE"),))
+    assert not cpu._supported((("xla_cpu_experimental_ynn_fusion_type", "NOT_A_TYPE"),))
     monkeypatch.setenv("FMJAX_XLA_CPU_TUNING", "0")
-    assert _xla.cpu_divergence_options() == {}
+    assert cpu.cpu_divergence_options() == {}
 
 
 def test_tuned_and_plain_variants_agree(monkeypatch):
@@ -69,11 +69,11 @@ def test_exact_likelihood_under_user_transformations():
 
     x = jax.random.normal(jax.random.PRNGKey(4), (16, 2))
     top = nll(0.7, x)
-    assert _xla._at_top_level()
+    assert _jax_private.at_top_level()
     np.testing.assert_allclose(float(jax.jit(nll)(0.7, x)), float(top), rtol=1e-5)
     g = jax.grad(nll)(0.7, x)
     fd = (nll(0.7 + 1e-2, x) - nll(0.7 - 1e-2, x)) / 2e-2
     np.testing.assert_allclose(float(g), float(fd), rtol=1e-2, atol=1e-3)
     inside = []
-    jax.jit(lambda a: inside.append(_xla._at_top_level()) or a)(1.0)
+    jax.jit(lambda a: inside.append(_jax_private.at_top_level()) or a)(1.0)
     assert inside == [False]

@@ -44,6 +44,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
 from fmjax._checks import integer, real, traced
+from fmjax._field import as_field
+from fmjax.batching import auto_mesh
+from fmjax.batching import check_batch as _check_batch
 from fmjax.likelihood import (
     DIVERGENCES,
     PROBES,
@@ -52,7 +55,6 @@ from fmjax.likelihood import (
     log_likelihood,
     normal_log_prob,
 )
-from fmjax.sampling import _check_batch, as_field, auto_mesh
 
 __all__ = [
     "STATE_VERSION",

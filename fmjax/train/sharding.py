@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fmjax.sampling import DATA_AXIS, auto_axes
+from fmjax.batching import DATA_AXIS, auto_axes
 
 __all__ = [
     "DATA_AXIS",

@@ -36,7 +36,8 @@ def test_velocity_loss_is_a_time_weighting_of_the_prediction_loss(name, predicti
     common = {"x0": x0, "t": t, "reduction": "none"}
     own = losses.cfm_loss(f, path, None, x1, prediction=prediction, **common)
     vel = losses.cfm_loss(path.velocity_field(f, prediction), path, None, x1, **common)
-    a, s, da, ds = path.coefficients(t)
+    c = path.coefficients(t)
+    a, s, da, ds = c.alpha, c.sigma, c.d_alpha, c.d_sigma
     weight = {
         "x1": (da - ds * a / s) ** 2,
         "eps": (ds - da * s / a) ** 2,
@@ -49,7 +50,7 @@ def test_velocity_loss_is_a_time_weighting_of_the_prediction_loss(name, predicti
 def test_prediction_targets_are_what_the_names_say():
     path = PATHS["cond_ot"]
     x0, x1, t, _ = _batch()
-    s = path.coefficients(t)[1][:, None]
+    s = path.coefficients(t).sigma[:, None]
     np.testing.assert_array_equal(path.prediction_target(x0, x1, t, "x1"), x1)
     np.testing.assert_array_equal(path.prediction_target(x0, x1, t, "eps"), x0)
     np.testing.assert_allclose(path.prediction_target(x0, x1, t, "score"), -x0 / s, rtol=1e-6)
@@ -78,7 +79,8 @@ def test_sampling_a_model_of_any_prediction_lands_on_the_closed_form(prediction)
     data = marginals.GaussianMixture(m[None], jnp.array([std]), jnp.ones(1))
 
     def alpha_sigma(t):
-        a, s, _, _ = path.coefficients(t)
+        c = path.coefficients(t)
+        a, s = c.alpha, c.sigma
         return a[:, None], s[:, None]
 
     models = {
@@ -93,7 +95,8 @@ def test_sampling_a_model_of_any_prediction_lands_on_the_closed_form(prediction)
     # exact marginal there
     t0 = 0.0 if prediction in ("velocity", "x1") else 1e-3
     z = jax.random.normal(jax.random.key(0), (8, 2))
-    a0, s0, _, _ = path.coefficients(jnp.float32(t0))
+    c0 = path.coefficients(jnp.float32(t0))
+    a0, s0 = c0.alpha, c0.sigma
     x_start = a0 * m + jnp.sqrt(s0**2 + a0**2 * std**2) * z
     v = path.velocity_field(models[prediction], prediction)
     x1, _ = fmjax.sample(v, x_start, t0=t0, solver="dopri5", rtol=1e-6, atol=1e-6)
