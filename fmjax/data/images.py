@@ -246,10 +246,7 @@ def _ensure_absl_flags_parsed() -> None:
 
 def _sharded(
     ds: grain.MapDataset,
-    *,
-    per_process: int,
-    process_index: int,
-    process_count: int,
+    layout: tuple[int, int, int],
     num_global: int | None,
     read_threads: int,
     prefetch_buffer_size: int,
@@ -257,10 +254,11 @@ def _sharded(
 ) -> grain.IterDataset:
     """The per-example stream ``ds`` in global order -> this process's batches.
 
-    Block ``k`` is positions ``[k*B, (k+1)*B)``; global batch ``g`` is blocks ``g*P`` ..
-    ``g*P+P-1``, of which process ``p`` takes block ``g*P + p`` (``num_global`` global
-    batches, ``None``: all).
+    ``layout`` is :func:`_process_layout`'s.  Block ``k`` is positions ``[k*B, (k+1)*B)``;
+    global batch ``g`` is blocks ``g*P`` .. ``g*P+P-1``, of which process ``p`` takes block
+    ``g*P + p`` (``num_global`` global batches, ``None``: all).
     """
+    process_index, process_count, per_process = layout
     ds = ds.batch(per_process, drop_remainder=True)
     stop = None if num_global is None else num_global * process_count
     ds = ds.slice(slice(process_index, stop, process_count))
@@ -304,7 +302,7 @@ def make_train_dataset(
     grain's read options.
     """
     lookup_source(source)
-    p, count, per_process = _process_layout(global_batch_size, process_index, process_count)
+    layout = _process_layout(global_batch_size, process_index, process_count)
     shuffle_seed, augment_seed = _derive_seeds(seed, 2)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
@@ -324,16 +322,7 @@ def make_train_dataset(
                 f"{n * num_epochs} examples ({num_epochs} epochs) are fewer than one "
                 f"global batch of {global_batch_size}"
             )
-    return _sharded(
-        ds,
-        per_process=per_process,
-        process_index=p,
-        process_count=count,
-        num_global=num_global,
-        read_threads=read_threads,
-        prefetch_buffer_size=prefetch_buffer_size,
-        worker_count=worker_count,
-    )
+    return _sharded(ds, layout, num_global, read_threads, prefetch_buffer_size, worker_count)
 
 
 def make_train_iterator(source: str = DEFAULT_SOURCE, **kwargs: Any) -> grain.DatasetIterator:
@@ -372,7 +361,7 @@ def make_eval_dataset(
     """
     _, _, eval_split = lookup_source(source)
     split = eval_split if split is None else split
-    p, count, per_process = _process_layout(global_batch_size, process_index, process_count)
+    layout = _process_layout(global_batch_size, process_index, process_count)
     src = open_source(source, split, data_dir)
     num_global = math.ceil(len(src) / global_batch_size)
     ds = grain.MapDataset.source(_PaddedSource(src, num_global * global_batch_size))
@@ -382,15 +371,7 @@ def make_eval_dataset(
         ds = ds.random_map(_eval_dequantized, seed=eval_seed)
     else:
         ds = ds.map(_eval_quantized)
-    return _sharded(
-        ds,
-        per_process=per_process,
-        process_index=p,
-        process_count=count,
-        num_global=None,
-        read_threads=read_threads,
-        prefetch_buffer_size=prefetch_buffer_size,
-    )
+    return _sharded(ds, layout, None, read_threads, prefetch_buffer_size)
 
 
 def make_eval_iterator(source: str = DEFAULT_SOURCE, **kwargs: Any) -> grain.DatasetIterator:
