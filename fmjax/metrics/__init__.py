@@ -1,17 +1,19 @@
 """Metrics: two-sample distances for low-dimensional samples (``mmd``,
-``sliced_wasserstein``), image bits/dim with dequantization (``nll.image_bpd``,
-``nll.evaluate_bpd``) and FID from user-provided Inception weights (``fid``). ``nll`` and
-``fid`` are imported on first use."""
+``sliced_wasserstein``), image bits/dim with dequantization (``bpd.image_bpd`` for a batch,
+``nll.evaluate_bpd`` for a whole split, resumable) and FID from user-provided Inception
+weights (``fid``). ``bpd``, ``nll`` and ``fid`` are imported on first use."""
 
 import importlib
 
 from fmjax.metrics.distances import mmd, sliced_wasserstein
 
-__all__ = ["fid", "mmd", "nll", "sliced_wasserstein"]
+__all__ = ["bpd", "fid", "mmd", "nll", "sliced_wasserstein"]
+
+_LAZY = ("bpd", "fid", "nll")
 
 
 def __getattr__(name):
-    if name in ("nll", "fid"):
+    if name in _LAZY:
         module = importlib.import_module(f"fmjax.metrics.{name}")
         globals()[name] = module
         return module

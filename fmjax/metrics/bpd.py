@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -219,7 +220,9 @@ class BpdOptions:
 
 
 @functools.partial(jax.jit, static_argnames=("options", "mesh"))
-def batch_bpd(v, x, keys, mask=None, *, options: BpdOptions, mesh: Mesh | None = None):
+def batch_bpd(
+    v, x, keys, mask=None, *, options: BpdOptions, mesh: Mesh | None = None
+) -> tuple[jax.Array, ode.SolveStats, Any]:
     """Per-example bits/dim of a batch, one ODE solve per (example, k), jitted.
 
     Args:
@@ -298,7 +301,7 @@ def image_bpd(
     t0: float = 0.0,
     t1: float = 1.0,
     throw: bool = True,
-):
+) -> tuple[jax.Array, jax.Array]:
     """Bits/dim of quantized images under K-sample uniform dequantization.
 
     Args:
