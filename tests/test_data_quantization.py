@@ -2,7 +2,22 @@
 
 import numpy as np
 
+from fmjax.data import images as di
 from fmjax.data import quantization as q
+
+
+def test_dequantize_helpers_numpy_and_jax():
+    import jax
+
+    x = np.full((1000,), 255, np.uint8)
+    v = di.dequantize(x, np.random.default_rng(0))
+    assert v.dtype == np.float32 and v.min() >= 255 / 256 and v.max() < 1.0
+    y = di.to_model_space(v)
+    assert y.dtype == np.float32 and y.max() < 1.0
+    np.testing.assert_array_equal(di.to_uint8(y), x)
+    vj = np.asarray(di.dequantize(np.arange(256, dtype=np.uint8), jax.random.key(0)))
+    assert (vj >= np.arange(256) / 256).all() and (vj < (np.arange(256) + 1) / 256).all()
+    assert di.to_model_space(np.float32(0.0)) == -1.0
 
 
 def test_levels_are_lower_bin_edges_and_to_uint8_inverts_them():
