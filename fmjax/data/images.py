@@ -254,7 +254,7 @@ def _sharded(
 ) -> grain.IterDataset:
     """The per-example stream ``ds`` in global order -> this process's batches.
 
-    ``layout`` is :func:`_process_layout`'s.  Block ``k`` is positions ``[k*B, (k+1)*B)``;
+    ``layout`` is ``_process_layout``'s.  Block ``k`` is positions ``[k*B, (k+1)*B)``;
     global batch ``g`` is blocks ``g*P`` .. ``g*P+P-1``, of which process ``p`` takes block
     ``g*P + p`` (``num_global`` global batches, ``None``: all).
     """

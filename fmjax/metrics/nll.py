@@ -80,8 +80,9 @@ def evaluate_bpd(
         of :func:`fmjax.data.images.make_eval_iterator`, and consecutive positions for a
         single process whatever its batch sizes.  With ``state_file`` the iterator must
         have JSON-able ``get_state()`` / ``set_state()`` (grain's do).
-      key: one PRNG key; example ``i`` uses ``fold_in(key, i)`` (see the module docstring), so
-        results do not depend on the batch size, the device count or resumption.
+      key: one PRNG key; example ``i`` uses ``fold_in(key, i)`` (see
+        :mod:`fmjax.metrics.bpd`), so results do not depend on the batch size, the device
+        count or resumption.
       num_dequant: K importance samples per example (paper: 15 on ImageNet-32).
       state_file: JSON file for the running totals and the iterator state, rewritten
         atomically (temp file + ``os.replace``) after every batch.  If it exists, the
@@ -97,8 +98,9 @@ def evaluate_bpd(
       callback: called with the running summary after every batch (e.g. for logging).
       **solver_kw: ``divergence``, ``solver``, ``rtol``, ``atol``, ``value_range``,
         ``num_levels``, ``num_probes``, ``probe``, ``hutchinson_mode``, ``steps``,
-        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in :func:`image_bpd`
-        (changing ``max_steps`` keeps a state file valid: raise it and rerun when a solve failed).
+        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in
+        :func:`~fmjax.metrics.bpd.image_bpd` (changing ``max_steps`` or ``hutchinson_mode``
+        keeps a state file valid: raise ``max_steps`` and rerun when a solve failed).
 
     Returns:
       A dict of plain Python numbers with the keys ``bpd`` (the mean), ``bpd_stderr`` (the standard
