@@ -1,18 +1,23 @@
-"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz pipelines).
+"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz pipelines), with
+the image pipelines' ``sources``, the official downsampled-ImageNet reader ``imagenet_npz``
+and the pixel values' ``quantization``.
 
-``images`` imports tensorflow-datasets and grain, so it is loaded only when used.
+``images`` imports grain (and opens TFDS through tensorflow-datasets), so it and its
+submodules are loaded only when used.
 """
 
 import importlib
 
 from fmjax.data import toy
 
-__all__ = ["images", "toy"]
+__all__ = ["imagenet_npz", "images", "quantization", "sources", "toy"]
+
+_LAZY = ("imagenet_npz", "images", "quantization", "sources")
 
 
 def __getattr__(name):
-    if name == "images":
-        module = importlib.import_module("fmjax.data.images")
+    if name in _LAZY:
+        module = importlib.import_module(f"fmjax.data.{name}")
         globals()[name] = module
         return module
     raise AttributeError(f"module 'fmjax.data' has no attribute {name!r}")

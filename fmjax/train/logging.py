@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from fmjax.jsonio import json_default, write_json_atomic
+
 __all__ = ["MetricWriter", "image_grid", "is_main_process", "save_image_grid", "write_json"]
 
 
@@ -39,29 +41,17 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if hasattr(x, "to_dict"):
-        return x.to_dict()
-    return str(x)
-
-
 def write_json(path, obj, *, only_main: bool = True) -> None:
-    """Write ``obj`` as indented JSON, atomically (temp file + rename); process 0 only."""
+    """Write ``obj`` as indented JSON, atomically (temp file + rename); process 0 only.
+
+    Args:
+      path: the file to write (see :func:`fmjax.jsonio.write_json_atomic`).
+      obj: a JSON-able object; NumPy numbers and arrays are converted.
+      only_main: write in process 0 only (a no-op elsewhere); False writes in every process.
+    """
     if only_main and not is_main_process():
         return
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def image_grid(
@@ -169,7 +159,7 @@ class MetricWriter:
             except (TypeError, ValueError):
                 rec[prefix + k] = v
         with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.write(json.dumps(rec, default=json_default) + "\n")
         if self._tb is not None:
             for k, v in rec.items():
                 if k not in ("step", "time") and isinstance(v, float):
