@@ -50,13 +50,13 @@ _INT_FIELDS = (
 
 
 def _check_config(cfg):
-    toy._check_name(cfg.dataset)
+    toy.check_name(cfg.dataset)
     for section, name, minimum in _INT_FIELDS:
         integer(cfg[section][name], f"{section}.{name}", minimum=minimum)
     t = cfg.train
     real(t.learning_rate, "train.learning_rate", low=0.0, low_open=True)
     real(cfg.eval.plot_lim, "eval.plot_lim", low=0.0, low_open=True)
-    fmjax.paths.check_prediction(t.prediction, "train.prediction")
+    fmjax.predictions.check_prediction(t.prediction, "train.prediction")
     try:
         make_path(cfg).velocity_range(t.prediction, cfg.eval.t_margin)
     except ValueError as err:
@@ -80,8 +80,8 @@ def _check_config(cfg):
         ("eval.grid_rtol", e.grid_rtol, e.grid_rtol),
     ):
         try:
-            fmjax.ode.check_solver_args("dopri5", None, None, 0.0, 1.0, rtol=rtol, atol=atol)
-        except ValueError as err:
+            fmjax.SolverOptions(solver="dopri5", rtol=rtol, atol=atol)
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{keys}: {err}") from err
 
 

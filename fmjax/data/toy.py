@@ -61,6 +61,7 @@ __all__ = [
     "ENTROPY",
     "LOG_PROBS",
     "checkerboard",
+    "check_name",
     "checkerboard_log_prob",
     "circles",
     "eight_gaussians",
@@ -279,14 +280,15 @@ ENTROPY: dict[str, float] = {
 """Exact differential entropies in nats (only where a closed form exists)."""
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """Raise a ``ValueError`` naming the known densities unless ``name`` is one of them."""
     if name not in DENSITIES:
         raise ValueError(f"unknown density {name!r}; known densities: {sorted(DENSITIES)}")
 
 
 def sample(name: str, key: jax.Array, n: int) -> jax.Array:
     """Draw ``n`` samples ``(n, 2)`` float32 from the density registered as ``name``."""
-    _check_name(name)
+    check_name(name)
     return DENSITIES[name](key, n)
 
 
@@ -295,7 +297,7 @@ def log_prob(name: str, x: jax.Array) -> jax.Array:
 
     Raises ``ValueError`` for unknown names and for densities without a closed form.
     """
-    _check_name(name)
+    check_name(name)
     if name not in LOG_PROBS:
         raise ValueError(
             f"density {name!r} has no closed-form log-density; available for: {sorted(LOG_PROBS)}"
