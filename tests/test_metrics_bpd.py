@@ -197,3 +197,23 @@ def test_image_bpd_bad_input():
     ):
         with pytest.raises(ValueError, match=match):
             metrics_bpd.image_bpd(zero_field, x, jax.random.key(0), **kw)
+
+
+def test_solver_settings_as_one_options_value():
+    rng = np.random.default_rng(5)
+    x = quantized(rng, (2, 4, 4, 3))
+    key = jax.random.key(1)
+    options = fmjax.SolverOptions(solver="rk4", steps=6)
+    by_value, nfe = metrics_bpd.image_bpd(tanh_field, x, key, options=options)
+    by_keywords, _ = metrics_bpd.image_bpd(tanh_field, x, key, solver="rk4", steps=6)
+    np.testing.assert_array_equal(by_value, by_keywords)
+    assert float(nfe) == 4 * 6  # rk4's four evaluations per step, fixed steps
+    made = metrics_bpd.BpdOptions.make(num_dequant=2, solver="rk4", steps=6)
+    assert made.solve == options and made == metrics_bpd.BpdOptions(num_dequant=2, solve=options)
+    assert hash(made) == hash(metrics_bpd.BpdOptions(num_dequant=2, solve=options))
+    with pytest.raises(ValueError, match="either as options= or as keywords"):
+        metrics_bpd.image_bpd(tanh_field, x, key, options=options, rtol=1e-3)
+    with pytest.raises(TypeError, match=r"unknown solver setting\(s\) \['tolerance'\]"):
+        metrics_bpd.image_bpd(tanh_field, x, key, tolerance=1e-3)
+    with pytest.raises(TypeError, match="solve must be a fmjax.SolverOptions"):
+        metrics_bpd.BpdOptions(solve="dopri5")

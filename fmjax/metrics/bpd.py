@@ -49,6 +49,7 @@ from fmjax.likelihood import (
     log_likelihood,
     normal_log_prob,
 )
+from fmjax.solvers import SolverOptions, check_times, solver_options
 
 __all__ = [
     "BpdOptions",
@@ -141,12 +142,11 @@ class BpdOptions:
     """Validated, hashable settings of a bits/dim evaluation (a static argument of
     :func:`batch_bpd`).
 
-    The fields are the keyword arguments of :func:`image_bpd` (same names, same defaults):
     ``num_dequant``, the divergence estimate (``divergence``, ``num_probes``, ``probe``,
-    ``hutchinson_mode``), the ODE solver (``solver``, ``steps``, ``step_size``, ``rtol``,
-    ``atol``, ``max_steps``), the data quantization (``value_range``, ``num_levels``) and the
-    flow (``source_std``, ``t0``, ``t1``).  Invalid values raise ``ValueError`` on
-    construction.
+    ``hutchinson_mode``), the ODE solve (``solve``: one :class:`fmjax.SolverOptions`), the
+    data quantization (``value_range``, ``num_levels``) and the flow (``source_std``, ``t0``,
+    ``t1``); :meth:`make` builds it from :func:`image_bpd`'s keywords. Invalid values raise
+    ``ValueError`` on construction.
     """
 
     num_dequant: int = 1
@@ -154,17 +154,24 @@ class BpdOptions:
     num_probes: int = 1
     probe: str = "rademacher"
     hutchinson_mode: str = "jvp"
-    solver: str = "dopri5"
-    steps: int | None = None
-    step_size: float | None = None
-    rtol: float = 1e-5
-    atol: float = 1e-5
-    max_steps: int = 4096
+    solve: SolverOptions = SolverOptions()
     value_range: tuple[float, float] = (-1.0, 1.0)
     num_levels: int = 256
     source_std: float = 1.0
     t0: float = 0.0
     t1: float = 1.0
+
+    @classmethod
+    def make(cls, *, options: SolverOptions | None = None, **kw) -> BpdOptions:
+        """From keywords: this class's fields, and the solve's settings either as
+        ``options=`` or as :class:`fmjax.SolverOptions` field keywords (``solver``,
+        ``rtol``, ``atol``, ``steps``, ``step_size``, ``max_steps``, ``error_norm``; None
+        takes the default)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"solve"}
+        settings = {k: kw.pop(k) for k in list(kw) if k not in names}
+        if "value_range" in kw:
+            kw["value_range"] = tuple(kw["value_range"])
+        return cls(solve=solver_options(options, **settings), **kw)
 
     def __post_init__(self):
         def put(name, value):
@@ -180,19 +187,12 @@ class BpdOptions:
             raise ValueError(
                 f"hutchinson_mode must be 'jvp' or 'vjp'; got {self.hutchinson_mode!r}."
             )
+        if not isinstance(self.solve, SolverOptions):
+            raise TypeError(f"solve must be a fmjax.SolverOptions; got {self.solve!r}.")
         put("t0", real(self.t0, "t0", low=0.0, high=1.0))
         put("t1", real(self.t1, "t1", low=0.0, high=1.0))
         check_span(self.t0, self.t1)
-        ode.check_solver_args(
-            self.solver,
-            self.steps,
-            self.step_size,
-            self.t0,
-            self.t1,
-            rtol=self.rtol,
-            atol=self.atol,
-            max_steps=self.max_steps,
-        )
+        check_times(self.t0, self.t1, self.solve)
         lo, hi = (float(a) for a in self.value_range)
         if not hi > lo:
             raise ValueError(
@@ -209,9 +209,6 @@ class BpdOptions:
                 low_open=True,
             ),
         )
-        put("max_steps", int(self.max_steps))
-        put("rtol", float(self.rtol))
-        put("atol", float(self.atol))
 
     @property
     def bin_width(self) -> float:
@@ -254,12 +251,7 @@ def batch_bpd(
         num_probes=o.num_probes,
         probe=o.probe,
         hutchinson_mode=o.hutchinson_mode,
-        solver=o.solver,
-        steps=o.steps,
-        step_size=o.step_size,
-        rtol=o.rtol,
-        atol=o.atol,
-        max_steps=o.max_steps,
+        options=o.solve,
         t0=o.t0,
         t1=o.t1,
         throw=False,
@@ -287,21 +279,17 @@ def image_bpd(
     *,
     num_dequant: int = 1,
     divergence: str = "hutchinson",
-    solver: str = "dopri5",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
     value_range=(-1.0, 1.0),
     num_levels: int = 256,
     num_probes: int = 1,
     probe: str = "rademacher",
     hutchinson_mode: str = "jvp",
-    steps: int | None = None,
-    step_size: float | None = None,
-    max_steps: int = 4096,
     source_std: float = 1.0,
     t0: float = 0.0,
     t1: float = 1.0,
     throw: bool = True,
+    options: SolverOptions | None = None,
+    **solver_settings,
 ) -> tuple[jax.Array, jax.Array]:
     """Bits/dim of quantized images under K-sample uniform dequantization.
 
@@ -317,7 +305,6 @@ def image_bpd(
         importance-weighted bound ``log (1/K) sum_k p(x + u_k)`` (K = 1: the usual bound).
       divergence, num_probes, probe, hutchinson_mode: as in :func:`fmjax.log_likelihood`
         (Hutchinson probes are drawn per example and per k).
-      solver, rtol, atol, steps, step_size, max_steps: the ODE solver (paper: dopri5, 1e-5).
       value_range, num_levels: the model-space range of the data and the number of levels;
         ``bin = (hi - lo) / num_levels`` and the range's log-determinant is corrected for.
       source_std: the flow starts from ``N(0, source_std^2 I)`` (a path's
@@ -326,29 +313,29 @@ def image_bpd(
         model that predicts x1, eps or the score is a velocity only over its path's
         ``velocity_range(prediction)``.
       throw: raise if any ODE solve failed (e.g. ``max_steps`` reached); not under ``jit``.
+      options: the ODE solve as one :class:`fmjax.SolverOptions` (default dopri5 at
+        rtol = atol = 1e-5, the paper's), or instead its fields as keywords
+        (``solver=``, ``rtol=``, ``atol=``, ``steps=``, ``step_size=``, ``max_steps=``,
+        ``error_norm=``).
 
     Returns:
       ``(bpd, nfe)``: bits/dim per example, shape (B,), and the mean NFE of the augmented
       field over the ``B * K`` solves (a scalar).
     """
     check_batch(x, "x")
-    options = BpdOptions(
+    bpd_options = BpdOptions.make(
         num_dequant=num_dequant,
         divergence=divergence,
-        solver=solver,
-        rtol=rtol,
-        atol=atol,
-        value_range=tuple(value_range),
+        value_range=value_range,
         num_levels=num_levels,
         num_probes=num_probes,
         probe=probe,
         hutchinson_mode=hutchinson_mode,
-        steps=steps,
-        step_size=step_size,
-        max_steps=max_steps,
         source_std=source_std,
         t0=t0,
         t1=t1,
+        options=options,
+        **solver_settings,
     )
     x = jnp.asarray(x)
     b = x.shape[0]
@@ -360,7 +347,7 @@ def image_bpd(
             f"key must be one key or a batch of {b} keys (one per example); got "
             f"a key array of shape {key.shape}."
         )
-    bpd, stats, _ = batch_bpd(as_field(v), x, key, options=options)
+    bpd, stats, _ = batch_bpd(as_field(v), x, key, options=bpd_options)
     if throw:
         ode.raise_if_failed(stats, "fmjax.metrics.image_bpd")
     return bpd, jnp.mean(stats.nfe.astype(jnp.float32))

@@ -51,7 +51,7 @@ STATE_VERSION = 1
 
 # Settings that do not change the result, so a state file stays valid when they change
 # (raise max_steps and rerun after a failed solve; jvp and vjp give the same estimate).
-_NOT_FINGERPRINTED = ("hutchinson_mode", "max_steps")
+_NOT_FINGERPRINTED = ("hutchinson_mode", "max_steps", "solve")
 
 
 def evaluate_bpd(
@@ -97,9 +97,9 @@ def evaluate_bpd(
       max_batches: stop once this many batches in total (counting those done before a resume)
         are done; the result then has ``complete=False``.  ``None``: the whole split.
       callback: called with the running summary after every batch (e.g. for logging).
-      **solver_kw: ``divergence``, ``solver``, ``rtol``, ``atol``, ``value_range``,
-        ``num_levels``, ``num_probes``, ``probe``, ``hutchinson_mode``, ``steps``,
-        ``step_size``, ``max_steps``, ``source_std``, ``t0``, ``t1`` as in
+      **solver_kw: ``divergence``, ``value_range``, ``num_levels``, ``num_probes``,
+        ``probe``, ``hutchinson_mode``, ``source_std``, ``t0``, ``t1``, and the solve as
+        ``options=`` (a :class:`fmjax.SolverOptions`) or its fields as keywords, as in
         :func:`~fmjax.metrics.bpd.image_bpd` (changing ``max_steps`` or ``hutchinson_mode``
         keeps a state file valid: raise ``max_steps`` and rerun when a solve failed).
 
@@ -112,7 +112,7 @@ def evaluate_bpd(
       RuntimeError: an ODE solve failed in some batch (the totals up to the previous batch
         are kept in ``state_file``).
     """
-    options = BpdOptions(num_dequant=num_dequant, **solver_kw)
+    options = BpdOptions.make(num_dequant=num_dequant, **solver_kw)
     key = as_typed_key(key)
     if key.ndim != 0:
         raise ValueError(f"evaluate_bpd needs a single key; got a key array of shape {key.shape}.")
@@ -268,7 +268,8 @@ def _summary(totals, complete, num_dequant, resumed) -> dict[str, Any]:
 
 def _fingerprint(key, options: BpdOptions) -> dict[str, Any]:
     """What the totals depend on: a state file written under other settings is rejected."""
-    fp = {k: v for k, v in vars(options).items() if k not in _NOT_FINGERPRINTED}
+    fields = {**vars(options), **vars(options.solve)}
+    fp = {k: v for k, v in fields.items() if k not in _NOT_FINGERPRINTED}
     fp["value_range"] = list(options.value_range)
     fp["key"] = np.asarray(jax.random.key_data(key)).ravel().tolist()
     fp["key_impl"] = str(jax.random.key_impl(key))
