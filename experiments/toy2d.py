@@ -368,11 +368,13 @@ def main(argv):
         "mmd",
         "mmd_data_vs_data",
         "sliced_wasserstein",
+        "straightness",
+        "transport_cost",
         "train_seconds",
     ]
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     print(
-        f"wrote samples.png, trajectories.png, density.png, metrics.json to "
+        f"wrote samples.png, trajectories.png, density.png, nfe_quality.png, metrics.json to "
         f"{os.path.abspath(workdir)}"
     )
 
