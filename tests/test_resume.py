@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, XLA_CACHE, use_compile_cache
 
-from experiments import image_flow
+import fmjax.train.sharding
+from experiments import images
 from experiments.configs import imagenet32
 from fmjax.train.checkpoint import CheckpointManager
 
@@ -75,7 +76,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state, summary = image_flow.train(_config(data_dir), workdir)
+    state, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == 0 and not summary["resumed"]
     return workdir, jax.device_get(state)
 
@@ -111,7 +112,7 @@ def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
 def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
     workdir = str(tmp_path / "crashed")
     calls = {"n": 0}
-    real = image_flow.sharding_lib.shard_batch
+    real = fmjax.train.sharding.shard_batch
 
     def crashing(batch, mesh):
         calls["n"] += 1
@@ -119,27 +120,27 @@ def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path
             raise RuntimeError("simulated crash")
         return real(batch, mesh)
 
-    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", crashing)
+    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        image_flow.train(_config(data_dir), workdir)
-    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", real)
+        images.train(_config(data_dir), workdir)
+    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
     # step 5 was logged by the crashed run; the resumed run drops and redoes it
-    state, summary = image_flow.train(_config(data_dir), workdir)  # fresh objects
+    state, summary = images.train(_config(data_dir), workdir)  # fresh objects
     assert summary["resumed"] and summary["start_step"] == 4
     _assert_same_run(*uninterrupted, workdir, state)
 
 
 def test_stop_and_resume(data_dir, uninterrupted, tmp_path):
     workdir = str(tmp_path / "stopped")
-    state, summary = image_flow.train(_config(data_dir), workdir, stop_at=3)
+    state, summary = images.train(_config(data_dir), workdir, stop_at=3)
     assert summary["stopped_early"] and int(state.step) == 3
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 3
-    state, summary = image_flow.train(_config(data_dir), workdir)
+    state, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == 3
     _assert_same_run(*uninterrupted, workdir, state)
     # a finished run restarted does nothing
-    _, summary = image_flow.train(_config(data_dir), workdir)
+    _, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == N and "steps_run" not in summary
 
 
@@ -147,14 +148,13 @@ def test_restore_data_iterator_position(data_dir, uninterrupted):
     workdir, _ = uninterrupted
     config = _config(data_dir)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"))
-    fresh = image_flow._train_iterator(config)
+    setup = images.build(config)
+    fresh = setup.train_iterator()
     for _ in range(N):  # the batch after N steps, from a fresh iterator
         next(fresh)
     expected = next(fresh)
-    it = image_flow._train_iterator(config)
-    model = image_flow.build_model(config)
-    tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
+    it = setup.train_iterator()
+    abstract = setup.abstract_state(fmjax.train.sharding.make_mesh())
     state, meta = ckpt.restore(abstract, it, step=4)
     assert int(state.step) == 4 and meta["step"] == 4
     for _ in range(N - 4):
@@ -210,10 +210,7 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["train"]
     assert summary["end_step"] == N
-    config = _config(data_dir)
-    model = image_flow.build_model(config)
-    tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
+    abstract = images.build(_config(data_dir)).abstract_state(fmjax.train.sharding.make_mesh())
     with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(abstract)
     _assert_same_run(*uninterrupted, workdir, state)

@@ -1,0 +1,67 @@
+"""The run's checkpoints in ``workdir/checkpoints``: opened for training (async orbax;
+params, EMA, optimizer state, step, PRNG key and the data iterator position) and loaded
+for evaluation. A checkpoint trained on another path or prediction is refused."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from experiments.images import config as config_lib
+from fmjax.train import sharding as sharding_lib
+from fmjax.train.checkpoint import CheckpointManager
+
+__all__ = ["checkpoint_dir", "load", "open_for_training", "restore_or_init"]
+
+
+def checkpoint_dir(workdir) -> str:
+    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
+def open_for_training(setup, workdir) -> CheckpointManager:
+    """The manager that saves every ``train.checkpoint_every`` steps (and the config)."""
+    t = setup.config.train
+    return CheckpointManager(
+        checkpoint_dir(workdir),
+        save_every=int(t.checkpoint_every),
+        keep=int(t.keep_checkpoints),
+        best_metric=t.best_metric or None,
+        best_mode="min",
+        async_save=bool(t.async_checkpointing),
+        config=setup.config,
+    )
+
+
+def restore_or_init(setup, ckpt: CheckpointManager, mesh, iterator):
+    """``(state, step)``: the latest checkpoint (and the data position into ``iterator``),
+    or a fresh state at step 0."""
+    if ckpt.latest_step() is not None:
+        config_lib.check_trained_as(
+            setup.config, ckpt.metadata(), f"the checkpoint in {ckpt.directory}"
+        )
+        state, meta = ckpt.restore(setup.abstract_state(mesh), iterator)
+        return state, int(meta["step"])
+    state = jax.jit(setup.init_state, out_shardings=sharding_lib.replicated_sharding(mesh))()
+    return state, 0
+
+
+def load(setup, workdir, mesh):
+    """``(state, step)`` of ``eval.checkpoint_step`` (default: the latest checkpoint)."""
+    t = setup.config.train
+    with CheckpointManager(
+        checkpoint_dir(workdir),
+        save_every=int(t.checkpoint_every),
+        keep=int(t.keep_checkpoints),
+        best_metric=t.best_metric or None,
+    ) as ckpt:
+        step = setup.config.eval.checkpoint_step
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {ckpt.directory}: train first (mode 'train' or "
+                "'train_and_eval') or point --workdir at a trained run."
+            )
+        shown = step if step is not None else ckpt.latest_step()
+        config_lib.check_trained_as(setup.config, ckpt.metadata(step), f"checkpoint {shown}")
+        state, meta = ckpt.restore(setup.abstract_state(mesh), step=step)
+        return state, int(meta["step"])
