@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, XLA_CACHE, use_compile_cache
+from image_runs import write_npz_dataset
 
 from experiments import images
 from experiments.configs import imagenet32
@@ -101,18 +102,6 @@ def _run_workers(runs, timeout, what):
     ]
 
 
-def _write_npz_dataset(folder, n_train=48, seed=0):
-    """A tiny dataset in the official downsampled-ImageNet npz format."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", 16)):
-        np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            labels=rng.integers(1, 1001, n),
-        )
-
-
 def _overrides(data_dir):
     return {
         "model.ch": 16,
@@ -154,7 +143,7 @@ def _apply(config, overrides):
 
 def test_two_processes_match_one_process(tmp_path):
     data_dir = str(tmp_path / "data")
-    _write_npz_dataset(data_dir)
+    write_npz_dataset(data_dir, n_train=48, n_val=16)
     overrides = _overrides(data_dir)
     multi = str(tmp_path / "multi")
     port = _free_port()

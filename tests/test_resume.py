@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import ROOT, XLA_CACHE, use_compile_cache
+from image_runs import write_npz_dataset
 
 import fmjax.train.sharding
 from experiments import images
@@ -27,17 +28,6 @@ use_compile_cache()
 pytestmark = pytest.mark.usefixtures("float32")
 
 N = 6
-
-
-def _write_npz_dataset(folder, n_train=20, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", 8)):
-        np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            labels=rng.integers(1, 1001, n),
-        )
 
 
 OVERRIDES = {
@@ -69,7 +59,8 @@ def _config(data_dir):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("npz"))
-    _write_npz_dataset(d)  # 20 examples, batch 4: 5 batches per epoch, N crosses an epoch
+    # 20 examples, batch 4: 5 batches per epoch, N crosses an epoch
+    write_npz_dataset(d, n_train=20)
     return d
 
 

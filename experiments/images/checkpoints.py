@@ -19,18 +19,21 @@ def checkpoint_dir(workdir) -> str:
     return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
 
 
-def open_for_training(setup, workdir) -> CheckpointManager:
-    """The manager that saves every ``train.checkpoint_every`` steps (and the config)."""
+def _manager(setup, workdir, **options) -> CheckpointManager:
     t = setup.config.train
     return CheckpointManager(
         checkpoint_dir(workdir),
         save_every=int(t.checkpoint_every),
         keep=int(t.keep_checkpoints),
         best_metric=t.best_metric or None,
-        best_mode="min",
-        async_save=bool(t.async_checkpointing),
-        config=setup.config,
+        **options,
     )
+
+
+def open_for_training(setup, workdir) -> CheckpointManager:
+    """The manager that saves every ``train.checkpoint_every`` steps (and the config)."""
+    async_save = bool(setup.config.train.async_checkpointing)
+    return _manager(setup, workdir, async_save=async_save, config=setup.config)
 
 
 def restore_or_init(setup, ckpt: CheckpointManager, mesh, iterator):
@@ -48,13 +51,7 @@ def restore_or_init(setup, ckpt: CheckpointManager, mesh, iterator):
 
 def load(setup, workdir, mesh):
     """``(state, step)`` of ``eval.checkpoint_step`` (default: the latest checkpoint)."""
-    t = setup.config.train
-    with CheckpointManager(
-        checkpoint_dir(workdir),
-        save_every=int(t.checkpoint_every),
-        keep=int(t.keep_checkpoints),
-        best_metric=t.best_metric or None,
-    ) as ckpt:
+    with _manager(setup, workdir) as ckpt:
         step = setup.config.eval.checkpoint_step
         if ckpt.latest_step() is None:
             raise FileNotFoundError(

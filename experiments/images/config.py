@@ -56,20 +56,20 @@ INT_FIELDS = (
     ("model", "num_classes", 1),
 )
 OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
-# real fields: (section, name, (low, high, low_open, high_open))
+# real fields: (section, name, the interval of allowed values, each end open or closed)
 REAL_FIELDS = (
-    ("train", "learning_rate", (0.0, math.inf, True, False)),
-    ("train", "end_learning_rate", (0.0, math.inf, False, False)),
-    ("train", "decay_power", (0.0, math.inf, True, False)),
-    ("train", "adam_b1", (0.0, 1.0, False, True)),
-    ("train", "adam_b2", (0.0, 1.0, False, True)),
-    ("train", "adam_eps", (0.0, math.inf, False, False)),
-    ("train", "grad_clip_norm", (0.0, math.inf, False, False)),  # 0: off
-    ("train", "ema_decay", (0.0, 1.0, False, True)),
-    ("model", "dropout", (0.0, 1.0, False, True)),
-    ("model", "class_dropout", (0.0, 1.0, False, False)),  # label -> null class
-    ("eval", "t_margin", (0.0, 0.5, True, True)),
-    ("eval", "guidance_scale", (-math.inf, math.inf, False, False)),  # 1: off
+    ("train", "learning_rate", "(0, inf)"),
+    ("train", "end_learning_rate", "[0, inf)"),
+    ("train", "decay_power", "(0, inf)"),
+    ("train", "adam_b1", "[0, 1)"),
+    ("train", "adam_b2", "[0, 1)"),
+    ("train", "adam_eps", "[0, inf)"),
+    ("train", "grad_clip_norm", "[0, inf)"),  # 0: off
+    ("train", "ema_decay", "[0, 1)"),
+    ("model", "dropout", "[0, 1)"),
+    ("model", "class_dropout", "[0, 1]"),  # label -> null class
+    ("eval", "t_margin", "(0, 0.5)"),
+    ("eval", "guidance_scale", "(-inf, inf)"),  # 1: off
 )
 
 
@@ -88,23 +88,17 @@ def _check_integer(value, name: str, minimum: int) -> None:
         raise ConfigError(f"{name} must be {kind}; got {value!r}.")
 
 
-def _check_real(value, name: str, low: float, high: float, low_open: bool, high_open: bool):
-    x = None
-    if not isinstance(value, (bool, np.bool_, str, bytes)):
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            x = None
-    inside = x is not None and math.isfinite(x)
-    inside = (
-        inside and (x > low if low_open else x >= low) and (x < high if high_open else x <= high)
-    )
-    if not inside:
-        lo = "(" if low_open or low == -math.inf else "["
-        hi = ")" if high_open or high == math.inf else "]"
-        raise ConfigError(
-            f"{name} must be a finite number in {lo}{low:g}, {high:g}{hi}; got {value!r}."
-        )
+def _within(x: float, interval: str) -> bool:
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = x > low if interval[0] == "(" else x >= low
+    below = x < high if interval[-1] == ")" else x <= high
+    return math.isfinite(x) and above and below
+
+
+def _check_real(value, name: str, interval: str) -> None:
+    number = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, (bool, np.bool_)) or not (number and _within(float(value), interval)):
+        raise ConfigError(f"{name} must be a finite number in {interval}; got {value!r}.")
 
 
 def _one_of(value, options, name: str) -> None:
@@ -125,8 +119,8 @@ def _check_numbers(config) -> None:
         value = config[section][name]
         if not (value is None and (section, name) in OPTIONAL_INT_FIELDS):
             _check_integer(value, f"{section}.{name}", minimum)
-    for section, name, bounds in REAL_FIELDS:
-        _check_real(config[section][name], f"{section}.{name}", *bounds)
+    for section, name, interval in REAL_FIELDS:
+        _check_real(config[section][name], f"{section}.{name}", interval)
 
 
 def _check_solvers(config) -> None:
