@@ -19,7 +19,7 @@ from experiments import path_config
 from fmjax.data import images as images_lib
 from fmjax.train import sharding as sharding_lib
 
-__all__ = ["DTYPES", "MODES", "ConfigError", "check", "check_trained_as", "make_path"]
+__all__ = ["DTYPES", "MODES", "ConfigError", "check", "check_trained_as"]
 
 MODES = ("train", "eval", "train_and_eval")
 DTYPES = ("float32", "bfloat16")
@@ -106,7 +106,7 @@ def _one_of(value, options, name: str) -> None:
         raise ConfigError(f"{name} must be one of {options}; got {value!r}.")
 
 
-def make_path(config):
+def _make_path(config):
     """The configured path (:mod:`experiments.path_config`), as a ConfigError when invalid."""
     try:
         return path_config.make_path(config.path)
@@ -175,9 +175,10 @@ def _check_devices(config, mesh) -> None:
         )
 
 
-def check(config, mesh=None) -> None:
+def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     """Raise :class:`ConfigError` naming the first field the run cannot use; with ``mesh``
-    also the batch sizes over its devices (those ``config.mode`` runs)."""
+    also the batch sizes over its devices (those ``config.mode`` runs). Returns the
+    configured path, built while checking its span for ``train.prediction``."""
     _one_of(config.mode, MODES, "mode")
     if config.data.source not in images_lib.SOURCES:
         raise ConfigError(
@@ -196,10 +197,12 @@ def check(config, mesh=None) -> None:
         )
     _check_solvers(config)
     _one_of(t.prediction, fmjax.paths.PREDICTIONS, "train.prediction")
-    make_path(config).velocity_range(t.prediction, float(e.t_margin))
+    path = _make_path(config)
+    path.velocity_range(t.prediction, float(e.t_margin))
     _check_classes(config)
     if mesh is not None:
         _check_devices(config, mesh)
+    return path
 
 
 def check_trained_as(config, meta: dict, what: str) -> None:

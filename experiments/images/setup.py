@@ -220,10 +220,9 @@ def _state_shapes(model, tx, config):
 def build(config, mesh=None, *, progress: bool | None = None) -> Setup:
     """Check ``config`` (with ``mesh``: its batch sizes too) and build the run from it;
     a bad value is a :class:`~experiments.images.config.ConfigError`."""
-    config_lib.check(config, mesh)
+    path = config_lib.check(config, mesh)
     model = build_model(config)
     tx, schedule = make_optimizer(config)
-    path = config_lib.make_path(config)
     t, e = config.train, config.eval
     return Setup(
         config=config,
