@@ -104,7 +104,7 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     assert calls["ref"]["image"].shape == (4, 32, 32, 3)
     assert calls["weights"] == str(weights)
     # the raw (not EMA) parameters are another evaluation: its own totals file, not the EMA
-    # number under the "raw" label (the file was once keyed by the step alone)
+    # number under the "raw" label
     with tfds.testing.mock_data(num_examples=16):
         raw = images.train_and_evaluate(
             small_config(**{"mode": "eval", "eval.use_ema": False}), workdir
@@ -200,8 +200,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_eval_settings_fail_before_training(tmp_path):
-    # an eval split that does not exist: found before any training step (it was found
-    # after training and checkpointing)
+    # an eval split that does not exist: found before any training step
     data = str(tmp_path / "npz")
     write_npz_dataset(data)
     c = small_config(

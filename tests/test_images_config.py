@@ -94,7 +94,7 @@ def test_default_configs_are_the_papers_recipe():
             {"path.name": "polynomial", "path.polynomial": {"n": -1.0, "eps": 1e-5}},
             "path.polynomial: polynomial exponent n must be > 0",
         ),
-        # these trained without complaint (a negative rate ascends) or failed after training
+        # a negative rate would ascend; the others would fail after training
         ({"train.learning_rate": -1e-3}, r"train.learning_rate must be a finite number in \(0,"),
         ({"train.adam_b1": 1.5}, r"train.adam_b1 must be a finite number in \[0, 1\)"),
         ({"model.dropout": 1.5}, r"model.dropout must be a finite number in \[0, 1\)"),

@@ -19,8 +19,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, XLA_CACHE, use_compile_cache
-from image_runs import write_npz_dataset
+from conftest import ROOT, use_compile_cache
+from image_runs import subprocess_env, write_npz_dataset
 
 from experiments import images
 from experiments.configs import imagenet32
@@ -69,14 +69,7 @@ def _run_workers(runs, timeout, what):
     """Start ``python -c code *args`` for each ``[code, *args]`` in ``runs`` at once (the
     processes of one distributed job wait for each other), CPU only with the tests' compile
     cache; returns each one's ``RESULT`` JSON line, in order."""
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-    )
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", *run],

@@ -16,8 +16,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, XLA_CACHE, use_compile_cache
-from image_runs import write_npz_dataset
+from conftest import ROOT, use_compile_cache
+from image_runs import subprocess_env, write_npz_dataset
 
 import fmjax.train.sharding
 from experiments import images
@@ -174,13 +174,7 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
             else (f"({v})" if isinstance(value, tuple) else v)
         )
         cmd.append(f"--config.{dotted}={v}")
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-    )
+    env = subprocess_env()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
