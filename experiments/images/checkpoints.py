@@ -5,12 +5,19 @@ for evaluation. A checkpoint trained on another path or prediction is refused.""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 
 from experiments.images import config as config_lib
 from fmjax.train import sharding as sharding_lib
 from fmjax.train.checkpoint import CheckpointManager
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
 
 __all__ = ["checkpoint_dir", "load", "open_for_training", "restore_or_init"]
 
@@ -30,13 +37,15 @@ def _manager(setup, workdir, **options) -> CheckpointManager:
     )
 
 
-def open_for_training(setup, workdir) -> CheckpointManager:
+def open_for_training(setup: Setup, workdir: str) -> CheckpointManager:
     """The manager that saves every ``train.checkpoint_every`` steps (and the config)."""
     async_save = bool(setup.config.train.async_checkpointing)
     return _manager(setup, workdir, async_save=async_save, config=setup.config)
 
 
-def restore_or_init(setup, ckpt: CheckpointManager, mesh, iterator):
+def restore_or_init(
+    setup: Setup, ckpt: CheckpointManager, mesh: Mesh, iterator
+) -> tuple[TrainState, int]:
     """``(state, step)``: the latest checkpoint (and the data position into ``iterator``),
     or a fresh state at step 0."""
     if ckpt.latest_step() is not None:
@@ -49,7 +58,7 @@ def restore_or_init(setup, ckpt: CheckpointManager, mesh, iterator):
     return state, 0
 
 
-def load(setup, workdir, mesh):
+def load(setup: Setup, workdir: str, mesh: Mesh) -> tuple[TrainState, int]:
     """``(state, step)`` of ``eval.checkpoint_step`` (default: the latest checkpoint)."""
     with _manager(setup, workdir) as ckpt:
         step = setup.config.eval.checkpoint_step

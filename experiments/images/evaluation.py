@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
@@ -12,10 +13,16 @@ from experiments.images import checkpoints
 from experiments.images.evaluators import bpd, fid, nfe
 from fmjax.train.logging import write_json
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
+
 __all__ = ["evaluate"]
 
 
-def evaluate(setup, mesh, workdir, *, state=None) -> dict:
+def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None = None) -> dict:
     """Evaluate ``state``, or checkpoint ``eval.checkpoint_step`` (default the latest).
 
     Writes and returns ``eval_metrics.json``: bits/dim (the paper's protocol), the NFE of

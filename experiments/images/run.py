@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import os
 
+from jax.sharding import Mesh
+
 from experiments.images import evaluation, trainer
 from experiments.images.evaluators import fid
 from experiments.images.setup import build
 from fmjax.data import images as images_lib
+from fmjax.train import TrainState
 from fmjax.train import sharding as sharding_lib
 from fmjax.train.logging import write_json
 
 __all__ = ["evaluate", "train", "train_and_evaluate"]
 
 
-def train(config, workdir, *, progress: bool | None = None, stop_at: int | None = None, mesh=None):
+def train(
+    config,
+    workdir: str,
+    *,
+    progress: bool | None = None,
+    stop_at: int | None = None,
+    mesh: Mesh | None = None,
+) -> tuple[TrainState, dict]:
     """Train (resuming from ``workdir/checkpoints``) -> ``(state, summary)``; see
     :func:`experiments.images.trainer.train`."""
     mesh = mesh or sharding_lib.make_mesh()
@@ -23,14 +33,21 @@ def train(config, workdir, *, progress: bool | None = None, stop_at: int | None 
     return trainer.train(setup, mesh, workdir, stop_at=stop_at)
 
 
-def evaluate(config, workdir, *, state=None, mesh=None, progress: bool | None = None) -> dict:
+def evaluate(
+    config,
+    workdir: str,
+    *,
+    state: TrainState | None = None,
+    mesh: Mesh | None = None,
+    progress: bool | None = None,
+) -> dict:
     """Evaluate ``state`` or a checkpoint; see :func:`experiments.images.evaluation.evaluate`."""
     mesh = mesh or sharding_lib.make_mesh()
     setup = build(config, mesh, progress=progress)
     return evaluation.evaluate(setup, mesh, workdir, state=state)
 
 
-def train_and_evaluate(config, workdir, *, progress: bool | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict:
     """Run ``config.mode`` in ``workdir``; returns the summary (and eval metrics)."""
     mesh = sharding_lib.make_mesh()
     setup = build(config, mesh, progress=progress)

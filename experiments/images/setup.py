@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
 
 import fmjax
 from experiments.images import config as config_lib
@@ -93,7 +96,7 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
     return adam, schedule
 
 
-def rounded_up(n: int, mesh) -> int:
+def rounded_up(n: int, mesh: Mesh) -> int:
     """``n`` rounded up to a multiple of the mesh's data-parallel size."""
     k = int(mesh.shape[sharding_lib.DATA_AXIS])
     return int(math.ceil(n / k) * k)
@@ -152,20 +155,22 @@ class Setup:
         """A fresh state (jit it with the replicated sharding to place it)."""
         return _init_state(self.model, self.tx, self.config)
 
-    def abstract_state(self, mesh):
+    def abstract_state(self, mesh: Mesh) -> TrainState:
         """The state's shapes, replicated on ``mesh`` (what a checkpoint restores into)."""
         return with_sharding(self.state_shapes, sharding_lib.replicated_sharding(mesh))
 
-    def eval_params(self, state):
+    def eval_params(self, state: TrainState):
         return state.ema_params if self.config.eval.use_ema else state.params
 
-    def velocity(self, params):
+    def velocity(self, params) -> Callable:
         """The UNet as a velocity ``v(t, x)`` (``v(t, x, y)`` with labels) over
         :attr:`t_range`: an x1, eps or score prediction converted by the path."""
         v = jax.tree_util.Partial(_field(self.model), params)
         return self.path.velocity_field(v, self.prediction)
 
-    def sample(self, params, key, num: int, mesh, solver: Solver):
+    def sample(
+        self, params, key: jax.Array, num: int, mesh: Mesh, solver: Solver
+    ) -> tuple[np.ndarray, Any]:
         """``num`` images by the flow of the UNet from the source noise, data parallel.
 
         Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
@@ -185,7 +190,7 @@ class Setup:
         x1, stats = fmjax.sample(v, x0(key), cond=y, **solver.kwargs(), t0=t0, t1=t1, throw=False)
         return sharding_lib.to_host(x1)[:num], stats
 
-    def train_iterator(self, **overrides):
+    def train_iterator(self, **overrides) -> Iterator:
         """This process's slices of the training batches (``overrides``: of
         :func:`fmjax.data.images.make_train_iterator`'s keywords)."""
         c = self.config
@@ -217,7 +222,7 @@ def _state_shapes(model, tx, config):
         raise config_lib.ConfigError(f"model: {e}") from None
 
 
-def build(config, mesh=None, *, progress: bool | None = None) -> Setup:
+def build(config, mesh: Mesh | None = None, *, progress: bool | None = None) -> Setup:
     """Check ``config`` (with ``mesh``: its batch sizes too) and build the run from it;
     a bad value is a :class:`~experiments.images.config.ConfigError`."""
     path = config_lib.check(config, mesh)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,16 @@ from fmjax.losses import uniform_time
 from fmjax.train import apply_update, make_train_step, step_keys
 from fmjax.train import sharding as sharding_lib
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
+
 __all__ = ["build_train_step", "loss_fn"]
 
 
-def loss_fn(setup, params, key, batch) -> jax.Array:
+def loss_fn(setup: Setup, params, key: jax.Array, batch: dict) -> jax.Array:
     """The CFM loss of ``setup.model`` predicting ``train.prediction`` on ``batch``."""
     c = setup.config
     x1 = batch["image"]
@@ -50,7 +57,7 @@ def loss_fn(setup, params, key, batch) -> jax.Array:
     return jnp.mean(sq_err)
 
 
-def train_step(setup, state, batch):
+def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step (and EMA update) on the loss of ``batch``: ``(state, metrics)``."""
     key = step_keys(state.rng, state.step)[0]
     loss, grads = jax.value_and_grad(functools.partial(loss_fn, setup))(state.params, key, batch)
@@ -59,7 +66,7 @@ def train_step(setup, state, batch):
     return apply_update(state, grads, setup.tx, ema), metrics
 
 
-def build_train_step(setup, mesh) -> Callable:
+def build_train_step(setup: Setup, mesh: Mesh) -> Callable:
     """The jitted ``step(state, batch) -> (state, metrics)`` on ``mesh``, state donated."""
     k = int(setup.config.train.microbatches)
     if k > 1:

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,12 @@ from experiments.images.step import build_train_step
 from fmjax.train import NonFiniteLossError, fit
 from fmjax.train import sharding as sharding_lib
 from fmjax.train.logging import MetricWriter
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
 
 __all__ = ["train"]
 
@@ -153,7 +160,9 @@ def _run(setup, mesh, workdir, state, start, end, ckpt, writer, iterator):
     }
 
 
-def train(setup, mesh, workdir, *, stop_at: int | None = None):
+def train(
+    setup: Setup, mesh: Mesh, workdir: str, *, stop_at: int | None = None
+) -> tuple[TrainState, dict]:
     """Train (resuming from ``workdir/checkpoints``) -> ``(state, summary)``.
 
     ``stop_at``: return after that step (a checkpoint is saved there), as a preemption

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +25,16 @@ from fmjax.data import images as images_lib
 from fmjax.metrics import nll
 from fmjax.train import sharding as sharding_lib
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
+
 __all__ = ["eval_batches", "run"]
 
 
-def eval_batches(setup, mesh) -> Callable:
+def eval_batches(setup: Setup, mesh: Mesh) -> Callable:
     """``make_iterator()``: a fresh pass over the evaluation split's global batches."""
     c = setup.config
 
@@ -75,7 +82,7 @@ def _digest(setup, params) -> str:
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run(setup, state, mesh, workdir) -> dict:
+def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """Bits/dim of ``setup.eval_params(state)`` on the evaluation split."""
     from tqdm.auto import tqdm
 

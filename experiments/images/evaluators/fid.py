@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
 from experiments.images.setup import rounded_up
 from fmjax.metrics import fid
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
 
 __all__ = ["check_weights", "run"]
 
@@ -44,7 +51,7 @@ def _reference(setup, workdir, num: int) -> tuple[str | None, str | None]:
     return None, None
 
 
-def run(setup, state, mesh, workdir) -> dict:
+def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """FID, or ``{"value": None, "skipped": why}`` without Inception weights."""
     source = f"{setup.config.data.source}:train (reference statistics)"
     weights = check_weights(setup.config)

@@ -3,13 +3,21 @@ solved with ``train.sample_solver`` at ``train.sample_tol``, the same noise ever
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
 
 __all__ = ["run"]
 
 
-def run(setup, state, mesh, workdir) -> dict:
+def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """``{"images": (n, 32, 32, 3) numpy, "sample_nfe": float}`` (``workdir`` unused: the
     trainer writes the grid with its other logs)."""
     del workdir

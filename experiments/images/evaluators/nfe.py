@@ -4,16 +4,23 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 
 from experiments.images.setup import rounded_up
 
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
+
 __all__ = ["run"]
 
 
-def run(setup, state, mesh, workdir) -> dict:
+def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """The NFE per batch solve, averaged over batches (weighted by their samples)."""
     del workdir
     e = setup.config.eval
