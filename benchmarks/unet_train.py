@@ -11,7 +11,7 @@ Presets are the experiment configs (``experiments/configs/{imagenet32,cifar10}.p
 ``tiny`` = the imagenet32 ``tiny`` preset). Reports, as a markdown table and JSON
 (``--out``):
 
-* ``train step``: the real jitted, data-parallel step of ``experiments.image_flow`` (CFM
+* ``train step``: the real jitted, data-parallel step of ``experiments.images`` (CFM
   loss, Adam with the paper's schedule, EMA; state donated) on device-resident random data:
   median step time over ``--steps`` timed steps after ``--warmup``, images/s in total and
   per device;
@@ -50,8 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import fmjax
-from experiments import image_flow
+from experiments import images
 from experiments.configs import cifar10, imagenet32
+from experiments.images.setup import IMAGE_SHAPE, rounded_up
+from experiments.images.step import build_train_step
 from fmjax.train import sharding as sharding_lib
 
 
@@ -150,20 +152,20 @@ def main():
     ndev = mesh.size
     per_dev = args.batch_per_device or max(1, config.data.global_batch_size // ndev)
     gbs = per_dev * ndev
-    model = image_flow.build_model(config)
-    tx, _ = image_flow.make_optimizer(config)
     config.data.global_batch_size = gbs
     if args.microbatches is not None:
         config.train.microbatches = args.microbatches
+    config.mode = "train"  # the trainer's checks of the batch over the devices, no eval's
     try:
-        image_flow._check_microbatches(config, mesh)  # the trainer's check
-    except image_flow.ConfigError as e:
+        setup = images.build(config, mesh)
+    except images.ConfigError as e:
         raise SystemExit(f"--microbatches: {e}") from None
-    step = image_flow.build_train_step(config, model, image_flow.make_path(config), tx, mesh)
-    init, abstract_state = image_flow._abstract_state(config, model, tx, mesh)
+    model = setup.model
+    step = build_train_step(setup, mesh)
+    abstract_state = setup.abstract_state(mesh)
     data = sharding_lib.data_sharding(mesh)
     batch_shapes = {
-        "image": jax.ShapeDtypeStruct((gbs, *image_flow.IMAGE_SHAPE), jnp.float32, sharding=data),
+        "image": jax.ShapeDtypeStruct((gbs, *IMAGE_SHAPE), jnp.float32, sharding=data),
         "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=data),
     }
     num_params = sum(
@@ -200,23 +202,24 @@ def main():
         # step without microbatches (lowered, not compiled)
         whole = copy.deepcopy(config)
         whole.train.microbatches = 1
-        step1 = image_flow.build_train_step(whole, model, image_flow.make_path(whole), tx, mesh)
+        step1 = build_train_step(images.build(whole, mesh), mesh)
         res["flops_per_step"] = _flops(step1.lower(abstract_state, batch_shapes))
         res["flops_source"] = "lowered, the same step without microbatches"
     fwd = jax.jit(lambda p, t, x: model.apply(p, t, x)).lower(
         abstract_state.params,
         jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, *image_flow.IMAGE_SHAPE), jnp.float32),
+        jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32),
     )
     res["forward_flops_per_image"] = _flops(fwd)
     if res["flops_per_step"]:
         res["flops_per_step_per_image"] = res["flops_per_step"] / (gbs / ndev)
 
     if not args.flops_only:
-        state = jax.jit(init, out_shardings=sharding_lib.replicated_sharding(mesh))()
+        replicated = sharding_lib.replicated_sharding(mesh)
+        state = jax.jit(setup.init_state, out_shardings=replicated)()
         rng = np.random.default_rng(0)
         host = {
-            "image": rng.uniform(-1, 1, (gbs, *image_flow.IMAGE_SHAPE)).astype(np.float32),
+            "image": rng.uniform(-1, 1, (gbs, *IMAGE_SHAPE)).astype(np.float32),
             "label": rng.integers(0, 10, gbs).astype(np.int32),
         }
         batch = jax.device_put(host, data)
@@ -250,14 +253,14 @@ def main():
             res["mfu"] = achieved / peak
 
         if not args.no_sample:
-            nb = image_flow._rounded_up(args.sample_batch or min(gbs, 64), mesh)
+            nb = rounded_up(args.sample_batch or min(gbs, 64), mesh)
             params = state.ema_params
-            kw = {"solver": "dopri5", "rtol": args.sample_tol, "atol": args.sample_tol}
+            solver = images.Solver("dopri5", args.sample_tol, args.sample_tol)
             t = time.perf_counter()
-            _, stats = image_flow.sample_images(model, params, jax.random.key(1), nb, mesh, **kw)
+            _, stats = setup.sample(params, jax.random.key(1), nb, mesh, solver)
             first = time.perf_counter() - t
             t = time.perf_counter()
-            _, stats = image_flow.sample_images(model, params, jax.random.key(2), nb, mesh, **kw)
+            _, stats = setup.sample(params, jax.random.key(2), nb, mesh, solver)
             secs = time.perf_counter() - t
             res.update(
                 sample_batch=nb,

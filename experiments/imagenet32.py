@@ -1,4 +1,4 @@
-r"""Flow Matching on ImageNet 32x32: a thin entry point over ``experiments.image_flow``.
+r"""Flow Matching on ImageNet 32x32 (:mod:`experiments.images`).
 
     python -m experiments.imagenet32 --config=experiments/configs/imagenet32.py[:tiny] \
         --workdir=out/imagenet32 [--config.data.data_dir=/path/to/data] \
@@ -9,14 +9,7 @@ TPU, ``JAX_COORDINATOR_ADDRESS``) or given with --coordinator_address, --num_pro
 --process_id. Rerunning with the same --workdir resumes from the latest checkpoint.
 """
 
-import os
-
-from absl import app
-
-from experiments import image_flow
+from experiments.images import main
 
 if __name__ == "__main__":
-    image_flow.define_flags(
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "imagenet32.py")
-    )
-    app.run(image_flow.main)
+    main.main("imagenet32")

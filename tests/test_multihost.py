@@ -1,11 +1,13 @@
 """Multi-host data parallelism: two processes on this machine over loopback (gloo CPU
 collectives) train on their halves of each global batch and reach the parameters that one
-process reaches on the whole global batch.
+process reaches on the whole global batch, then evaluate to its bits/dim and NFE.
 
-Each process runs the real trainer (``experiments.image_flow.train``): the image pipeline
-gives process ``p`` its slice of every global batch, ``shard_batch`` assembles the global
-array, the gradient all-reduce crosses processes, and orbax writes one checkpoint from both
-processes (one data-iterator position file per process).
+Each process runs the real trainer and evaluation (``experiments.images.train`` and
+``evaluate``): the image pipeline gives process ``p`` its slice of every global batch,
+``shard_batch`` assembles the global array, the gradient all-reduce crosses processes, and
+orbax writes one checkpoint from both processes (one data-iterator position file per
+process); bits/dim sums its totals over both processes' eval rows, and the samples whose
+NFE is counted are one solve over both processes' devices.
 """
 
 import json
@@ -17,9 +19,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, XLA_CACHE, use_compile_cache
+from conftest import ROOT, use_compile_cache
+from image_runs import subprocess_env, write_npz_dataset
 
-from experiments import image_flow
+from experiments import images
 from experiments.configs import imagenet32
 
 use_compile_cache()
@@ -34,7 +37,7 @@ from fmjax.train import sharding
 pid, port, workdir, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 assert sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120)
 import jax
-from experiments import image_flow
+from experiments import images
 from experiments.configs import imagenet32
 c = imagenet32.get_config("tiny")
 for dotted, value in json.loads(overrides).items():
@@ -43,14 +46,16 @@ for dotted, value in json.loads(overrides).items():
     for p in parents:
         node = node[p]
     node[leaf] = tuple(value) if isinstance(value, list) else value
-state, summary = image_flow.train(c, workdir, progress=False)
+state, summary = images.train(c, workdir, progress=False)
+metrics = images.evaluate(c, workdir, state=state, progress=False)
 params = jax.tree_util.tree_leaves((state.params, state.ema_params, state.opt_state))
 host = [sharding.to_host(x) for x in params]
 if jax.process_index() == 0:
     np.savez(workdir + "/final_state.npz", *host)
 print("RESULT " + json.dumps({"process": jax.process_index(), "count": jax.process_count(),
                               "devices": jax.device_count(), "step": int(state.step),
-                              "final_loss": summary["final_loss"]}), flush=True)
+                              "final_loss": summary["final_loss"],
+                              "summary": metrics["summary"]}), flush=True)
 """
 
 
@@ -64,14 +69,7 @@ def _run_workers(runs, timeout, what):
     """Start ``python -c code *args`` for each ``[code, *args]`` in ``runs`` at once (the
     processes of one distributed job wait for each other), CPU only with the tests' compile
     cache; returns each one's ``RESULT`` JSON line, in order."""
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-    )
-    env.pop("XLA_FLAGS", None)
+    env = subprocess_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", *run],
@@ -97,18 +95,6 @@ def _run_workers(runs, timeout, what):
     ]
 
 
-def _write_npz_dataset(folder, n_train=48, seed=0):
-    """A tiny dataset in the official downsampled-ImageNet npz format."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", 16)):
-        np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            labels=rng.integers(1, 1001, n),
-        )
-
-
 def _overrides(data_dir):
     return {
         "model.ch": 16,
@@ -127,6 +113,14 @@ def _overrides(data_dir):
         # exact arithmetic) from becoming +-lr steps whose sign depends on the reduction
         # order; every other gradient gets an Adam-like step as with the paper's 1e-8.
         "train.adam_eps": 1e-3,
+        # bits/dim of an eval batch of 8 (4 rows per process), NFE of 4 samples
+        "eval.global_batch_size": 8,
+        "eval.num_batches": 1,
+        "eval.num_dequant": 1,
+        "eval.rtol": 1e-3,
+        "eval.atol": 1e-3,
+        "eval.nfe_num_samples": 4,
+        "eval.sample_batch_size": 4,
     }
 
 
@@ -142,7 +136,7 @@ def _apply(config, overrides):
 
 def test_two_processes_match_one_process(tmp_path):
     data_dir = str(tmp_path / "data")
-    _write_npz_dataset(data_dir)
+    write_npz_dataset(data_dir, n_train=48, n_val=16)
     overrides = _overrides(data_dir)
     multi = str(tmp_path / "multi")
     port = _free_port()
@@ -168,7 +162,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     # One process, one device, the whole global batch.
     config = _apply(imagenet32.get_config("tiny"), overrides)
-    state, summary = image_flow.train(config, str(tmp_path / "single"), progress=False)
+    state, summary = images.train(config, str(tmp_path / "single"), progress=False)
     assert summary["num_processes"] == 1 and summary["num_devices"] == 1
     single = [
         np.asarray(x)
@@ -182,6 +176,18 @@ def test_two_processes_match_one_process(tmp_path):
     for a, b in zip(single, multi_leaves, strict=True):
         # params, EMA, Adam moments and count: float32 reassociation of the all-reduce only
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale)
+
+    # Evaluation: both processes report the one-process bits/dim and NFE; process 0 writes.
+    one = images.evaluate(config, str(tmp_path / "single"), state=state, progress=False)
+    assert one["results"]["bpd"]["num_examples"] == 8
+    for r in results:
+        assert r["summary"].keys() == one["summary"].keys()
+        for key, value in one["summary"].items():
+            if value is not None:
+                assert r["summary"][key] == pytest.approx(value, rel=1e-4), key
+    with open(os.path.join(multi, "eval_metrics.json")) as f:
+        written = json.load(f)
+    assert written["summary"] == results[0]["summary"] and written["num_devices"] == 2
 
 
 STEPS_WORKER = r"""

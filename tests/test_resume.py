@@ -16,9 +16,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, XLA_CACHE, use_compile_cache
+from conftest import ROOT, use_compile_cache
+from image_runs import subprocess_env, write_npz_dataset
 
-from experiments import image_flow
+import fmjax.train.sharding
+from experiments import images
 from experiments.configs import imagenet32
 from fmjax.train.checkpoint import CheckpointManager
 
@@ -26,17 +28,6 @@ use_compile_cache()
 pytestmark = pytest.mark.usefixtures("float32")
 
 N = 6
-
-
-def _write_npz_dataset(folder, n_train=20, seed=0):
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", 8)):
-        np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            labels=rng.integers(1, 1001, n),
-        )
 
 
 OVERRIDES = {
@@ -68,14 +59,15 @@ def _config(data_dir):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("npz"))
-    _write_npz_dataset(d)  # 20 examples, batch 4: 5 batches per epoch, N crosses an epoch
+    # 20 examples, batch 4: 5 batches per epoch, N crosses an epoch
+    write_npz_dataset(d, n_train=20)
     return d
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state, summary = image_flow.train(_config(data_dir), workdir)
+    state, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == 0 and not summary["resumed"]
     return workdir, jax.device_get(state)
 
@@ -111,7 +103,7 @@ def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
 def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
     workdir = str(tmp_path / "crashed")
     calls = {"n": 0}
-    real = image_flow.sharding_lib.shard_batch
+    real = fmjax.train.sharding.shard_batch
 
     def crashing(batch, mesh):
         calls["n"] += 1
@@ -119,27 +111,27 @@ def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path
             raise RuntimeError("simulated crash")
         return real(batch, mesh)
 
-    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", crashing)
+    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        image_flow.train(_config(data_dir), workdir)
-    monkeypatch.setattr(image_flow.sharding_lib, "shard_batch", real)
+        images.train(_config(data_dir), workdir)
+    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
     # step 5 was logged by the crashed run; the resumed run drops and redoes it
-    state, summary = image_flow.train(_config(data_dir), workdir)  # fresh objects
+    state, summary = images.train(_config(data_dir), workdir)  # fresh objects
     assert summary["resumed"] and summary["start_step"] == 4
     _assert_same_run(*uninterrupted, workdir, state)
 
 
 def test_stop_and_resume(data_dir, uninterrupted, tmp_path):
     workdir = str(tmp_path / "stopped")
-    state, summary = image_flow.train(_config(data_dir), workdir, stop_at=3)
+    state, summary = images.train(_config(data_dir), workdir, stop_at=3)
     assert summary["stopped_early"] and int(state.step) == 3
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 3
-    state, summary = image_flow.train(_config(data_dir), workdir)
+    state, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == 3
     _assert_same_run(*uninterrupted, workdir, state)
     # a finished run restarted does nothing
-    _, summary = image_flow.train(_config(data_dir), workdir)
+    _, summary = images.train(_config(data_dir), workdir)
     assert summary["start_step"] == N and "steps_run" not in summary
 
 
@@ -147,14 +139,13 @@ def test_restore_data_iterator_position(data_dir, uninterrupted):
     workdir, _ = uninterrupted
     config = _config(data_dir)
     ckpt = CheckpointManager(os.path.join(workdir, "checkpoints"))
-    fresh = image_flow._train_iterator(config)
+    setup = images.build(config)
+    fresh = setup.train_iterator()
     for _ in range(N):  # the batch after N steps, from a fresh iterator
         next(fresh)
     expected = next(fresh)
-    it = image_flow._train_iterator(config)
-    model = image_flow.build_model(config)
-    tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
+    it = setup.train_iterator()
+    abstract = setup.abstract_state(fmjax.train.sharding.make_mesh())
     state, meta = ckpt.restore(abstract, it, step=4)
     assert int(state.step) == 4 and meta["step"] == 4
     for _ in range(N - 4):
@@ -183,13 +174,7 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
             else (f"({v})" if isinstance(value, tuple) else v)
         )
         cmd.append(f"--config.{dotted}={v}")
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-    )
+    env = subprocess_env()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -210,10 +195,7 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["train"]
     assert summary["end_step"] == N
-    config = _config(data_dir)
-    model = image_flow.build_model(config)
-    tx, _ = image_flow.make_optimizer(config)
-    _, abstract = image_flow._abstract_state(config, model, tx, image_flow.sharding_lib.make_mesh())
+    abstract = images.build(_config(data_dir)).abstract_state(fmjax.train.sharding.make_mesh())
     with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(abstract)
     _assert_same_run(*uninterrupted, workdir, state)

@@ -145,6 +145,47 @@ def test_fit_counts_steps_from_the_state_and_logs_at_each_multiple():
         train.fit(state, fused, None, 40, log_every=0, steps_per_call=5)
 
 
+def test_fit_hooks_run_after_each_step_and_average_the_interval():
+    _, tx, state = _setup()
+    step = train.make_train_step(_quadratic_loss, tx)
+    seen, per_step = [], []
+
+    def on_step(i, st, metrics):
+        seen.append((i, int(st.step)))
+        per_step.append(float(metrics["loss"]))
+
+    state, hist = train.fit(
+        state,
+        step,
+        iter([jnp.ones((4, 2))] * 6),
+        6,
+        log_every=3,
+        on_step=on_step,
+        average=("loss",),
+        progress=False,
+    )
+    assert seen == [(i, i) for i in range(1, 7)]  # after each step, with its state
+    assert [h["step"] for h in hist] == [3, 6]
+    assert hist[0]["loss"] == pytest.approx(np.mean(per_step[:3]), rel=1e-6)
+    assert hist[1]["loss"] == pytest.approx(np.mean(per_step[3:]), rel=1e-6)
+
+    def nan_at_2(p, k, b):  # finite, then NaN, then finite again: the interval's mean is NaN
+        return _quadratic_loss(p, k, b) * jnp.where(jnp.all(b == 2.0), jnp.nan, 1.0)
+
+    batches = iter([jnp.ones((4, 2)), 2.0 * jnp.ones((4, 2)), jnp.ones((4, 2))])
+    with pytest.raises(train.NonFiniteLossError, match="at step 9") as err:
+        train.fit(
+            state,
+            train.make_train_step(nan_at_2, tx),
+            batches,
+            3,
+            log_every=3,
+            average=("loss",),
+            progress=False,
+        )
+    assert err.value.step == 9 and np.isnan(err.value.loss)
+
+
 def test_fused_steps_predraw_only_small_vmappable_batches(monkeypatch):
     """``predraw`` vmaps ``data_fn``: a sampler that cannot be vmapped (a host callback
     without a vmap rule) gets a clear error, and the default draws inside the steps when the

@@ -1,0 +1,223 @@
+"""The image experiments' config check: every value the run uses, before any work.
+
+:func:`check` raises :class:`ConfigError` (a ``ValueError``), which the command line prints
+as one ``error: bad config: ...`` line. With a mesh it also checks what depends on the
+devices: the global batches split over them, and ``train.microbatches`` divides each
+device's rows.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+
+import numpy as np
+
+import fmjax
+from experiments import path_config
+from fmjax.data import images as images_lib
+from fmjax.train import sharding as sharding_lib
+
+__all__ = ["DTYPES", "MODES", "ConfigError", "check", "check_trained_as"]
+
+MODES = ("train", "eval", "train_and_eval")
+DTYPES = ("float32", "bfloat16")
+ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
+LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use (the command line prints it without a traceback)."""
+
+
+# integer fields: (section, name, least allowed value), 0 where the configs document 0 as
+# "off" or "all"; FID needs two samples for a covariance
+INT_FIELDS = (
+    ("data", "global_batch_size", 1),
+    ("data", "worker_count", 0),
+    ("data", "read_threads", 1),
+    ("train", "num_steps", 1),
+    ("train", "warmup_steps", 0),
+    ("train", "log_every", 1),
+    ("train", "checkpoint_every", 1),
+    ("train", "keep_checkpoints", 1),
+    ("train", "microbatches", 1),
+    ("train", "sample_every", 0),
+    ("train", "num_sample_images", 1),
+    ("train", "eval_every", 0),
+    ("eval", "checkpoint_step", 0),
+    ("eval", "global_batch_size", 1),
+    ("eval", "num_batches", 0),
+    ("eval", "num_dequant", 1),
+    ("eval", "nfe_num_samples", 0),
+    ("eval", "sample_batch_size", 1),
+    ("eval", "fid_num_samples", 2),
+    ("model", "num_classes", 1),
+)
+OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
+# real fields: (section, name, the interval of allowed values, each end open or closed)
+REAL_FIELDS = (
+    ("train", "learning_rate", "(0, inf)"),
+    ("train", "end_learning_rate", "[0, inf)"),
+    ("train", "decay_power", "(0, inf)"),
+    ("train", "adam_b1", "[0, 1)"),
+    ("train", "adam_b2", "[0, 1)"),
+    ("train", "adam_eps", "[0, inf)"),
+    ("train", "grad_clip_norm", "[0, inf)"),  # 0: off
+    ("train", "ema_decay", "[0, 1)"),
+    ("model", "dropout", "[0, 1)"),
+    ("model", "class_dropout", "[0, 1]"),  # label -> null class
+    ("eval", "t_margin", "(0, 0.5)"),
+    ("eval", "guidance_scale", "(-inf, inf)"),  # 1: off
+)
+
+
+def _check_integer(value, name: str, minimum: int) -> None:
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}"
+    )
+    n = None
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            n = operator.index(value)
+        except TypeError:
+            if isinstance(value, (float, np.floating)) and math.isfinite(value) and value % 1 == 0:
+                n = int(value)
+    if n is None or n < minimum:
+        raise ConfigError(f"{name} must be {kind}; got {value!r}.")
+
+
+def _within(x: float, interval: str) -> bool:
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    above = x > low if interval[0] == "(" else x >= low
+    below = x < high if interval[-1] == ")" else x <= high
+    return math.isfinite(x) and above and below
+
+
+def _check_real(value, name: str, interval: str) -> None:
+    number = isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, (bool, np.bool_)) or not (number and _within(float(value), interval)):
+        raise ConfigError(f"{name} must be a finite number in {interval}; got {value!r}.")
+
+
+def _one_of(value, options, name: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{name} must be one of {options}; got {value!r}.")
+
+
+def _make_path(config):
+    """The configured path (:mod:`experiments.path_config`), as a ConfigError when invalid."""
+    try:
+        return path_config.make_path(config.path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_numbers(config) -> None:
+    for section, name, minimum in INT_FIELDS:
+        value = config[section][name]
+        if not (value is None and (section, name) in OPTIONAL_INT_FIELDS):
+            _check_integer(value, f"{section}.{name}", minimum)
+    for section, name, interval in REAL_FIELDS:
+        _check_real(config[section][name], f"{section}.{name}", interval)
+
+
+def _check_solvers(config) -> None:
+    t, e = config.train, config.eval
+    for solver_key, solver, tol_keys, rtol, atol in (
+        ("train.sample_solver", t.sample_solver, "train.sample_tol", t.sample_tol, t.sample_tol),
+        ("eval.solver", e.solver, "eval.rtol / eval.atol", e.rtol, e.atol),
+    ):
+        if solver not in ADAPTIVE:
+            raise ConfigError(
+                f"{solver_key} must be an adaptive solver {ADAPTIVE}; got {solver!r}."
+            )
+        try:
+            fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{tol_keys}: {err}") from None
+
+
+def _check_classes(config) -> None:
+    m, e = config.model, config.eval
+    if m.num_classes is not None and config.data.source == "downsampled_imagenet/32x32":
+        raise ConfigError(
+            "downsampled_imagenet/32x32 has no labels: a class-conditional "
+            "model (model.num_classes) needs another source."
+        )
+    if float(e.guidance_scale) != 1.0 and (m.num_classes is None or float(m.class_dropout) == 0):
+        raise ConfigError(
+            f"eval.guidance_scale={e.guidance_scale} needs a class-conditional model trained "
+            "with a null class: set model.num_classes and model.class_dropout > 0 (got "
+            f"num_classes={m.num_classes}, class_dropout={m.class_dropout}), or leave "
+            "eval.guidance_scale at 1."
+        )
+
+
+def _check_devices(config, mesh) -> None:
+    batches = []
+    if config.mode != "eval":
+        batches.append((int(config.data.global_batch_size), "global batch"))
+    if config.mode != "train":  # what evaluation needs fails before training, not after it
+        batches.append((int(config.eval.global_batch_size), "eval global batch"))
+    for size, what in batches:
+        try:
+            sharding_lib.check_batch_divisible(size, mesh, what=what)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    gbs, k = int(config.data.global_batch_size), int(config.train.microbatches)
+    if config.mode != "eval" and (gbs // mesh.size) % k:
+        raise ConfigError(
+            f"train.microbatches={k} must divide each device's rows of the global batch "
+            f"(data.global_batch_size={gbs} over {mesh.size} device(s): {gbs // mesh.size} "
+            "rows each)."
+        )
+
+
+def check(config, mesh=None) -> fmjax.paths.GaussianPath:
+    """Raise :class:`ConfigError` naming the first field the run cannot use; with ``mesh``
+    also the batch sizes over its devices (those ``config.mode`` runs). Returns the
+    configured path, built while checking its span for ``train.prediction``."""
+    _one_of(config.mode, MODES, "mode")
+    if config.data.source not in images_lib.SOURCES:
+        raise ConfigError(
+            f"data.source: Unknown image source {config.data.source!r}; known sources: "
+            f"{', '.join(sorted(images_lib.SOURCES))}"
+        )
+    _check_numbers(config)
+    t, e = config.train, config.eval
+    _one_of(t.loss_reduction, LOSS_REDUCTIONS, "train.loss_reduction")
+    _one_of(e.probe, fmjax.likelihood.PROBES, "eval.probe")
+    _one_of(config.model.dtype, DTYPES, "model.dtype")
+    if e.fid_reference_stats and not os.path.isfile(e.fid_reference_stats):
+        raise ConfigError(
+            f"eval.fid_reference_stats: no file {e.fid_reference_stats!r} (set "
+            "it to '' to compute the statistics from the train split)."
+        )
+    _check_solvers(config)
+    _one_of(t.prediction, fmjax.paths.PREDICTIONS, "train.prediction")
+    path = _make_path(config)
+    path.velocity_range(t.prediction, float(e.t_margin))
+    _check_classes(config)
+    if mesh is not None:
+        _check_devices(config, mesh)
+    return path
+
+
+def check_trained_as(config, meta: dict, what: str) -> None:
+    """Refuse a checkpoint whose saved config trained another path or prediction: its
+    parameters mean something else (an eps-model's output read as a velocity)."""
+    saved = meta["config"]
+    diffs = []
+    was, now = path_config.path_params(saved["path"]), path_config.path_params(config.path)
+    if was[:2] != now[:2]:
+        diffs.append(f"path {was[0]} {was[1]} (this config: {now[0]} {now[1]})")
+    was = saved["train"]["prediction"]
+    if was != config.train.prediction:
+        diffs.append(f"train.prediction={was!r} (this config: {config.train.prediction!r})")
+    if diffs:
+        raise ConfigError(
+            f"{what} was trained with " + "; ".join(diffs) + ": set the config "
+            "to match, or use another --workdir."
+        )

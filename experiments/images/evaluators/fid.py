@@ -1,0 +1,102 @@
+"""FID of ``eval.fid_num_samples`` samples (the evaluation solver) against the train
+split's statistics, computed once and cached in ``workdir/eval`` (or
+``eval.fid_reference_stats``), with the Inception weights of ``eval.fid_inception_weights``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import jax
+
+from experiments.images.setup import rounded_up
+from fmjax.metrics import fid
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from experiments.images.setup import Setup
+    from fmjax.train import TrainState
+
+__all__ = ["check_weights", "run"]
+
+
+def check_weights(config) -> str | None:
+    """The configured Inception weights path, or None when FID is off; a configured but
+    missing file is a :class:`fmjax.metrics.fid.FIDWeightsNotFoundError`."""
+    path = config.eval.fid_inception_weights
+    if not path:
+        return None
+    reason = fid.fid_skip_reason(path)
+    if reason is not None:
+        raise fid.FIDWeightsNotFoundError(f"eval.fid_inception_weights: {reason}")
+    return path
+
+
+def _reference(setup, workdir, num: int) -> tuple[str | None, str | None]:
+    """``(stats file to read, stats file to write)``: the configured or cached statistics,
+    or where process 0 caches the ones it computes."""
+    c = setup.config
+    if c.eval.fid_reference_stats:
+        return c.eval.fid_reference_stats, None
+    name = f"fid_reference_stats_{c.data.source.replace('/', '_')}_{num}.npz"
+    cached = os.path.join(os.fspath(workdir), "eval", name)
+    if os.path.exists(cached):
+        return cached, None
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        return None, cached
+    return None, None
+
+
+def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
+    """FID, or ``{"value": None, "skipped": why}`` without Inception weights."""
+    source = f"{setup.config.data.source}:train (reference statistics)"
+    weights = check_weights(setup.config)
+    if weights is None:
+        return {
+            "value": None,
+            "skipped": "no Inception weights configured (eval.fid_inception_weights)",
+            "dataset": source,
+        }
+    e = setup.config.eval
+    params = setup.eval_params(state)
+    num = int(e.fid_num_samples)
+    per = rounded_up(min(int(e.sample_batch_size), num), mesh)
+    key = jax.random.key(int(setup.config.seed) + 3)
+
+    def sample_fn(i):
+        return setup.sample(params, jax.random.fold_in(key, i), per, mesh, setup.eval_solver)[0]
+
+    ref_stats, save_ref = _reference(setup, workdir, num)
+    # every process computes the same FID on all images (the reference iterator is not
+    # split over processes; generated images are gathered)
+    ref_iter = None
+    if ref_stats is None:
+        ref_iter = setup.train_iterator(
+            random_flip=False,
+            dequantize=False,
+            num_epochs=1,
+            process_index=0,
+            process_count=1,
+            global_batch_size=per,
+        )
+    t0 = time.perf_counter()
+    value = fid.compute_fid(
+        sample_fn, ref_iter, weights, num, num_ref=num, ref_stats=ref_stats, save_ref_stats=save_ref
+    )
+    return {
+        "value": float(value),
+        "num_samples": num,
+        "num_reference": num,
+        "reference_stats": ref_stats or save_ref,
+        "solver": e.solver,
+        "guidance_scale": setup.guidance_scale,
+        "rtol": float(e.rtol),
+        "atol": float(e.atol),
+        "weights": weights,
+        "seconds": time.perf_counter() - t0,
+        "dataset": source,
+    }

@@ -1,0 +1,150 @@
+"""The command line of ``python -m experiments.imagenet32`` and ``python -m experiments.cifar10``.
+
+Flags: ``--config`` (file[:preset], fields overridden with ``--config.section.field=...``),
+``--workdir`` and the multi-host ones. A bad flag or config value, a missing dataset or
+Inception weights file and a non-finite loss end the run with one ``error: ...`` line on
+stderr (exit status 2 for a bad config or flag, 1 otherwise), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+import jax
+from absl import flags
+
+import fmjax
+from experiments.images.config import ConfigError
+from experiments.images.run import train_and_evaluate
+from fmjax.data.images import DatasetNotFoundError
+from fmjax.metrics.fid import FIDWeightsNotFoundError
+from fmjax.train import NonFiniteLossError
+from fmjax.train import sharding as sharding_lib
+
+__all__ = ["config_path", "define_flags", "main", "parse", "run"]
+
+BAD_CONFIG = 2  # exit status of a bad config or flag (the shell's usage error)
+FAILED = 1
+
+
+def config_path(name: str) -> str:
+    """The file of ``experiments/configs/<name>.py``."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{name}.py")
+
+
+def define_flags(
+    default_config: str,
+    flag_values: flags.FlagValues = flags.FLAGS,
+    argv: list[str] | None = None,
+) -> None:
+    """--config (file[:preset]), --workdir, the multi-host flags, --tune_cpu_allocator.
+
+    ``argv``: the command line to be parsed (default ``sys.argv``), whose
+    ``--config.<field>`` overrides become flags."""
+    from ml_collections import config_flags
+
+    fv = flag_values
+    config_flags.DEFINE_config_file(
+        "config",
+        default_config,
+        "Config file (path[:preset]).",
+        fv,
+        lock_config=True,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string("workdir", None, "Where checkpoints, logs and metrics go.", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host: host:port of process 0 (else auto-detected, or none).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "tune_cpu_allocator",
+        True,
+        "Keep XLA's per-step scratch memory mapped (fmjax.tune_cpu_allocator).",
+        flag_values=fv,
+    )
+
+
+def _exit(status: int, message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def _unknown_field(argv: list[str], err: Exception) -> str | None:
+    """For ml_collections' error on a ``--config.<field>`` the config lacks: that field,
+    with the one it suggests, or None."""
+    if not isinstance(err, (AttributeError, KeyError)):
+        return None
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=", 1)[0]
+        *parents, field = name.split(".")
+        if parents[:1] == ["config"] and field in str(err):
+            close = re.search(r'Did you mean \\?"(\w+)\\?"', str(err))
+            hint = f" (did you mean --{'.'.join(parents)}.{close[1]}?)" if close else ""
+            return f"unknown config field --{name}{hint}"
+    return None
+
+
+def _describe(err: Exception) -> str:
+    """The flag error as one line (a failing config file's traceback cut to its last line)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback") for ln in lines):
+        lines = [lines[0], lines[-1]]
+    return " ".join(lines)
+
+
+def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """Parse ``argv`` into ``flag_values`` (defined by :func:`define_flags`); a bad flag or
+    config value exits with status 2 after one ``error: bad config: ...`` line."""
+    try:
+        return flag_values(argv)
+    except (flags.Error, AttributeError, KeyError) as err:
+        message = _unknown_field(argv, err) or _describe(err)
+        kind = "bad config" if "config" in message.split(":")[0] else "bad flag"
+        _exit(BAD_CONFIG, f"{kind}: {message}")
+
+
+def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+    """Start the multi-host runtime if any, run the config, print the summary."""
+    f = flag_values
+    if f.tune_cpu_allocator:
+        fmjax.tune_cpu_allocator(warn_if_late=False)
+    if "verbosity" in f and not f["verbosity"].present:  # orbax logs every save at INFO
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    sharding_lib.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+    try:
+        out = train_and_evaluate(f.config, f.workdir)
+    except ConfigError as e:
+        _exit(BAD_CONFIG, f"bad config: {e}")
+    except FIDWeightsNotFoundError as e:
+        _exit(BAD_CONFIG, f"bad config: {e}")
+    except DatasetNotFoundError as e:
+        _exit(FAILED, f"dataset not found: {e}")
+    except NonFiniteLossError as e:
+        _exit(FAILED, str(e))
+    if jax.process_index() == 0:
+        print(json.dumps(out, indent=2, default=str))
+        print(f"wrote results to {out['workdir']}")
+    return out
+
+
+def main(name: str) -> None:
+    """``python -m experiments.<name>``: the config ``experiments/configs/<name>.py``."""
+    from absl import app
+
+    def app_main(argv):
+        del argv
+        run()
+
+    define_flags(config_path(name))
+    app.run(app_main, flags_parser=parse)

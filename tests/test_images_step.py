@@ -1,0 +1,65 @@
+"""The image training step's loss and the setup it is built from."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import use_compile_cache
+from image_runs import (
+    small_config,
+)
+
+import fmjax
+import fmjax.metrics.nll
+import fmjax.train
+from experiments import images
+from experiments.images import step as step_lib
+
+use_compile_cache()
+pytestmark = pytest.mark.usefixtures("float32")
+
+
+def test_the_loss_regresses_the_configured_prediction():
+    # A fresh UNet predicts 0 (its output layer is zero), so the loss is the mean square of
+    # the target: the images themselves for x1, the source noise for eps (1 in expectation,
+    # +-0.013 over these 12,288 values), x1 - (1 - sigma_min) x0 for the velocity
+    images_ = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
+    mean_sq = float(jnp.mean(images_**2))
+    losses = {}
+    for prediction in ("x1", "eps", "velocity"):
+        setup = images.build(small_config(**{"train.prediction": prediction}))
+        params = jax.jit(setup.init_state)().params
+        loss_fn = jax.jit(functools.partial(step_lib.loss_fn, setup))
+        losses[prediction] = float(loss_fn(params, jax.random.key(0), {"image": images_}))
+        # the library's CFM loss on the same key: the same draws, the same number
+        k_cfm = jax.random.split(jax.random.key(0), 3)[0]
+        expected = fmjax.losses.cfm_loss(
+            lambda t, x, p=params, m=setup.model: m.apply(p, t, x, train=False),
+            setup.path,
+            k_cfm,
+            images_,
+            prediction=prediction,
+        )
+        assert losses[prediction] == pytest.approx(float(expected), rel=1e-6)
+    assert losses["x1"] == pytest.approx(mean_sq, rel=1e-5)
+    assert losses["eps"] == pytest.approx(1.0, abs=0.05)
+    assert losses["velocity"] == pytest.approx(1.0 + mean_sq, abs=0.05)
+
+
+def test_class_conditional_bf16_loss_and_clipping():
+    c = small_config(
+        **{"model.num_classes": 10, "model.dtype": "bfloat16", "train.grad_clip_norm": 1.0}
+    )
+    setup = images.build(c)
+    assert setup.model.dtype == jnp.bfloat16 and setup.model.num_classes == 10
+    state = setup.state_shapes  # traced, not compiled: keeps the test fast
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    assert len(state.opt_state) == 2  # chain(clip_by_global_norm, adam)
+    batch = {"image": jnp.zeros((4, 32, 32, 3)), "label": jnp.arange(4, dtype=jnp.int32)}
+    loss_fn = functools.partial(step_lib.loss_fn, setup)
+    loss = jax.eval_shape(loss_fn, state.params, jax.random.key(0), batch)
+    assert loss.shape == () and loss.dtype == jnp.float32
+    bad = small_config(**{"model.num_classes": 10, "data.source": "downsampled_imagenet/32x32"})
+    with pytest.raises(ValueError, match="no labels"):
+        images.train_and_evaluate(bad, "/nonexistent")
