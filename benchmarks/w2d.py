@@ -238,7 +238,7 @@ def parse_args(argv):
     import fmjax  # starts no JAX backend: the two settings below must come before one
 
     if args.cpu_devices is None:
-        args.cpu_devices = fmjax.cpu_devices.num_cores()
+        args.cpu_devices = fmjax.cpu.num_cores()
     if args.cpu_devices < 1:
         ap.error("--cpu-devices must be >= 1")
     args.cpu_devices = fmjax.use_cpu_devices(args.cpu_devices)

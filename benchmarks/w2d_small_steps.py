@@ -43,7 +43,7 @@ def main(argv=None):
 
     import fmjax
 
-    n = fmjax.use_cpu_devices(args.cpu_devices or fmjax.cpu_devices.num_cores())
+    n = fmjax.use_cpu_devices(args.cpu_devices or fmjax.cpu.num_cores())
     import jax
     import jax.numpy as jnp
     import optax

@@ -24,7 +24,7 @@ import optax
 
 import fmjax
 from experiments import path_config
-from fmjax._checks import integer, real
+from fmjax.checks import integer, real
 from fmjax.data import toy
 from fmjax.metrics import efficiency
 from fmjax.models import MLP

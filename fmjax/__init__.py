@@ -54,7 +54,7 @@ __all__ = [
     "use_cpu_devices",
 ]
 
-_LAZY = ("models", "data", "train", "metrics", "cpu_devices")  # cpu_devices: see its docstring
+_LAZY = ("models", "data", "train", "metrics")
 
 
 def __getattr__(name):

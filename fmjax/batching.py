@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
-from fmjax._checks import traced
+from fmjax.checks import traced
 
 __all__ = [
     "DATA_AXIS",

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import real, traced
+from fmjax.checks import real, traced
 
 __all__ = [
     "COUPLINGS",

@@ -50,8 +50,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import integer
 from fmjax._jax_private import at_top_level, backends_started
+from fmjax.checks import integer
 
 __all__ = [
     "cpu_divergence_options",

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import _checks
+from fmjax import checks
 from fmjax._field import as_field
 from fmjax.batching import check_cond
 
@@ -195,14 +195,14 @@ def classifier_free(v, cond, null_cond, scale, *, batched: bool = True):
         null = _null_like(null_cond, cond)
     elif not jax.tree_util.tree_leaves(null_cond):
         raise ValueError(f"null_cond must be an array or a pytree of arrays; got {null_cond!r}.")
-    if _checks.traced(scale) or np.ndim(scale) > 0:  # (np: no warning for None or a str)
+    if checks.traced(scale) or np.ndim(scale) > 0:  # (np: no warning for None or a str)
         dtype = jnp.result_type(scale)
         if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
             raise ValueError(f"scale must hold real numbers; got dtype {dtype}.")
-        if not _checks.traced(scale) and not bool(jnp.all(jnp.isfinite(scale))):
+        if not checks.traced(scale) and not bool(jnp.all(jnp.isfinite(scale))):
             raise ValueError(f"scale must be finite; got {scale!r}.")
     else:
-        w = _checks.real(scale, "scale (the guidance weight w)")
+        w = checks.real(scale, "scale (the guidance weight w)")
         if isinstance(scale, (int, float)):
             if w == 1.0:
                 return v if cond is None else conditional(v, cond)

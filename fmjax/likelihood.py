@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import ode
-from fmjax._checks import integer
 from fmjax._field import as_field
 from fmjax.batching import (
     batch_time,
@@ -35,6 +34,7 @@ from fmjax.batching import (
     place_batch,
     place_cond,
 )
+from fmjax.checks import integer
 from fmjax.cpu import jit_with_cpu_options
 from fmjax.densities import normal_log_prob, standard_normal_log_prob
 from fmjax.solvers import SolverOptions, solver_options

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from fmjax._checks import traced
+from fmjax.checks import traced
 
 __all__ = ["EmpiricalData", "GaussianMixture"]
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import solvers
-from fmjax._checks import traced
+from fmjax.checks import traced
 from fmjax.solvers import (
     ADAPTIVE_SOLVERS,
     FIXED_SOLVERS,
@@ -52,7 +52,6 @@ __all__ = [
     "SolverOptions",
     "check_derivative",
     "check_save_times",
-    "check_solver_args",
     "raise_if_failed",
     "solve",
 ]
@@ -72,32 +71,6 @@ class SolveStats(NamedTuple):
     num_accepted: Any
     num_rejected: Any
     success: Any
-
-
-def check_solver_args(
-    solver: str,
-    steps,
-    step_size,
-    t0: float,
-    t1: float,
-    error_norm: str = "rms",
-    *,
-    rtol=None,
-    atol=None,
-    max_steps=None,
-) -> None:
-    """:func:`solver_options` and :func:`check_times` of these settings, for callers that
-    hold them apart (settings given as None take their defaults)."""
-    options = solver_options(
-        solver=solver,
-        steps=steps,
-        step_size=step_size,
-        rtol=rtol,
-        atol=atol,
-        max_steps=max_steps,
-        error_norm=error_norm,
-    )
-    check_times(t0, t1, options)
 
 
 def check_derivative(

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import schedules
-from fmjax._checks import same_shape, traced
+from fmjax.checks import same_shape, traced
 from fmjax.densities import normal_log_prob
 
 __all__ = [
@@ -198,13 +198,6 @@ def _predictions():
     from fmjax import predictions
 
     return predictions
-
-
-def __getattr__(name):
-    # moved to fmjax.predictions; experiments/ still reach them here
-    if name in ("PREDICTIONS", "check_prediction"):
-        return getattr(_predictions(), name)
-    raise AttributeError(f"module 'fmjax.paths' has no attribute {name!r}")
 
 
 @_static_dataclass

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import real, same_shape
 from fmjax._field import as_field
+from fmjax.checks import real, same_shape
 from fmjax.paths import Coefficients, check_time
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import integer, traced
+from fmjax.checks import integer, traced
 
 __all__ = [
     "ADAPTIVE_SOLVERS",

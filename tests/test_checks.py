@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fmjax
-from fmjax._checks import integer, real
+from fmjax.checks import integer, real
 from fmjax.data import toy
 from fmjax.metrics import nll
 from fmjax.train import checkpoint, step

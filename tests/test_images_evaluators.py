@@ -36,7 +36,7 @@ def test_ve_path_samples_and_scores_from_its_wide_source(tmp_path):
     assert setup.source_std == pytest.approx(50.0)
     state = setup.init_state()
     mesh = fmjax.train.sharding.make_mesh()
-    solver = images.Solver("dopri5", 1e-5, 1e-5)
+    solver = fmjax.SolverOptions("dopri5", rtol=1e-5, atol=1e-5)
     imgs, _ = setup.sample(state.params, jax.random.key(0), 4, mesh, solver)
     assert imgs.shape == (4, 32, 32, 3) and np.std(imgs) == pytest.approx(50.0, rel=0.03)
     with tfds.testing.mock_data(num_examples=16):
@@ -113,7 +113,7 @@ def test_x1_eps_score_models_sample_and_score_as_their_closed_form(
     }
     s0 = setup.source_std
     mesh = fmjax.train.sharding.make_mesh()
-    solver = images.Solver("dopri5", 1e-6, 1e-6)
+    solver = fmjax.SolverOptions("dopri5", rtol=1e-6, atol=1e-6)
     imgs, stats = setup.sample(params, jax.random.key(0), n, mesh, solver)
     x0 = s0 * jax.random.normal(jax.random.key(0), (n, 32, 32, 3))
     np.testing.assert_allclose(imgs, x0 * math.sqrt(var[t1] / var[t0]), rtol=1e-4, atol=1e-5)
@@ -155,7 +155,9 @@ def test_guided_image_samples_mix_the_labelled_and_the_null_class_fields():
         ]
     )
     mesh = fmjax.train.sharding.make_mesh()
-    imgs, _ = setup.sample(params, jax.random.key(0), n, mesh, images.Solver("dopri5", 1e-3, 1e-3))
+    imgs, _ = setup.sample(
+        params, jax.random.key(0), n, mesh, fmjax.SolverOptions("dopri5", rtol=1e-3, atol=1e-3)
+    )
     y, null = jnp.arange(n) % 3, jnp.full((n,), 3)
 
     def guided(t, x):

@@ -159,9 +159,3 @@ def test_check_times():
     with pytest.raises(ValueError, match="step_size= needs concrete t0 and t1"):
         jax.jit(lambda t1: solvers.check_times(0.0, t1, fixed))(1.0)
     jax.jit(lambda t1: solvers.check_times(0.0, t1, SolverOptions("rk4", steps=3)))(1.0)
-    # the settings held apart, as experiments/ and metrics call them
-    ode.check_solver_args("dopri5", None, None, 0.0, 1.0, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="unknown solver"):
-        ode.check_solver_args("rk45", None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match="t0 and t1 must differ"):
-        ode.check_solver_args("dopri5", None, None, 1.0, 1.0)

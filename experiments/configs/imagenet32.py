@@ -76,6 +76,9 @@ def base_config():
     # each device, one update of their mean gradient (the same update, ~1/k the activation
     # memory: the paper's batch of 1024 on fewer accelerators); divides each device's rows
     c.train.microbatches = 1
+    # minibatch OT pairing of the noise with each step's whole global batch (within classes
+    # for a class-conditional model): independent | ot | ot_sinkhorn
+    c.train.coupling = "independent"
     c.train.ema_decay = 0.9999  # 0: no EMA
     c.train.loss_reduction = "mean"  # mean | sum (see fmjax.losses.cfm_loss)
     # what the UNet predicts: velocity (the paper) | x1 | eps | score; eps on path.name=vp is

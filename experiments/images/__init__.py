@@ -30,12 +30,11 @@ The modules, in the order a run uses them:
 
 from experiments.images.config import ConfigError
 from experiments.images.run import evaluate, train, train_and_evaluate
-from experiments.images.setup import Setup, Solver, build
+from experiments.images.setup import Setup, build
 
 __all__ = [
     "ConfigError",
     "Setup",
-    "Solver",
     "build",
     "evaluate",
     "train",

@@ -8,14 +8,11 @@ device's rows.
 
 from __future__ import annotations
 
-import math
-import operator
 import os
-
-import numpy as np
 
 import fmjax
 from experiments import path_config
+from fmjax import checks
 from fmjax.data import images as images_lib
 from fmjax.train import sharding as sharding_lib
 
@@ -74,31 +71,26 @@ REAL_FIELDS = (
 
 
 def _check_integer(value, name: str, minimum: int) -> None:
-    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
-        minimum, f"an integer >= {minimum}"
-    )
-    n = None
-    if not isinstance(value, (bool, np.bool_)):
-        try:
-            n = operator.index(value)
-        except TypeError:
-            if isinstance(value, (float, np.floating)) and math.isfinite(value) and value % 1 == 0:
-                n = int(value)
-    if n is None or n < minimum:
-        raise ConfigError(f"{name} must be {kind}; got {value!r}.")
-
-
-def _within(x: float, interval: str) -> bool:
-    low, high = (float(end) for end in interval[1:-1].split(","))
-    above = x > low if interval[0] == "(" else x >= low
-    below = x < high if interval[-1] == ")" else x <= high
-    return math.isfinite(x) and above and below
+    try:
+        checks.integer(value, name, minimum=minimum)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_real(value, name: str, interval: str) -> None:
-    number = isinstance(value, (int, float, np.integer, np.floating))
-    if isinstance(value, (bool, np.bool_)) or not (number and _within(float(value), interval)):
-        raise ConfigError(f"{name} must be a finite number in {interval}; got {value!r}.")
+    """``interval`` as written in :data:`REAL_FIELDS`, e.g. ``"[0, 1)"``."""
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    try:
+        checks.real(
+            value,
+            name,
+            low=low,
+            high=high,
+            low_open=interval[0] == "(",
+            high_open=interval[-1] == ")",
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _one_of(value, options, name: str) -> None:
@@ -134,7 +126,7 @@ def _check_solvers(config) -> None:
                 f"{solver_key} must be an adaptive solver {ADAPTIVE}; got {solver!r}."
             )
         try:
-            fmjax.ode.check_solver_args(solver, None, None, 0.0, 1.0, rtol=rtol, atol=atol)
+            fmjax.SolverOptions(solver, rtol=rtol, atol=atol)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{tol_keys}: {err}") from None
 
@@ -196,7 +188,8 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
             "it to '' to compute the statistics from the train split)."
         )
     _check_solvers(config)
-    _one_of(t.prediction, fmjax.paths.PREDICTIONS, "train.prediction")
+    _one_of(t.prediction, fmjax.predictions.PREDICTIONS, "train.prediction")
+    _one_of(t.coupling, tuple(fmjax.couplings.COUPLINGS), "train.coupling")
     path = _make_path(config)
     path.velocity_range(t.prediction, float(e.t_margin))
     _check_classes(config)

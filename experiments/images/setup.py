@@ -30,7 +30,7 @@ from fmjax.train.checkpoint import with_sharding
 __all__ = [
     "IMAGE_SHAPE",
     "Setup",
-    "Solver",
+    "solver_record",
     "build",
     "build_model",
     "make_optimizer",
@@ -42,17 +42,9 @@ IMAGE_SHAPE = images_lib.IMAGE_SHAPE
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@dataclasses.dataclass(frozen=True)
-class Solver:
-    """The settings of one kind of adaptive solve (sample grids, or evaluation)."""
-
-    name: str
-    rtol: float
-    atol: float
-
-    def kwargs(self) -> dict[str, Any]:
-        """The keywords of :func:`fmjax.sample` and :func:`fmjax.metrics.nll.evaluate_bpd`."""
-        return {"solver": self.name, "rtol": self.rtol, "atol": self.atol}
+def solver_record(options: fmjax.SolverOptions) -> dict[str, Any]:
+    """The adaptive solve's settings as ``eval_metrics.json`` records them."""
+    return {"solver": options.solver, "rtol": options.rtol, "atol": options.atol}
 
 
 def build_model(config) -> unet_lib.UNet:
@@ -139,10 +131,11 @@ class Setup:
     prediction: str
     t_range: tuple[float, float]
     source_std: float
-    grid_solver: Solver
-    eval_solver: Solver
+    grid_solver: fmjax.SolverOptions
+    eval_solver: fmjax.SolverOptions
     state_shapes: Any
     progress: bool
+    pairing: Callable | None = None
 
     @property
     def guidance_scale(self) -> float | None:
@@ -169,7 +162,7 @@ class Setup:
         return self.path.velocity_field(v, self.prediction)
 
     def sample(
-        self, params, key: jax.Array, num: int, mesh: Mesh, solver: Solver
+        self, params, key: jax.Array, num: int, mesh: Mesh, solver: fmjax.SolverOptions
     ) -> tuple[np.ndarray, Any]:
         """``num`` images by the flow of the UNet from the source noise, data parallel.
 
@@ -187,7 +180,7 @@ class Setup:
             y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % classes, out_shardings=data)()
             v = fmjax.guidance.classifier_free(v, None, classes, self.guidance_scale)
         t0, t1 = self.t_range
-        x1, stats = fmjax.sample(v, x0(key), cond=y, **solver.kwargs(), t0=t0, t1=t1, throw=False)
+        x1, stats = fmjax.sample(v, x0(key), cond=y, options=solver, t0=t0, t1=t1, throw=False)
         return sharding_lib.to_host(x1)[:num], stats
 
     def train_iterator(self, **overrides) -> Iterator:
@@ -238,8 +231,19 @@ def build(config, mesh: Mesh | None = None, *, progress: bool | None = None) -> 
         prediction=t.prediction,
         t_range=path.velocity_range(t.prediction, float(e.t_margin)),
         source_std=float(path.source_std()),
-        grid_solver=Solver(t.sample_solver, float(t.sample_tol), float(t.sample_tol)),
-        eval_solver=Solver(e.solver, float(e.rtol), float(e.atol)),
+        grid_solver=fmjax.SolverOptions(t.sample_solver, rtol=t.sample_tol, atol=t.sample_tol),
+        eval_solver=fmjax.SolverOptions(e.solver, rtol=e.rtol, atol=e.atol),
         state_shapes=_state_shapes(model, tx, config),
         progress=bool(t.progress) if progress is None else bool(progress),
+        pairing=_pairing(config, path),
     )
+
+
+def _pairing(config, path) -> Callable | None:
+    """The batch transform that pairs source noise with each step's whole global batch by
+    ``train.coupling`` (within classes for a class-conditional model); None: independent."""
+    coupling = config.train.coupling
+    if coupling == "independent":
+        return None
+    cond = None if config.model.num_classes is None else "label"
+    return fmjax.couplings.pairing(coupling, source=path.sample_source, data="image", cond=cond)

@@ -6,7 +6,9 @@ labels of a class-conditional model dropped to the null class with probability
 ``model.class_dropout``. The step is the one-device step on every mesh (one global-view
 jit: XLA all-reduces the gradients); with ``train.microbatches = k > 1`` it is
 :func:`fmjax.train.make_train_step`'s accumulating step, each device summing its ``k`` parts
-before one all-reduce.
+before one all-reduce. With ``train.coupling`` other than ``independent`` the step first
+pairs source noise with the whole global batch (``setup.pairing``: minibatch OT, within
+classes for a class-conditional model) and the loss uses those pairs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from fmjax.losses import uniform_time
-from fmjax.train import apply_update, make_train_step, step_keys
+from fmjax.train import PREPARE_KEY_INDEX, apply_update, make_train_step, step_keys
 from fmjax.train import sharding as sharding_lib
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ def loss_fn(setup: Setup, params, key: jax.Array, batch: dict) -> jax.Array:
     x1 = batch["image"]
     k_cfm, k_dropout, k_label = jax.random.split(key, 3)
     k_x0, k_t, _ = jax.random.split(k_cfm, 3)
-    x0 = jax.random.normal(k_x0, x1.shape, x1.dtype)
+    x0 = batch["x0"] if "x0" in batch else jax.random.normal(k_x0, x1.shape, x1.dtype)
     t = uniform_time(k_t, x1.shape[0], setup.path.t_range, x1.dtype)
     y, classes, p_drop = None, c.model.num_classes, float(c.model.class_dropout)
     if classes is not None:
@@ -60,6 +62,8 @@ def loss_fn(setup: Setup, params, key: jax.Array, batch: dict) -> jax.Array:
 def train_step(setup: Setup, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One Adam step (and EMA update) on the loss of ``batch``: ``(state, metrics)``."""
     key = step_keys(state.rng, state.step)[0]
+    if setup.pairing is not None:  # the whole global batch, as make_train_step(prepare=) does
+        batch = setup.pairing(jax.random.fold_in(key, PREPARE_KEY_INDEX), batch)
     loss, grads = jax.value_and_grad(functools.partial(loss_fn, setup))(state.params, key, batch)
     ema = float(setup.config.train.ema_decay) or None
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -77,6 +81,7 @@ def build_train_step(setup: Setup, mesh: Mesh) -> Callable:
             mesh=mesh,
             shard_loss=True,
             microbatches=k,
+            prepare=setup.pairing,
         )
     replicated = sharding_lib.replicated_sharding(mesh)
     return jax.jit(

@@ -97,9 +97,6 @@ __all__ = [
     "to_uint8",
 ]
 
-# The source table's lookup under the name experiments/image_flow.py calls.
-_lookup = lookup_source
-
 
 def open_source(source: str, split: str, data_dir: str | os.PathLike | None = None) -> Any:
     """Returns the random-access source (``len`` + ``__getitem__``) for ``source``/``split``.

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax._checks import integer
+from fmjax.checks import integer
 
 __all__ = [
     "CHECKERBOARD_SCALE",

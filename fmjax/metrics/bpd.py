@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fmjax import ode
-from fmjax._checks import integer, real
 from fmjax._field import as_field
 from fmjax.batching import check_batch
+from fmjax.checks import integer, real
 from fmjax.likelihood import (
     DIVERGENCES,
     PROBES,

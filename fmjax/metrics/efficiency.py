@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import ode
-from fmjax._checks import integer
 from fmjax._field import as_field
+from fmjax.checks import integer
 from fmjax.sampling import sample
 
 __all__ = [

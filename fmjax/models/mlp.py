@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fmjax._checks import integer, traced
+from fmjax.checks import integer, traced
 
 __all__ = ["ACTIVATIONS", "MLP", "TIME_EMBEDDINGS", "fast_selu", "sinusoidal_embedding"]
 

@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from fmjax._checks import integer
+from fmjax.checks import integer
 
 __all__ = ["CheckpointManager", "abstract_like", "with_sharding"]
 

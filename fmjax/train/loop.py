@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from fmjax._checks import integer
+from fmjax.checks import integer
 
 __all__ = ["NonFiniteLossError", "fit"]
 

@@ -25,8 +25,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec
 
-from fmjax._checks import integer, real
 from fmjax.batching import DATA_AXIS, auto_mesh, check_rows_divisible
+from fmjax.checks import integer, real
 from fmjax.train.state import TrainState
 
 __all__ = [

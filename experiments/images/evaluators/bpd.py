@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.images.setup import solver_record
 from fmjax.data import images as images_lib
 from fmjax.metrics import nll
 from fmjax.train import sharding as sharding_lib
@@ -72,7 +73,7 @@ def _digest(setup, params) -> str:
         "split": setup.eval_dataset,
         "data_dir": str(c.data.data_dir),
         "num_dequant": int(e.num_dequant),
-        **setup.eval_solver.kwargs(),
+        **solver_record(setup.eval_solver),
         "probe": e.probe,
         "seed": int(c.seed),
         "source_std": setup.source_std,
@@ -117,7 +118,7 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
             max_batches=int(e.num_batches) or None,
             callback=callback,
             divergence="hutchinson",
-            **setup.eval_solver.kwargs(),
+            options=setup.eval_solver,
             probe=e.probe,
             source_std=setup.source_std,
             t0=t0,
@@ -130,6 +131,6 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
         "num_dequant": int(e.num_dequant),
         "divergence": "hutchinson",
         "probe": e.probe,
-        **setup.eval_solver.kwargs(),
+        **solver_record(setup.eval_solver),
         "requested_batches": int(e.num_batches) or "all",
     }

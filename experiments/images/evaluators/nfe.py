@@ -40,7 +40,7 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
         "value": float(np.average(nfes, weights=counts)),
         "num_samples": total,
         "batch_size": per,
-        "solver": solver.name,
+        "solver": solver.solver,
         "rtol": solver.rtol,
         "guidance_scale": setup.guidance_scale,
         "atol": solver.atol,

@@ -1,4 +1,10 @@
-"""Argument checks shared by the library and the experiments."""
+"""Argument checks shared by the library and the experiments.
+
+``integer`` and ``real`` turn a value from code or a config file into a Python number, or
+raise a ``ValueError`` that names the argument, says what was expected and what was given;
+``traced`` tells whether a value is only known at run time (inside ``jit``), when a value
+check has to be skipped.
+"""
 
 from __future__ import annotations
 
