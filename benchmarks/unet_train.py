@@ -255,7 +255,7 @@ def main():
         if not args.no_sample:
             nb = rounded_up(args.sample_batch or min(gbs, 64), mesh)
             params = state.ema_params
-            solver = images.Solver("dopri5", args.sample_tol, args.sample_tol)
+            solver = fmjax.SolverOptions("dopri5", rtol=args.sample_tol, atol=args.sample_tol)
             t = time.perf_counter()
             _, stats = setup.sample(params, jax.random.key(1), nb, mesh, solver)
             first = time.perf_counter() - t

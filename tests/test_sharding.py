@@ -5,7 +5,6 @@ runs in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, XLA_CACHE, use_compile_cache
+from conftest import ROOT, use_compile_cache
+from image_runs import subprocess_env
 
 from fmjax.train import sharding
 
@@ -23,10 +23,11 @@ pytestmark = pytest.mark.usefixtures("float32")
 # Two training steps of the image trainer's loss (tiny UNet, class-conditional with label
 # dropout, dropout 0.1) on a 1-device mesh and on a 4-device mesh, same global batch.
 WORKER = r"""
-import json
+import functools, json
 import jax, jax.numpy as jnp, numpy as np
-from experiments import image_flow
+from experiments import images
 from experiments.configs import imagenet32
+from experiments.images import step as step_lib
 from fmjax.train import make_train_step, sharding
 
 assert jax.device_count() == 4, jax.devices()
@@ -38,16 +39,15 @@ c.train.warmup_steps = 0
 # otherwise become +-lr steps whose sign depends on the all-reduce's summation order; every
 # other gradient still gets an Adam-like step, as with the paper's 1e-8.
 c.train.adam_eps = 1e-3
-model = image_flow.build_model(c)
-tx, _ = image_flow.make_optimizer(c)
-loss_fn = image_flow.make_loss_fn(model, image_flow.make_path(c), c)
+setup = images.build(c)
+tx = setup.tx
+loss_fn = functools.partial(step_lib.loss_fn, setup)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
             "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(2)]
 
 def run(mesh, tx):
-    init, _ = image_flow._abstract_state(c, model, tx, mesh)
-    state = jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))()
+    state = jax.jit(setup.init_state, out_shardings=sharding.replicated_sharding(mesh))()
     step = make_train_step(loss_fn, tx, ema_decay=0.9, mesh=mesh)
     metrics = []
     for b in batches:
@@ -88,18 +88,6 @@ print("RESULT " + json.dumps(res))
 """
 
 
-def _env(**extra):
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
-    )
-    env.update(extra)
-    return env
-
-
 def test_four_devices_equal_one_device_and_indivisible_batch_errors():
     out = subprocess.run(
         [sys.executable, "-c", WORKER],
@@ -108,7 +96,7 @@ def test_four_devices_equal_one_device_and_indivisible_batch_errors():
         capture_output=True,
         text=True,
         timeout=400,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     assert out.returncode == 0, out.stderr[-4000:]
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
