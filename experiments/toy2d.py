@@ -24,6 +24,7 @@ import optax
 
 import fmjax
 from experiments import path_config
+from experiments.plots import plot_sweep
 from fmjax.checks import integer, real
 from fmjax.data import toy
 from fmjax.metrics import efficiency
@@ -262,31 +263,6 @@ def _efficiency(cfg, v, path, span, key, key_ref):
     }
 
 
-def _plot_sweep(workdir, records):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for solver in dict.fromkeys(r["solver"] for r in records):
-        rs = [r for r in records if r["solver"] == solver]
-        style = "o-" if "steps" in rs[0] else "s--"
-        nfe = [r["nfe"] for r in rs]
-        axes[0].plot(nfe, [r["mmd"] for r in rs], style, label=solver, ms=4)
-        errs = [(n, r["ode_error"]) for n, r in zip(nfe, rs, strict=True) if r["ode_error"] > 0]
-        if errs:
-            axes[1].plot(*zip(*errs, strict=True), style, label=solver, ms=4)
-    for ax, what in ((axes[0], "MMD$^2$ to fresh data"), (axes[1], "ODE error (vs tight dopri5)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel(what)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle("quality against function evaluations, from the same source samples")
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "nfe_quality.png"), dpi=100)
-    plt.close(fig)
-
-
 def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
     import matplotlib
 
@@ -321,7 +297,7 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
     plt.close(fig)
 
     if "sweep" in metrics:
-        _plot_sweep(workdir, metrics["sweep"])
+        plot_sweep(os.path.join(workdir, "nfe_quality.png"), metrics["sweep"], "mmd")
 
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(np.exp(grid_logp), origin="lower", extent=[-lim, lim, -lim, lim], cmap="viridis")

@@ -103,6 +103,32 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
     assert calls["samples"].shape == (4, 32, 32, 3) and calls["num"] == 4
     assert calls["ref"]["image"].shape == (4, 32, 32, 3)
     assert calls["weights"] == str(weights)
+    # sweep mode from the same checkpoint: FID (faked) and ODE error against NFE
+    sweep_config = small_config(
+        **{
+            "mode": "sweep",
+            "eval.fid_inception_weights": str(weights),
+            "eval.sweep_samples": 4,
+            "eval.sweep_solvers": ("euler",),
+            "eval.sweep_steps": (1, 2),
+            "eval.sweep_tols": (1e-2,),
+        }
+    )
+    with tfds.testing.mock_data(num_examples=16):
+        swept = images.train_and_evaluate(sweep_config, workdir)["sweep"]
+    assert swept["checkpoint_step"] == 4 and swept["num_samples"] == 4
+    assert swept["straightness"] > 0 and swept["transport_cost"] > 0
+    recs = read_json(workdir, "sweep_metrics.json")["sweep"]
+    assert [(r["solver"], r.get("steps"), r.get("tol")) for r in recs] == [
+        ("euler", 1, None),
+        ("euler", 2, None),
+        ("dopri5", None, 1e-2),
+        ("dopri5", None, sweep_config.eval.rtol),
+    ]
+    assert [r["nfe"] for r in recs[:2]] == [1, 2] and all(r["fid"] == 12.5 for r in recs)
+    assert recs[-1]["ode_error"] == 0 and recs[0]["ode_error"] > 0
+    assert calls["num"] == 4 and calls["samples"].shape == (4, 32, 32, 3)
+    assert os.path.exists(os.path.join(workdir, "nfe_quality.png"))
     # the raw (not EMA) parameters are another evaluation: its own totals file, not the EMA
     # number under the "raw" label
     with tfds.testing.mock_data(num_examples=16):

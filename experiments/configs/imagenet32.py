@@ -30,7 +30,7 @@ def base_config():
     """All fields, set to the paper's ImageNet-32 recipe."""
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mode = "train_and_eval"  # train | eval | train_and_eval
+    c.mode = "train_and_eval"  # train | eval | train_and_eval | sweep
 
     c.data = ml_collections.ConfigDict()
     # imagenet_resized/32x32 (the paper's), downsampled_imagenet/32x32 (van den Oord et al.,
@@ -116,6 +116,13 @@ def base_config():
     c.eval.fid_inception_weights = ""  # path of the Inception weights; '' skips FID
     c.eval.fid_reference_stats = ""  # npz with mu, sigma of the data features ('' computes)
     c.eval.fid_num_samples = 50_000
+    # mode sweep: quality (FID with Inception weights) and ODE error against NFE for each
+    # fixed-step solver at each step count and dopri5 at each tolerance, from the same
+    # sweep_samples source draws (fmjax.metrics.efficiency)
+    c.eval.sweep_samples = 1_000
+    c.eval.sweep_solvers = ("euler", "midpoint", "heun", "rk4")
+    c.eval.sweep_steps = (1, 2, 4, 8, 16, 32, 64, 128)
+    c.eval.sweep_tols = (1e-2, 1e-3, 1e-4)
     # classifier-free guidance weight w of every sample drawn (grids, NFE, FID) of a
     # class-conditional model: (1 - w) v(x | null) + w v(x | y); 1 is the conditional field
     # (the paper's models are unconditional), > 1 needs model.class_dropout > 0
@@ -160,4 +167,7 @@ def tiny(c):
     c.eval.nfe_num_samples = 8
     c.eval.sample_batch_size = 8
     c.eval.fid_num_samples = 16
+    c.eval.sweep_samples = 8
+    c.eval.sweep_steps = (1, 2, 4)
+    c.eval.sweep_tols = (1e-2,)
     return c

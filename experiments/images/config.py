@@ -18,7 +18,7 @@ from fmjax.train import sharding as sharding_lib
 
 __all__ = ["DTYPES", "MODES", "ConfigError", "check", "check_trained_as"]
 
-MODES = ("train", "eval", "train_and_eval")
+MODES = ("train", "eval", "train_and_eval", "sweep")
 DTYPES = ("float32", "bfloat16")
 ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
@@ -50,6 +50,7 @@ INT_FIELDS = (
     ("eval", "nfe_num_samples", 0),
     ("eval", "sample_batch_size", 1),
     ("eval", "fid_num_samples", 2),
+    ("eval", "sweep_samples", 2),
     ("model", "num_classes", 1),
 )
 OPTIONAL_INT_FIELDS = {("eval", "checkpoint_step"), ("model", "num_classes")}  # None: unset
@@ -190,6 +191,12 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     _check_solvers(config)
     _one_of(t.prediction, fmjax.predictions.PREDICTIONS, "train.prediction")
     _one_of(t.coupling, tuple(fmjax.couplings.COUPLINGS), "train.coupling")
+    for solver in e.sweep_solvers:
+        _one_of(solver, tuple(fmjax.ode.FIXED_SOLVERS), "eval.sweep_solvers entries")
+    for k in e.sweep_steps:
+        _check_integer(k, "eval.sweep_steps entries", 1)
+    for tol in e.sweep_tols:
+        _check_real(tol, "eval.sweep_tols entries", "(0, inf)")
     path = _make_path(config)
     path.velocity_range(t.prediction, float(e.t_margin))
     _check_classes(config)

@@ -1,4 +1,4 @@
-"""What a run does, by ``config.mode`` (``train``, ``eval`` or ``train_and_eval``), for a
+"""What a run does, by ``config.mode`` (``train``, ``eval``, ``train_and_eval`` or ``sweep``), for a
 config: each entry point checks the config once and builds its :class:`Setup` once."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import os
 
 from jax.sharding import Mesh
 
-from experiments.images import evaluation, trainer
-from experiments.images.evaluators import fid
+from experiments.images import checkpoints, evaluation, trainer
+from experiments.images.evaluators import fid, sweep
 from experiments.images.setup import build
 from fmjax.data import images as images_lib
 from fmjax.train import TrainState
@@ -64,4 +64,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         write_json(os.path.join(out["workdir"], "train_summary.json"), summary)
     if config.mode in ("eval", "train_and_eval"):
         out["eval"] = evaluation.evaluate(setup, mesh, workdir, state=state)
+    if config.mode == "sweep":
+        state, step = checkpoints.load(setup, workdir, mesh)
+        out["sweep"] = {"checkpoint_step": step, **sweep.run(setup, state, mesh, workdir)}
     return out

@@ -170,18 +170,33 @@ class Setup:
         classifier-free guidance of weight ``eval.guidance_scale`` against the null class.
         Returns ``(images (num, 32, 32, 3) numpy, stats)``; a failed solve does not raise
         (check ``stats.success``)."""
-        v = self.velocity(params)
         n = rounded_up(num, mesh)
-        data = sharding_lib.data_sharding(mesh)
+        v, y = self.sampling_field(params, n, mesh)
+        t0, t1 = self.t_range
+        x0 = self.source_noise(key, n, mesh)
+        x1, stats = fmjax.sample(v, x0, cond=y, options=solver, t0=t0, t1=t1, throw=False)
+        return sharding_lib.to_host(x1)[:num], stats
+
+    def source_noise(self, key: jax.Array, n: int, mesh: Mesh) -> jax.Array:
+        """``n`` draws of the path's source ``N(0, source_std^2 I)``, split over ``mesh``."""
         s0 = self.source_std
-        x0 = jax.jit(lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)), out_shardings=data)
+        draw = jax.jit(
+            lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
+            out_shardings=sharding_lib.data_sharding(mesh),
+        )
+        return draw(key)
+
+    def sampling_field(self, params, n: int, mesh: Mesh) -> tuple[Callable, Any]:
+        """``(v, y)``: the field samples are drawn with and the labels of ``n`` rows
+        (``0, 1, 2, ...`` mod num_classes, with classifier-free guidance of weight
+        ``eval.guidance_scale``; ``y`` None for an unconditional model)."""
+        v = self.velocity(params)
         y, classes = None, self.config.model.num_classes
         if classes is not None:  # guidance weight 1: the conditional field itself
+            data = sharding_lib.data_sharding(mesh)
             y = jax.jit(lambda: jnp.arange(n, dtype=jnp.int32) % classes, out_shardings=data)()
             v = fmjax.guidance.classifier_free(v, None, classes, self.guidance_scale)
-        t0, t1 = self.t_range
-        x1, stats = fmjax.sample(v, x0(key), cond=y, options=solver, t0=t0, t1=t1, throw=False)
-        return sharding_lib.to_host(x1)[:num], stats
+        return v, y
 
     def train_iterator(self, **overrides) -> Iterator:
         """This process's slices of the training batches (``overrides``: of

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from experiments.images.setup import Setup
     from fmjax.train import TrainState
 
-__all__ = ["check_weights", "run"]
+__all__ = ["check_weights", "run", "score"]
 
 
 def check_weights(config) -> str | None:
@@ -51,6 +51,38 @@ def _reference(setup, workdir, num: int) -> tuple[str | None, str | None]:
     return None, None
 
 
+def score(setup: Setup, workdir: str, images) -> float:
+    """The FID of ``images`` (numpy ``(n, H, W, 3)`` in model space) against the reference
+    statistics of ``eval.fid_num_samples`` train images (cached as :func:`run` caches them)."""
+    weights = check_weights(setup.config)
+    num_ref = int(setup.config.eval.fid_num_samples)
+    ref_stats, save_ref = _reference(setup, workdir, num_ref)
+    ref_iter = None if ref_stats is not None else _reference_iterator(setup, len(images))
+    return float(
+        fid.compute_fid(
+            lambda i: images,
+            ref_iter,
+            weights,
+            len(images),
+            num_ref=num_ref,
+            ref_stats=ref_stats,
+            save_ref_stats=save_ref,
+        )
+    )
+
+
+def _reference_iterator(setup, batch_size: int):
+    # every process reads all reference images (the iterator is not split over processes)
+    return setup.train_iterator(
+        random_flip=False,
+        dequantize=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        global_batch_size=batch_size,
+    )
+
+
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """FID, or ``{"value": None, "skipped": why}`` without Inception weights."""
     source = f"{setup.config.data.source}:train (reference statistics)"
@@ -71,18 +103,8 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
         return setup.sample(params, jax.random.fold_in(key, i), per, mesh, setup.eval_solver)[0]
 
     ref_stats, save_ref = _reference(setup, workdir, num)
-    # every process computes the same FID on all images (the reference iterator is not
-    # split over processes; generated images are gathered)
-    ref_iter = None
-    if ref_stats is None:
-        ref_iter = setup.train_iterator(
-            random_flip=False,
-            dequantize=False,
-            num_epochs=1,
-            process_index=0,
-            process_count=1,
-            global_batch_size=per,
-        )
+    # every process computes the same FID on all images (generated images are gathered)
+    ref_iter = None if ref_stats is not None else _reference_iterator(setup, per)
     t0 = time.perf_counter()
     value = fid.compute_fid(
         sample_fn, ref_iter, weights, num, num_ref=num, ref_stats=ref_stats, save_ref_stats=save_ref
