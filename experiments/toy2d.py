@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import fmjax
-from experiments import path_config
+from experiments import cli, path_config
 from experiments.plots import plot_sweep
 from fmjax.checks import integer, real
 from fmjax.data import toy
@@ -334,6 +334,10 @@ def main(argv):
 
     cfg = flags.FLAGS.config
     workdir = flags.FLAGS.workdir
+    try:
+        _check_config(cfg)
+    except ValueError as e:
+        cli.fail(cli.BAD_CONFIG, f"bad config: {e}")
     metrics = train_and_evaluate(cfg, workdir)
     keys = [
         "nll_nats",
@@ -373,4 +377,4 @@ if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse)

@@ -72,7 +72,10 @@ def test_cli_with_overrides_and_locked_config(tmp_path):
         timeout=300,
         check=False,
     )
-    assert bad.returncode != 0 and "num_stepz" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: bad config: unknown config field --config.train.num_stepz "
+        "(did you mean --config.train.num_steps?)"
+    ]
 
 
 def test_every_named_path_is_configurable():

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 
 import jax
 from absl import flags
 
 import fmjax
+from experiments.cli import BAD_CONFIG, FAILED, fail, parse
 from experiments.images.config import ConfigError
 from experiments.images.run import train_and_evaluate
 from fmjax.data.images import DatasetNotFoundError
@@ -25,9 +24,6 @@ from fmjax.train import NonFiniteLossError
 from fmjax.train import sharding as sharding_lib
 
 __all__ = ["config_path", "define_flags", "main", "parse", "run"]
-
-BAD_CONFIG = 2  # exit status of a bad config or flag (the shell's usage error)
-FAILED = 1
 
 
 def config_path(name: str) -> str:
@@ -73,45 +69,6 @@ def define_flags(
     )
 
 
-def _exit(status: int, message: str):
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(status)
-
-
-def _unknown_field(argv: list[str], err: Exception) -> str | None:
-    """For ml_collections' error on a ``--config.<field>`` the config lacks: that field,
-    with the one it suggests, or None."""
-    if not isinstance(err, (AttributeError, KeyError)):
-        return None
-    for arg in argv[1:]:
-        name = arg.lstrip("-").split("=", 1)[0]
-        *parents, field = name.split(".")
-        if parents[:1] == ["config"] and field in str(err):
-            close = re.search(r'Did you mean \\?"(\w+)\\?"', str(err))
-            hint = f" (did you mean --{'.'.join(parents)}.{close[1]}?)" if close else ""
-            return f"unknown config field --{name}{hint}"
-    return None
-
-
-def _describe(err: Exception) -> str:
-    """The flag error as one line (a failing config file's traceback cut to its last line)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if any(ln.startswith("Traceback") for ln in lines):
-        lines = [lines[0], lines[-1]]
-    return " ".join(lines)
-
-
-def parse(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
-    """Parse ``argv`` into ``flag_values`` (defined by :func:`define_flags`); a bad flag or
-    config value exits with status 2 after one ``error: bad config: ...`` line."""
-    try:
-        return flag_values(argv)
-    except (flags.Error, AttributeError, KeyError) as err:
-        message = _unknown_field(argv, err) or _describe(err)
-        kind = "bad config" if "config" in message.split(":")[0] else "bad flag"
-        _exit(BAD_CONFIG, f"{kind}: {message}")
-
-
 def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     """Start the multi-host runtime if any, run the config, print the summary."""
     f = flag_values
@@ -125,13 +82,13 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     try:
         out = train_and_evaluate(f.config, f.workdir)
     except ConfigError as e:
-        _exit(BAD_CONFIG, f"bad config: {e}")
+        fail(BAD_CONFIG, f"bad config: {e}")
     except FIDWeightsNotFoundError as e:
-        _exit(BAD_CONFIG, f"bad config: {e}")
+        fail(BAD_CONFIG, f"bad config: {e}")
     except DatasetNotFoundError as e:
-        _exit(FAILED, f"dataset not found: {e}")
+        fail(FAILED, f"dataset not found: {e}")
     except NonFiniteLossError as e:
-        _exit(FAILED, str(e))
+        fail(FAILED, str(e))
     if jax.process_index() == 0:
         print(json.dumps(out, indent=2, default=str))
         print(f"wrote results to {out['workdir']}")
