@@ -57,6 +57,7 @@ def test_cli_with_overrides_and_locked_config(tmp_path):
         "--config=experiments/configs/toy2d.py:tiny",
         "--config.dataset=eight_gaussians",
         "--config.train.num_steps=10",
+        "--config.eval.sweep=False",
         f"--workdir={tmp_path}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -170,6 +171,7 @@ def test_evaluation_starts_from_the_paths_source(tmp_path):
     cfg.dataset, cfg.path.name = "eight_gaussians", "ve"
     cfg.eval.num_nll, cfg.eval.num_samples, cfg.eval.grid_size = 200, 500, 4
     cfg.eval.num_trajectories, cfg.eval.rtol, cfg.eval.atol = 8, 1e-4, 1e-4
+    cfg.eval.sweep = False  # (the sweep is tested in test_train_and_evaluate_tiny)
     toy2d._check_config(cfg)
     model = _ExactField(toy2d.make_path(cfg))
     out = toy2d.evaluate(cfg, model, None, str(tmp_path))
@@ -215,6 +217,7 @@ def test_prediction_models_are_evaluated_where_their_velocity_is_finite(
     cfg.dataset, cfg.path.name, cfg.train.prediction = "eight_gaussians", path_name, prediction
     cfg.eval.num_nll, cfg.eval.num_samples, cfg.eval.grid_size = 200, 500, 4
     cfg.eval.num_trajectories, cfg.eval.rtol, cfg.eval.atol = 8, 1e-4, 1e-4
+    cfg.eval.sweep = False  # (the sweep is tested in test_train_and_evaluate_tiny)
     toy2d._check_config(cfg)
     out = toy2d.evaluate(
         cfg, _ExactPrediction(toy2d.make_path(cfg), prediction), None, str(tmp_path)
@@ -230,6 +233,7 @@ def test_prediction_models_are_evaluated_where_their_velocity_is_finite(
 def test_training_an_x1_model_and_bad_prediction_settings(tmp_path):
     cfg = toy2d_config.get_config("tiny")
     cfg.train.prediction = "x1"
+    cfg.eval.sweep = False
     metrics = toy2d.train_and_evaluate(cfg, str(tmp_path), progress=False)
     assert metrics["prediction"] == "x1" and (metrics["t0"], metrics["t1"]) == (0.0, 1.0)
     assert metrics["nll_nats"] > metrics["true_entropy_nats"] and metrics["nfe_sample"] > 0
