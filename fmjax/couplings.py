@@ -6,8 +6,10 @@ the same shapes. :func:`independent` keeps the pairing as drawn (the paper's CFM
 cost (multisample flow matching, Pooladian et al. 2023; OT-CFM, Tong et al. 2023). Both of its
 methods return ``x0`` permuted, so every source sample is used exactly once:
 
-- ``method="exact"``: the optimal assignment (Hungarian, scipy's ``linear_sum_assignment`` on
-  the host through a callback: jittable but synchronous);
+- ``method="exact"``: the optimal assignment, solved on the host through a callback (jittable
+  but synchronous): POT's network simplex (``ot.emd``, run to optimality) or scipy's
+  ``linear_sum_assignment`` (``solver=``; ``"auto"`` takes the one measured faster for the
+  data's dimension, see docs/benchmarks.md);
 - ``method="sinkhorn"``: an entropic plan from ott-jax's Sinkhorn solver on the device,
   rounded to a permutation by :func:`round_to_permutation` (no duplicated or dropped points,
   unlike drawing one x0 per x1 from the plan).
@@ -20,6 +22,8 @@ C²OT), so pairs with distant contexts are avoided in proportion.
 
 The pairing is over the whole batch the function is given: under ``jax.jit`` on a batch
 sharded over a device mesh, that is the global batch (the same permutation as on one device).
+:func:`exact_ot_permutation` is the same exact pairing on NumPy arrays, for host input
+pipelines that pair while the device trains (``fmjax.data.images``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from fmjax.checks import real, traced
 __all__ = [
     "COUPLINGS",
     "METHODS",
+    "EXACT_SOLVERS",
     "exact_ot_assignment",
+    "exact_ot_permutation",
     "get",
     "independent",
     "minibatch_ot",
@@ -49,6 +55,15 @@ __all__ = [
 
 #: The methods of :func:`minibatch_ot`.
 METHODS = ("exact", "sinkhorn")
+
+#: The host solvers of the exact method: POT's network simplex, scipy's Hungarian
+#: (shortest augmenting path), or ``"auto"``: network simplex for events of at most
+#: :data:`SIMPLEX_MAX_DIM` numbers (it is several times faster on low-dimensional costs),
+#: Hungarian above (faster on image-sized events). Both return an optimal permutation.
+EXACT_SOLVERS = ("auto", "network_simplex", "hungarian")
+
+#: ``solver="auto"`` uses the network simplex up to this many numbers per event.
+SIMPLEX_MAX_DIM = 64
 
 
 def _check_pair(x0, x1):
@@ -123,8 +138,7 @@ def _check_finite_cost(cost, method: str) -> None:
         )
 
 
-def _assign(cost):
-    """``perm`` with ``perm[j]`` the row paired with column ``j`` (optimal assignment)."""
+def _hungarian(cost):
     from scipy.optimize import linear_sum_assignment
 
     rows, cols = linear_sum_assignment(cost)
@@ -133,35 +147,104 @@ def _assign(cost):
     return perm
 
 
-def _lsa_host(cost, labels=None):
+def _network_simplex(cost):
+    import ot  # POT, imported on first use
+
+    # uniform marginals: the simplex ends at a vertex of the Birkhoff polytope, a permutation
+    plan, log = ot.emd([], [], cost, numItermax=2**31 - 1, log=True)
+    if log["result_code"] != 1:  # not optimal (iteration limit or numerical trouble)
+        return _hungarian(cost)
+    return np.argmax(plan, axis=0).astype(np.int32)
+
+
+def _assign(cost, solver):
+    """``perm`` with ``perm[j]`` the row paired with column ``j`` (optimal assignment)."""
+    if len(cost) == 1:
+        return np.zeros(1, np.int32)
+    return _network_simplex(cost) if solver == "network_simplex" else _hungarian(cost)
+
+
+def _resolve_solver(solver: str, event_size: int) -> str:
+    if solver not in EXACT_SOLVERS:
+        raise ValueError(f"solver must be one of {EXACT_SOLVERS}; got {solver!r}.")
+    if solver == "auto":
+        return "network_simplex" if event_size <= SIMPLEX_MAX_DIM else "hungarian"
+    return solver
+
+
+def _lsa_host(cost, labels=None, *, solver="hungarian"):
     cost = np.asarray(cost, dtype=np.float64)
     _check_finite_cost(cost, "exact")
     if labels is None:
-        return _assign(cost)
+        return _assign(cost, solver)
     labels = np.asarray(labels)
     perm = np.empty(cost.shape[1], dtype=np.int32)
     for label in np.unique(labels):  # one assignment per class: smaller and exact
         idx = np.flatnonzero(labels == label)
-        perm[idx] = idx[_assign(cost[np.ix_(idx, idx)])]
+        perm[idx] = idx[_assign(cost[np.ix_(idx, idx)], solver)]
     return perm
 
 
-def exact_ot_assignment(x0, x1, cond=None, cond_weight: float = 1.0):
-    """Permutation ``perm`` minimising ``sum_j C[perm[j], j]`` (Hungarian) for the cost of
+def exact_ot_permutation(
+    x0: np.ndarray,
+    x1: np.ndarray,
+    cond: np.ndarray | None = None,
+    cond_weight: float = 1.0,
+    *,
+    solver: str = "auto",
+) -> np.ndarray:
+    """:func:`exact_ot_assignment` on NumPy arrays, on the host, with no JAX call.
+
+    For input pipelines (e.g. grain transforms in reader threads) that pair each batch while
+    the device computes the previous step. Same permutation as :func:`exact_ot_assignment`
+    (``perm[j]``: the source row given to data row ``j``; integer labels ``cond`` pair only
+    within a class; float contexts add ``cond_weight * ||c_i - c_j||^2``)."""
+    x0, x1 = np.asarray(x0), np.asarray(x1)
+    if x0.shape != x1.shape or x0.ndim < 2:
+        raise ValueError(
+            "x0 and x1 must be batches of the same shape (batch, *event_shape); got "
+            f"{x0.shape} and {x1.shape}."
+        )
+    solver = _resolve_solver(solver, int(np.prod(x0.shape[1:])))
+    a = x0.reshape(len(x0), -1).astype(np.float64)
+    b = x1.reshape(len(x1), -1).astype(np.float64)
+    cost = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
+    labels = None
+    if cond is not None:
+        cond = np.asarray(cond)
+        _check_cond(cond, len(x1), None if _is_labels(cond) else cond_weight)
+        if _is_labels(cond):
+            labels = cond
+        else:
+            c = cond.reshape(len(cond), -1).astype(np.float64)
+            cost += cond_weight * (
+                np.sum(c * c, 1)[:, None] + np.sum(c * c, 1)[None, :] - 2.0 * c @ c.T
+            )
+    return _lsa_host(cost, labels, solver=solver)
+
+
+def exact_ot_assignment(x0, x1, cond=None, cond_weight: float = 1.0, *, solver: str = "auto"):
+    """Permutation ``perm`` minimising ``sum_j C[perm[j], j]`` for the cost of
     :func:`ot_cost_matrix`; with integer labels ``cond``, ``cond[perm[j]] == cond[j]``.
+    ``solver``: one of :data:`EXACT_SOLVERS` (the optimum is the same; the time is not).
 
     The permutation is piecewise constant in x0 and x1, so it has no gradient: the cost is
     passed to the host under ``stop_gradient``, and ``grad`` through ``x0[perm]`` holds the
     pairing fixed. Called eagerly on concrete arrays, the assignment runs directly on the host
     (no callback) and non-finite data raise a plain ``ValueError``; under a transformation the
     same message arrives inside JAX's callback error."""
+    host = functools.partial(_lsa_host, solver=_resolve_solver(solver, _event_size(x1)))
     cost = jax.lax.stop_gradient(ot_cost_matrix(x0, x1, cond, cond_weight))
     labels = cond if cond is not None and _is_labels(cond) else None
     args = (cost,) if labels is None else (cost, labels)
     if not traced(*args):
-        return jnp.asarray(_lsa_host(*args))
+        return jnp.asarray(host(*args))
     out = jax.ShapeDtypeStruct((x1.shape[0],), jnp.int32)
-    return jax.pure_callback(_lsa_host, out, *args, vmap_method="sequential")
+    return jax.pure_callback(host, out, *args, vmap_method="sequential")
+
+
+def _event_size(x) -> int:
+    return int(np.prod(jnp.shape(x)[1:]))
 
 
 def sinkhorn_scores(cost, *, reg: float = 0.05, num_iters: int = 2000, threshold: float = 1e-3):
@@ -234,6 +317,7 @@ def minibatch_ot(
     method: str = "exact",
     cond=None,
     cond_weight: float | None = None,
+    solver: str = "auto",
     reg: float = 0.01,
     num_iters: int = 2000,
     threshold: float = 1e-3,
@@ -248,6 +332,7 @@ def minibatch_ot(
       cond: the condition of each data point: integer labels ``(B,)`` pair only within a class;
         float context vectors ``(B, ...)`` add ``cond_weight * ||c_i - c_j||^2`` to the cost.
       cond_weight: the weight of the context cost (default 1; only for float contexts).
+      solver: the exact method's host solver, one of :data:`EXACT_SOLVERS`.
       reg, num_iters, threshold: Sinkhorn's regularisation relative to the mean cost, its most
         iterations and its stopping tolerance on the marginals.
 
@@ -257,11 +342,12 @@ def minibatch_ot(
     _check_pair(x0, x1)
     if method not in METHODS:
         raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")
+    _resolve_solver(solver, 1)
     if cond is not None:
         _check_cond(cond, jnp.shape(x1)[0], cond_weight)
     weight = real(1.0 if cond_weight is None else cond_weight, "cond_weight", low=0.0)
     if method == "exact":
-        return x0[exact_ot_assignment(x0, x1, cond, weight)], x1
+        return x0[exact_ot_assignment(x0, x1, cond, weight, solver=solver)], x1
     real(reg, "reg", low=0.0, low_open=True)
     x0_, x1_ = jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1)
     cost = ot_cost_matrix(x0_, x1_, cond, weight)

@@ -57,6 +57,40 @@ def test_labels_pair_only_within_a_class(method):
         assert _cost(unrestricted, x1) <= _cost(p0, x1) + 1e-5
 
 
+@pytest.mark.parametrize("solver", ["network_simplex", "hungarian"])
+@pytest.mark.parametrize("d", [2, 96])
+def test_exact_solvers_and_the_host_permutation_are_optimal(solver, d):
+    x0, x1 = _points(7, d=d, seed=4)
+    best = min(_cost(x0[np.array(p)], x1) for p in itertools.permutations(range(7)))
+    perm = couplings.exact_ot_permutation(np.asarray(x0), np.asarray(x1), solver=solver)
+    assert perm.dtype == np.int32 and _is_permutation(perm)
+    np.testing.assert_allclose(_cost(x0[perm], x1), best, rtol=1e-5)
+    assert _cost(x0[perm], x1) <= _cost(x0, x1) + 1e-5  # never worse than the identity
+    p0, _ = couplings.minibatch_ot(None, x0, x1, solver=solver)
+    np.testing.assert_allclose(_cost(p0, x1), best, rtol=1e-5)
+    # labels and contexts on the host: the same pairs as the jittable coupling
+    host = couplings.exact_ot_permutation(np.asarray(x0), np.asarray(x1), np.asarray(LABELS))
+    np.testing.assert_array_equal(np.asarray(LABELS)[host], np.asarray(LABELS))
+    dev, _ = jax.jit(lambda a, b: couplings.minibatch_ot(None, a, b, cond=LABELS))(x0, x1)
+    np.testing.assert_array_equal(np.asarray(x0)[host], dev)
+    ctx = np.asarray(x1[:, :2]) * 0.5
+    host = couplings.exact_ot_permutation(np.asarray(x0), np.asarray(x1), ctx, 3.0)
+    dev, _ = couplings.minibatch_ot(None, x0, x1, cond=jnp.asarray(ctx), cond_weight=3.0)
+    np.testing.assert_array_equal(np.asarray(x0)[host], dev)
+
+
+def test_exact_solver_choice_errors():
+    x0, x1 = _points(4)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        couplings.minibatch_ot(None, x0, x1, solver="lapjv")
+    with pytest.raises(ValueError, match="same shape"):
+        couplings.exact_ot_permutation(np.zeros((4, 2)), np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        couplings.exact_ot_permutation(np.full((4, 2), np.nan), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="leading size 4"):
+        couplings.exact_ot_permutation(np.zeros((4, 2)), np.zeros((4, 2)), np.zeros(3, int))
+
+
 def test_context_vectors_add_their_cost_exactly():
     n = 6
     x0, x1 = _points(n, seed=2)

@@ -79,6 +79,10 @@ def base_config():
     # minibatch OT pairing of the noise with each step's whole global batch (within classes
     # for a class-conditional model): independent | ot | ot_sinkhorn
     c.train.coupling = "independent"
+    # where the OT pairing runs: host (exact OT in the input pipeline's threads, ahead of the
+    # device; per process) | device (in the jitted step, over the global batch; the exact
+    # solver is a synchronous host callback) | auto (host for ot, device for ot_sinkhorn)
+    c.train.pairing = "auto"
     c.train.ema_decay = 0.9999  # 0: no EMA
     c.train.loss_reduction = "mean"  # mean | sum (see fmjax.losses.cfm_loss)
     # what the UNet predicts: velocity (the paper) | x1 | eps | score; eps on path.name=vp is

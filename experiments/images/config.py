@@ -16,12 +16,13 @@ from fmjax import checks
 from fmjax.data import images as images_lib
 from fmjax.train import sharding as sharding_lib
 
-__all__ = ["DTYPES", "MODES", "ConfigError", "check", "check_trained_as"]
+__all__ = ["DTYPES", "MODES", "PAIRINGS", "ConfigError", "check", "check_trained_as"]
 
 MODES = ("train", "eval", "train_and_eval", "sweep")
 DTYPES = ("float32", "bfloat16")
 ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
+PAIRINGS = ("auto", "host", "device")  # where train.coupling's OT pairing runs
 
 
 class ConfigError(ValueError):
@@ -191,6 +192,13 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     _check_solvers(config)
     _one_of(t.prediction, fmjax.predictions.PREDICTIONS, "train.prediction")
     _one_of(t.coupling, tuple(fmjax.couplings.COUPLINGS), "train.coupling")
+    _one_of(t.pairing, PAIRINGS, "train.pairing")
+    if t.pairing == "host" and t.coupling != "ot":
+        raise ConfigError(
+            "train.pairing=host pairs by exact OT in the input pipeline, so it needs "
+            f"train.coupling=ot; got train.coupling={t.coupling!r} (use train.pairing=device "
+            "or auto)."
+        )
     for solver in e.sweep_solvers:
         _one_of(solver, tuple(fmjax.ode.FIXED_SOLVERS), "eval.sweep_solvers entries")
     for k in e.sweep_steps:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 import fmjax
 from experiments.images import config as config_lib
 from fmjax.data import images as images_lib
+from fmjax.data.pairing import PairBatch
 from fmjax.models import unet as unet_lib
 from fmjax.train import TrainState
 from fmjax.train import sharding as sharding_lib
@@ -35,6 +36,7 @@ __all__ = [
     "build_model",
     "make_optimizer",
     "make_schedule",
+    "pairing_place",
     "rounded_up",
 ]
 
@@ -211,6 +213,10 @@ class Setup:
             "worker_count": int(d.worker_count),
             "read_threads": int(d.read_threads),
         }
+        if pairing_place(c) == "host":  # exact OT in the pipeline's threads (per process)
+            conditional = c.model.num_classes is not None
+            kwargs["pairing"] = PairBatch(data="image", by_label=conditional)
+            kwargs["source_std"] = float(self.path.source_std())
         return images_lib.make_train_iterator(d.source, **{**kwargs, **overrides})
 
     @property
@@ -254,11 +260,23 @@ def build(config, mesh: Mesh | None = None, *, progress: bool | None = None) -> 
     )
 
 
+def pairing_place(config) -> str | None:
+    """Where ``train.coupling`` pairs: 'host' (the input pipeline), 'device' (the jitted
+    step) or None (independent: no pairing)."""
+    t = config.train
+    if t.coupling == "independent":
+        return None
+    if t.pairing == "auto":
+        return "host" if t.coupling == "ot" else "device"
+    return t.pairing
+
+
 def _pairing(config, path) -> Callable | None:
     """The batch transform that pairs source noise with each step's whole global batch by
-    ``train.coupling`` (within classes for a class-conditional model); None: independent."""
+    ``train.coupling`` (within classes for a class-conditional model), for pairing on the
+    device; None: independent, or paired in the input pipeline."""
     coupling = config.train.coupling
-    if coupling == "independent":
+    if pairing_place(config) != "device":
         return None
     cond = None if config.model.num_classes is None else "label"
     return fmjax.couplings.pairing(coupling, source=path.sample_source, data="image", cond=cond)

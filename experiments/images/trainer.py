@@ -60,14 +60,29 @@ def _check_labels(labels, num_classes, source):
         )
 
 
-def _device_batches(setup, iterator, mesh):
-    """The global batches, sharded over the mesh, from this process's slices."""
-    classes = setup.config.model.num_classes
-    while True:
-        host = next(iterator)
+class _DeviceBatches:
+    """The global batches, sharded over the mesh, from this process's slices.
+
+    ``wait_s`` sums the time the training loop spent waiting for them (reading, pairing
+    when the pipeline pairs, and placing on the devices): the steps are dispatched
+    asynchronously, so it bounds the devices' idle time for want of data from above."""
+
+    def __init__(self, setup, iterator, mesh):
+        self.setup, self.iterator, self.mesh = setup, iterator, mesh
+        self.wait_s = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        host = next(self.iterator)
+        classes = self.setup.config.model.num_classes
         if classes is not None:
-            _check_labels(host["label"], classes, setup.config.data.source)
-        yield sharding_lib.shard_batch(host, mesh)
+            _check_labels(host["label"], classes, self.setup.config.data.source)
+        batch = sharding_lib.shard_batch(host, self.mesh)
+        self.wait_s += time.perf_counter() - t0
+        return batch
 
 
 class _Hooks:
@@ -135,12 +150,13 @@ class _Hooks:
 
 def _run(setup, mesh, workdir, state, start, end, ckpt, writer, iterator):
     hooks = _Hooks(setup, mesh, workdir, ckpt, writer, iterator, end)
+    batches = _DeviceBatches(setup, iterator, mesh)
     t_start = time.perf_counter()
     try:
         state, _ = fit(
             state,
             build_train_step(setup, mesh),
-            _device_batches(setup, iterator, mesh),
+            batches,
             end - start,
             log_every=int(setup.config.train.log_every),
             on_log=hooks.on_log,
@@ -155,6 +171,9 @@ def _run(setup, mesh, workdir, state, start, end, ckpt, writer, iterator):
         "train_seconds": seconds,
         "steps_run": end - start,
         "steps_per_s": (end - start) / max(seconds, 1e-9),
+        # the loop's wait for its next batch (an upper bound on the devices' wait)
+        "data_wait_s": batches.wait_s,
+        "data_wait_per_step_ms": 1e3 * batches.wait_s / max(end - start, 1),
         "final_loss": hooks.last_loss,
         "history": hooks.history,
     }

@@ -61,6 +61,7 @@ import grain
 import numpy as np
 
 from fmjax.data.imagenet_npz import NpzImageSource, open_npz
+from fmjax.data.pairing import DrawSource, PairBatch
 from fmjax.data.quantization import (
     BIN_WIDTH,
     dequantize,
@@ -248,17 +249,21 @@ def _sharded(
     read_threads: int,
     prefetch_buffer_size: int,
     worker_count: int = 0,
+    batch_map: Any = None,
 ) -> grain.IterDataset:
     """The per-example stream ``ds`` in global order -> this process's batches.
 
     ``layout`` is ``_process_layout``'s.  Block ``k`` is positions ``[k*B, (k+1)*B)``;
     global batch ``g`` is blocks ``g*P`` .. ``g*P+P-1``, of which process ``p`` takes block
-    ``g*P + p`` (``num_global`` global batches, ``None``: all).
+    ``g*P + p`` (``num_global`` global batches, ``None``: all).  ``batch_map`` runs on each
+    of this process's batches in the reader threads (or workers), ahead of the consumer.
     """
     process_index, process_count, per_process = layout
     ds = ds.batch(per_process, drop_remainder=True)
     stop = None if num_global is None else num_global * process_count
     ds = ds.slice(slice(process_index, stop, process_count))
+    if batch_map is not None:
+        ds = ds.map(batch_map)
     out = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
     )
@@ -283,6 +288,8 @@ def make_train_dataset(
     worker_count: int = 0,
     read_threads: int = 8,
     prefetch_buffer_size: int = 8,
+    pairing: PairBatch | None = None,
+    source_std: float = 1.0,
 ) -> grain.IterDataset:
     """The seeded, sharded training pipeline as a grain ``IterDataset``.
 
@@ -297,10 +304,15 @@ def make_train_dataset(
     that many grain worker processes (same output).  ``process_index`` /
     ``process_count`` default to JAX's; ``read_threads`` and ``prefetch_buffer_size`` are
     grain's read options.
+
+    ``pairing`` (a :class:`fmjax.data.pairing.PairBatch`) adds ``"x0"``: source noise
+    ``source_std * N(0, I)`` per example, seeded by its global position, then paired with
+    each of this process's batches by exact minibatch OT in the pipeline's threads (see
+    :mod:`fmjax.data.pairing`); the other entries are unchanged.
     """
     lookup_source(source)
     layout = _process_layout(global_batch_size, process_index, process_count)
-    shuffle_seed, augment_seed = _derive_seeds(seed, 2)
+    shuffle_seed, augment_seed, source_seed = _derive_seeds(seed, 3)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
     src = open_source(source, split, data_dir)
@@ -311,6 +323,8 @@ def make_train_dataset(
     ds = ds.repeat(num_epochs)  # global example order, epochs concatenated
     # Seeded by global position: same flip/noise whatever the process layout.
     ds = ds.random_map(_TrainTransform(random_flip, dequantize), seed=augment_seed)
+    if pairing is not None:  # the noise, also by global position: exact on resume
+        ds = ds.random_map(DrawSource(float(source_std), "image"), seed=source_seed)
     num_global = None
     if num_epochs is not None:
         num_global = n * num_epochs // global_batch_size
@@ -319,7 +333,9 @@ def make_train_dataset(
                 f"{n * num_epochs} examples ({num_epochs} epochs) are fewer than one "
                 f"global batch of {global_batch_size}"
             )
-    return _sharded(ds, layout, num_global, read_threads, prefetch_buffer_size, worker_count)
+    return _sharded(
+        ds, layout, num_global, read_threads, prefetch_buffer_size, worker_count, pairing
+    )
 
 
 def make_train_iterator(source: str = DEFAULT_SOURCE, **kwargs: Any) -> grain.DatasetIterator:

@@ -80,6 +80,7 @@ def _reference_iterator(setup, batch_size: int):
         process_index=0,
         process_count=1,
         global_batch_size=batch_size,
+        pairing=None,  # images only: no source noise to pair
     )
 
 
