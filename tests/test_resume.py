@@ -3,7 +3,8 @@
 Compared: params, EMA, Adam state, step, PRNG key, the data iterator position and the
 logged metrics. Interruptions: a crash between checkpoints (work since the last checkpoint
 is redone), a clean stop (``stop_at``), and a SIGKILL of the command-line run at a random
-moment after its first checkpoint.
+moment after its first checkpoint. With minibatch OT on (``train.coupling=ot``): paired in
+the input pipeline (the noise is part of the data iterator's state) and on the device.
 """
 
 import json
@@ -48,9 +49,17 @@ OVERRIDES = {
 }
 
 
-def _config(data_dir):
+# train.coupling / train.pairing of each run kind
+COUPLINGS = {
+    "independent": {},
+    "ot_host": {"train.coupling": "ot", "train.pairing": "host"},
+    "ot_device": {"train.coupling": "ot", "train.pairing": "device"},
+}
+
+
+def _config(data_dir, kind="independent"):
     c = imagenet32.get_config("tiny")
-    for dotted, value in {**OVERRIDES, "data.data_dir": data_dir}.items():
+    for dotted, value in {**OVERRIDES, **COUPLINGS[kind], "data.data_dir": data_dir}.items():
         group, name = dotted.split(".")
         c[group][name] = value
     return c
@@ -65,11 +74,33 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    state, summary = images.train(_config(data_dir), workdir)
-    assert summary["start_step"] == 0 and not summary["resumed"]
-    return workdir, jax.device_get(state)
+def runs(data_dir, tmp_path_factory):
+    """The uninterrupted run of each kind, made on first use."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            workdir = str(tmp_path_factory.mktemp(f"uninterrupted_{kind}"))
+            state, summary = images.train(_config(data_dir, kind), workdir)
+            assert summary["start_step"] == 0 and not summary["resumed"]
+            assert summary["data_wait_s"] >= 0.0
+            cache[kind] = workdir, jax.device_get(state)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runs):
+    return runs("independent")
+
+
+def test_ot_runs_differ_from_independent_and_host_from_device(runs):
+    """The OT pairings change the training (so the resume tests below test something)."""
+    final = {k: _leaves(runs(k)[1])[0] for k in COUPLINGS}
+    assert not np.array_equal(final["ot_host"], final["independent"])
+    assert not np.array_equal(final["ot_device"], final["independent"])
+    assert not np.array_equal(final["ot_host"], final["ot_device"])  # other noise draws
 
 
 def _leaves(state):
@@ -100,7 +131,8 @@ def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
     assert [s for s, _ in log(workdir_a)] == list(range(1, N + 1))
 
 
-def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", list(COUPLINGS))
+def test_crash_between_checkpoints_then_resume(data_dir, runs, kind, tmp_path, monkeypatch):
     workdir = str(tmp_path / "crashed")
     calls = {"n": 0}
     real = fmjax.train.sharding.shard_batch
@@ -113,13 +145,13 @@ def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path
 
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        images.train(_config(data_dir), workdir)
+        images.train(_config(data_dir, kind), workdir)
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
     # step 5 was logged by the crashed run; the resumed run drops and redoes it
-    state, summary = images.train(_config(data_dir), workdir)  # fresh objects
+    state, summary = images.train(_config(data_dir, kind), workdir)  # fresh objects
     assert summary["resumed"] and summary["start_step"] == 4
-    _assert_same_run(*uninterrupted, workdir, state)
+    _assert_same_run(*runs(kind), workdir, state)
 
 
 def test_stop_and_resume(data_dir, uninterrupted, tmp_path):
@@ -154,8 +186,9 @@ def test_restore_data_iterator_position(data_dir, uninterrupted):
     ckpt.close()
 
 
-def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
-    """The command-line run killed with SIGKILL mid-run (maybe mid-save) resumes exactly."""
+def test_sigkill_at_any_moment_then_resume(data_dir, runs, tmp_path):
+    """The command-line run killed with SIGKILL mid-run (maybe mid-save) resumes exactly,
+    with minibatch OT paired in the input pipeline (the default for train.coupling=ot)."""
     workdir = str(tmp_path / "killed")
     cmd = [
         sys.executable,
@@ -166,7 +199,7 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
         f"--config.data.data_dir={data_dir}",
         "--config.mode=train",
     ]
-    for dotted, value in OVERRIDES.items():
+    for dotted, value in {**OVERRIDES, "train.coupling": "ot"}.items():
         v = ",".join(map(str, value)) if isinstance(value, tuple) else value
         v = (
             f"({v},)"
@@ -195,7 +228,8 @@ def test_sigkill_at_any_moment_then_resume(data_dir, uninterrupted, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["train"]
     assert summary["end_step"] == N
-    abstract = images.build(_config(data_dir)).abstract_state(fmjax.train.sharding.make_mesh())
+    config = _config(data_dir, "ot_host")
+    abstract = images.build(config).abstract_state(fmjax.train.sharding.make_mesh())
     with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(abstract)
-    _assert_same_run(*uninterrupted, workdir, state)
+    _assert_same_run(*runs("ot_host"), workdir, state)
