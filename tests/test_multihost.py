@@ -240,3 +240,56 @@ def test_microbatched_shard_loss_steps_across_processes(tmp_path):
         np.testing.assert_allclose(r["w1"], results[2]["w1"], rtol=1e-6, atol=1e-7)
         assert r["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
     assert not np.allclose(results[2]["w1"], 0.2)  # it trained
+
+
+OT_WORKER = r"""
+import json, sys
+import numpy as np
+from fmjax.train import sharding
+pid, port = int(sys.argv[1]), sys.argv[2]
+assert sharding.initialize_distributed(f"127.0.0.1:{port}", 2, pid, initialization_timeout=120)
+import jax
+from fmjax import couplings
+mesh = sharding.make_mesh()
+rng = np.random.default_rng(0)
+x0 = rng.standard_normal((3, 8, 2)).astype(np.float32)
+x1 = (2 * rng.standard_normal((3, 8, 2)) + 1).astype(np.float32)
+labels = np.array([0, 1, 0, 1, 2, 2, 0, 1], np.int32)
+mine = slice(4 * jax.process_index(), 4 * jax.process_index() + 4)  # this process's half
+out = {}
+for name, kw in (("exact", {}), ("labels", {"cond": True}), ("sinkhorn", {"method": "sinkhorn"})):
+    def pair(a, b, c, kw=kw):
+        cond = c if kw.get("cond") else None
+        return couplings.minibatch_ot(None, a, b, method=kw.get("method", "exact"), cond=cond)[0]
+    rows = []
+    for i in range(3):
+        args = [sharding.shard_batch(v[mine], mesh) for v in (x0[i], x1[i], labels)]
+        rows.append(sharding.to_host(jax.jit(pair)(*args)).tolist())
+    out[name] = rows
+print("RESULT " + json.dumps({"devices": jax.device_count(), **out}), flush=True)
+"""
+
+
+def test_two_processes_pair_the_global_batch_as_one_device():
+    """minibatch_ot under jit on a batch split over two processes pairs the whole global
+    batch: the pairs one device makes from the whole batch (exact, within labels, Sinkhorn)."""
+    from fmjax import couplings
+
+    port = _free_port()
+    results = _run_workers(
+        [[OT_WORKER, str(i), str(port)] for i in range(2)], timeout=180, what="OT pairing"
+    )
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((3, 8, 2)).astype(np.float32)
+    x1 = (2 * rng.standard_normal((3, 8, 2)) + 1).astype(np.float32)
+    labels = np.array([0, 1, 0, 1, 2, 2, 0, 1], np.int32)
+    for i in range(3):
+        exact = x0[i][couplings.exact_ot_permutation(x0[i], x1[i])]
+        within = x0[i][couplings.exact_ot_permutation(x0[i], x1[i], labels)]
+        sink = couplings.minibatch_ot(None, x0[i], x1[i], method="sinkhorn")[0]
+        assert not np.array_equal(exact, x0[i])  # the pairing moved something
+        for r in results:
+            assert r["devices"] == 2
+            np.testing.assert_array_equal(np.asarray(r["exact"][i], np.float32), exact)
+            np.testing.assert_array_equal(np.asarray(r["labels"][i], np.float32), within)
+            np.testing.assert_allclose(np.asarray(r["sinkhorn"][i]), sink, atol=1e-6)
