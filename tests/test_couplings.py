@@ -210,6 +210,18 @@ one = train.make_train_step(loss_fn, optax.sgd(0.1), **kw)(state, batch)[0].para
 four = train.make_train_step(loss_fn, optax.sgd(0.1), mesh=mesh, shard_loss=True, **kw)(
     state, batch)[0].params
 out["train_step"] = float(max(jnp.max(jnp.abs(one[k] - four[k])) for k in one))
+# fused steps: the batch drawn in the step, paired whole before the per-device split
+def data_fn(key):
+    return {"x1": 2.0 * jax.random.normal(key, (64, 2)) + 3.0, "t": jnp.linspace(0.0, 1.0, 64)}
+kw = dict(prepare=couplings.pairing("ot"), donate=False, predraw=False)
+one = train.make_fused_train_steps(loss_fn, optax.sgd(0.1), data_fn, 3, **kw)(state)[0].params
+four = train.make_fused_train_steps(loss_fn, optax.sgd(0.1), data_fn, 3, mesh=mesh, **kw)(
+    train.sharding.replicate(state, mesh))[0].params
+out["fused"] = float(max(jnp.max(jnp.abs(one[k] - four[k])) for k in one))
+per_device = train.make_fused_train_steps(
+    lambda p, k, b: loss_fn(p, k, couplings.pairing("ot")(k, b)), optax.sgd(0.1), data_fn, 3,
+    mesh=mesh, donate=False, predraw=False)(train.sharding.replicate(state, mesh))[0].params
+out["fused_per_device"] = float(max(jnp.max(jnp.abs(one[k] - per_device[k])) for k in one))
 print("RESULT", json.dumps(out))
 """
 
@@ -219,10 +231,12 @@ def test_four_devices_pair_the_global_batch_as_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     diffs = json.loads(line.split(" ", 1)[1])
-    step = diffs.pop("train_step")
+    step, fused = diffs.pop("train_step"), diffs.pop("fused")
+    per_device = diffs.pop("fused_per_device")
     assert len(diffs) == 4
     assert all(d == 0.0 for d in diffs.values()), diffs
-    assert step < 1e-6
+    assert step < 1e-6 and fused < 1e-5
+    assert per_device > 1e-3  # pairing inside the loss pairs each device's rows: not the same
 
 
 def _linear_loss(params, key, batch):

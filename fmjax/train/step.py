@@ -276,6 +276,7 @@ def make_fused_train_steps(
     mesh=None,
     predraw: bool | None = None,
     microbatches: int = 1,
+    prepare=None,
 ):
     """``num_steps`` training steps in one compiled call, data drawn on device.
 
@@ -302,6 +303,11 @@ def make_fused_train_steps(
 
     ``microbatches``: gradient accumulation within each step, as in :func:`make_train_step`
     (on a mesh, of each device's rows).
+
+    ``prepare(key, batch) -> batch`` runs on each step's whole global batch before it is
+    split over devices or microbatches, as in :func:`make_train_step`: with
+    ``prepare=fmjax.couplings.pairing(...)`` a minibatch OT coupling pairs the global batch
+    (a coupling inside ``loss_fn`` pairs each device's or microbatch's rows).
     """
     _check_decay(ema_decay)
     num_steps = integer(num_steps, "num_steps")
@@ -327,7 +333,15 @@ def make_fused_train_steps(
         else:
             loss_key, batch = keys_and_batch
         return _one_step(
-            loss_fn, tx, ema_decay, state, batch, mesh, key=loss_key, microbatches=microbatches
+            loss_fn,
+            tx,
+            ema_decay,
+            state,
+            batch,
+            mesh,
+            key=loss_key,
+            microbatches=microbatches,
+            prepare=prepare,
         )
 
     def batches_fit(state):  # num_steps batches within PREDRAW_MAX_BYTES (shapes only)
