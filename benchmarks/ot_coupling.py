@@ -65,7 +65,8 @@ def _cost(x0p, x1):
 
 
 def _distinct(x0p):
-    return len({tuple(r) for r in np.asarray(x0p).round(6).tolist()})
+    rows = np.asarray(x0p).reshape(len(x0p), -1).round(6)
+    return len({tuple(r) for r in rows.tolist()})
 
 
 def _pot_draw(x0, x1, rng):
