@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from experiments.images.evaluators import at_eval_precision
-from experiments.images.evaluators import fid
+from experiments.images.evaluators import at_eval_precision, fid
 from experiments.images.setup import rounded_up
 from experiments.plots import plot_sweep
 from fmjax.metrics import efficiency
