@@ -26,9 +26,9 @@ What it does:
    :func:`fmjax.metrics.fid.compute_fid`, which ``--check_compute_fid`` also runs whole.
 
 Reports the largest absolute and relative feature difference and both FIDs of each pair.
-``--reference NPZ`` instead writes a small file for the test that needs no torch: the features
-pytorch-fid gives for a few 75x75 images (no resize) with fmjax's
-``init_random_params(0)`` weights written in pytorch-fid's layout.
+``--reference NPZ`` instead writes a small file for a test that needs no torch
+(``benchmarks/results/fid_parity_reference.npz``): the features pytorch-fid gives for two
+32x32 images with fmjax's ``init_random_params(0)`` weights written in pytorch-fid's layout.
 """
 
 from __future__ import annotations
@@ -294,10 +294,10 @@ def run(args) -> dict:
     return res
 
 
-def write_reference(path: str, num: int = 4, size: int = 75) -> None:
-    """pytorch-fid's features of ``num`` ``size``x``size`` noise images (no resize, inputs
-    as pytorch-fid receives them in [0, 1]) with fmjax's ``init_random_params(0)`` weights
-    in pytorch-fid's layout: the test's reference, made without fmjax's network."""
+def write_reference(path: str, num: int = 2) -> None:
+    """pytorch-fid's pool3 features of ``num`` 32x32 ``shapes`` images (its own resize and
+    scaling of ``[0, 1]`` inputs) with fmjax's ``init_random_params(0)`` weights written in
+    pytorch-fid's layout: the reference of a test that needs no torch."""
     import torch
     from flax import traverse_util
 
@@ -312,9 +312,9 @@ def write_reference(path: str, num: int = 4, size: int = 75) -> None:
     sd["fc.weight"], sd["fc.bias"] = torch.zeros(1008, 2048), torch.zeros(1008)
     pfi = import_pytorch_fid()
     with pytorch_fid_weights(None) as built:
-        model = pfi.InceptionV3([3], resize_input=False).eval()
+        model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     built[0].load_state_dict(sd, strict=False)  # no num_batches_tracked
-    images = noise_images(num, 7, size)
+    images = shapes_images(num, 11)
     x = torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     with torch.no_grad():
         f = model(x)[0][:, :, 0, 0].numpy()

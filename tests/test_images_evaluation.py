@@ -12,6 +12,7 @@ from image_runs import small_config
 import fmjax.metrics.nll
 from experiments import images
 from experiments.images.evaluation import evaluate
+from experiments.images.evaluators import bpd, fid, grid, nfe, sweep
 
 pytestmark = pytest.mark.usefixtures("float32")
 
@@ -34,7 +35,15 @@ def _precisions(hlo: str, op: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def state():
-    return jax.jit(images.build(small_config(**MODEL)).init_state)()
+    """A state of zeros of the model's shapes (its values are not looked at: the model is
+    only lowered), which spares the UNet's initialisation."""
+
+    def zeros(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), a.shape) if a.shape else jax.random.key(0)
+        return jnp.zeros(a.shape, a.dtype)
+
+    return jax.tree_util.tree_map(zeros, images.build(small_config(**MODEL)).state_shapes)
 
 
 @pytest.mark.parametrize("precision,expected", [("highest", "HIGHEST"), ("default", "DEFAULT")])
@@ -64,3 +73,9 @@ def test_bad_matmul_precision_is_a_config_error():
     config = small_config(**{"eval.matmul_precision": "fp32"})
     with pytest.raises(images.ConfigError, match=r"eval.matmul_precision must be one of .*fp32"):
         images.build(config)
+
+
+def test_every_evaluator_but_the_training_grid_runs_at_the_eval_precision():
+    for module in (bpd, nfe, fid, sweep):  # wrapped by at_eval_precision
+        assert module.run.__wrapped__.__module__ == module.__name__
+    assert not hasattr(grid.run, "__wrapped__")
