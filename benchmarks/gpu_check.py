@@ -118,6 +118,7 @@ def settings(smoke: bool, args) -> dict:
             "sample_batch": args.sample_batch or 2,
             "bpd_batch": args.bpd_batch or 2,
             "tol": args.tol or 1e-2,
+            "max_steps": args.max_steps,
         }
     return {
         "preset": "imagenet32 default (the paper's)",
@@ -126,6 +127,7 @@ def settings(smoke: bool, args) -> dict:
         "sample_batch": args.sample_batch or 64,
         "bpd_batch": args.bpd_batch or 16,
         "tol": args.tol or 1e-5,
+        "max_steps": args.max_steps,
     }
 
 
@@ -270,7 +272,7 @@ def sample_part(setup, params, s: dict, precisions, mesh) -> dict:
 
     import fmjax
 
-    solver = fmjax.SolverOptions("dopri5", rtol=s["tol"], atol=s["tol"])
+    solver = fmjax.SolverOptions("dopri5", rtol=s["tol"], atol=s["tol"], max_steps=s["max_steps"])
     n, out, first = s["sample_batch"], {"batch": s["sample_batch"], "tol": s["tol"]}, None
     for p in precisions:
         with jax.default_matmul_precision(p):
@@ -321,6 +323,7 @@ def bpd_part(setup, params, s: dict, precisions) -> dict:
             solver="dopri5",
             rtol=s["tol"],
             atol=s["tol"],
+            max_steps=s["max_steps"],
         )
         with jax.default_matmul_precision(p):
             t = time.perf_counter()
@@ -331,6 +334,7 @@ def bpd_part(setup, params, s: dict, precisions) -> dict:
             secs = time.perf_counter() - t
         bpd = np.asarray(bpd, np.float64)
         rec = {
+            "finite": bool(np.all(np.isfinite(bpd))),
             "bpd_mean": float(bpd.mean()),
             "nfe_mean": float(nfe),
             "first_call_seconds": first_call,
@@ -363,12 +367,13 @@ def parse_args(argv=None):
     p.add_argument("--sample_batch", type=int, default=None, help="images sampled (64)")
     p.add_argument("--bpd_batch", type=int, default=None, help="images scored (16)")
     p.add_argument("--tol", type=float, default=None, help="dopri5 rtol = atol (1e-5)")
+    p.add_argument("--max_steps", type=int, default=200, help="dopri5 step budget per solve")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--precisions", default="highest,default", help="matmul precisions")
     p.add_argument("--parts", default="train,sample,bpd")
-    p.add_argument("--budget_s", type=float, default=420.0, help="start no part after this")
+    p.add_argument("--budget_s", type=float, default=360.0, help="start no part after this")
     args = p.parse_args(argv)
-    for name in ("batch", "steps", "sample_batch", "bpd_batch"):
+    for name in ("batch", "steps", "sample_batch", "bpd_batch", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be >= 1; got {value}")
