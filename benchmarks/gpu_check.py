@@ -223,11 +223,10 @@ def train_part(dtype: str, s: dict, smoke: bool, mesh, info: dict, state) -> tup
         loss=float(m["loss"]),
     )
     peak, kind = compute_peak(info["peaks"], dtype, info["backend"])
-    if peak is None and info["backend"] == "cpu":
-        peak, kind = (
-            info.setdefault("measured_matmul_tflops", unet_train.measure_matmul_tflops(512)),
-            "measured fp32 matmul",
-        )
+    if peak is None and info["backend"] == "cpu":  # no vendor peak: this CPU's matmul rate
+        if "measured_matmul_tflops" not in info:
+            info["measured_matmul_tflops"] = unet_train.measure_matmul_tflops(512)
+        peak, kind = info["measured_matmul_tflops"], "measured fp32 matmul"
     flops = out["model_flops_per_step"]
     if flops:
         achieved = flops / st / 1e12  # per device: the cost analysis is of one device's step
