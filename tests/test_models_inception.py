@@ -1,10 +1,15 @@
 """The FID Inception network (fmjax.models.inception) with randomly initialised params: the
-features' shape, and its conv units, pools and resize against PyTorch."""
+features' shape, the whole network against pytorch-fid's (a stored reference), and its conv
+units, pools and resize against PyTorch."""
+
+import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 
+from fmjax.metrics.fid import preprocess
 from fmjax.models import inception
 from fmjax.models.inception_weights import init_random_params
 
@@ -22,6 +27,19 @@ def test_inception_features_shape_at_299(params):
     assert not np.allclose(np.asarray(f[0]), np.asarray(f[1]))
     with pytest.raises(ValueError, match="B, H, W, 3"):
         inception.inception_features(params, x[..., :1])
+
+
+def test_features_match_pytorch_fids_network(params):
+    # benchmarks/fid_parity.py --reference: pytorch-fid's own InceptionV3 (its resize of
+    # [0, 1] inputs to 299 and scaling to [-1, 1]) with these params in its layout, on two
+    # 8-bit images; fmjax reads them as a PNG's levels (the shape compiled above)
+    with np.load(os.path.join(ROOT, "benchmarks", "results", "fid_parity_reference.npz")) as z:
+        levels, ref = z["images"], z["features"]
+    f = np.asarray(inception.inception_features(params, preprocess(levels)))
+    assert levels.shape == (2, 32, 32, 3) and f.shape == ref.shape == (2, 2048)
+    err = np.abs(f - ref).max()
+    assert err <= 1e-5 * np.abs(ref).max(), err  # float32 round-off through 94 units
+    assert np.abs(ref[0] - ref[1]).max() > 100 * err  # the images' features differ
 
 
 @pytest.mark.parametrize(

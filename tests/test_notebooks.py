@@ -2,6 +2,7 @@
 process with the CPU exposed as several devices), in their short test mode."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def _run(name, *names):
 
 def test_every_notebook_is_valid_json_with_code():
     names = [n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb")]
-    assert "quickstart.ipynb" in names
+    assert {"quickstart.ipynb", "images.ipynb"} <= set(names)
     for n in names:
         with open(os.path.join(NOTEBOOKS, n)) as f:
             nb = json.load(f)
@@ -61,3 +62,12 @@ def test_quickstart_trains_samples_and_scores(name):
     # 300 steps on the checkerboard: far below N(0, I)'s ~8.4 nats on this data, above the
     # data's entropy 3.68 (the default 3,000 steps reach ~3.9)
     assert 3.68 < r["nll"] < 5.5, r
+
+
+def test_images_notebook_trains_samples_and_scores():
+    # on TFDS's mock CIFAR-10, two steps of the smallest UNet: the code path, finite numbers
+    r = _run("images.ipynb", "QUICK", "BPD", "NFE", "GRID_NFE", "GRID_SHAPE")
+    assert r["QUICK"] is True
+    assert math.isfinite(r["BPD"]) and r["BPD"] > 0, r
+    assert r["NFE"] > 0 and r["GRID_NFE"] > 0, r
+    assert r["GRID_SHAPE"][2] == 3 and r["GRID_SHAPE"][0] >= 32, r

@@ -112,6 +112,11 @@ def base_config():
     c.eval.rtol = 1e-5
     c.eval.atol = 1e-5
     c.eval.probe = "rademacher"  # Hutchinson probe
+    # matmul precision of every evaluation solve (bits/dim, NFE, FID, the sweep), so that the
+    # numbers do not depend on the chip's default (on TPUs one bfloat16 pass, on recent
+    # NVIDIA GPUs TF32): highest (float32) | high (tensorfloat32) | default (bfloat16, the
+    # chip's fastest); training and its sample grids keep the chip's default
+    c.eval.matmul_precision = "highest"
     # kept from an end where train.prediction's conversion to a velocity divides by zero
     # (eps / score: t = 0 on CondOT; x1: t = 1 where sigma_1 = 0); unused for velocity
     c.eval.t_margin = 1e-3

@@ -16,10 +16,21 @@ from fmjax import checks
 from fmjax.data import images as images_lib
 from fmjax.train import sharding as sharding_lib
 
-__all__ = ["DTYPES", "MODES", "PAIRINGS", "ConfigError", "check", "check_trained_as"]
+__all__ = [
+    "DTYPES",
+    "MATMUL_PRECISIONS",
+    "MODES",
+    "PAIRINGS",
+    "ConfigError",
+    "check",
+    "check_trained_as",
+]
 
 MODES = ("train", "eval", "train_and_eval", "sweep")
 DTYPES = ("float32", "bfloat16")
+# eval.matmul_precision: the names jax.default_matmul_precision takes for float32 matmuls
+# (default = bfloat16: the chip's fastest; high = tensorfloat32; highest = float32)
+MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32")
 ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 PAIRINGS = ("auto", "host", "device")  # where train.coupling's OT pairing runs
@@ -184,6 +195,7 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     _one_of(t.loss_reduction, LOSS_REDUCTIONS, "train.loss_reduction")
     _one_of(e.probe, fmjax.likelihood.PROBES, "eval.probe")
     _one_of(config.model.dtype, DTYPES, "model.dtype")
+    _one_of(e.matmul_precision, MATMUL_PRECISIONS, "eval.matmul_precision")
     if e.fid_reference_stats and not os.path.isfile(e.fid_reference_stats):
         raise ConfigError(
             f"eval.fid_reference_stats: no file {e.fid_reference_stats!r} (set "

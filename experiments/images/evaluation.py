@@ -26,7 +26,8 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
     """Evaluate ``state``, or checkpoint ``eval.checkpoint_step`` (default the latest).
 
     Writes and returns ``eval_metrics.json``: bits/dim (the paper's protocol), the NFE of
-    adaptive sampling, FID (or why it was skipped)."""
+    adaptive sampling, FID (or why it was skipped), each solved at the matmul precision
+    ``eval.matmul_precision`` (recorded as ``matmul_precision``)."""
     workdir = os.path.abspath(os.fspath(workdir))
     fid.check_weights(setup.config)  # a configured but missing file fails before the work
     if state is None:
@@ -50,6 +51,7 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
         "prediction": setup.prediction,
         "t_range": list(setup.t_range),  # the span samples and bits/dim are solved over
         "params": "ema" if c.eval.use_ema else "raw",
+        "matmul_precision": str(c.eval.matmul_precision),  # of every solve above
         "results": results,
         "summary": summary,
         "eval_seconds": time.perf_counter() - t0,

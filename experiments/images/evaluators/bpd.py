@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.images.evaluators import at_eval_precision
 from experiments.images.setup import solver_record
 from fmjax.data import images as images_lib
 from fmjax.metrics import nll
@@ -75,6 +76,7 @@ def _digest(setup, params) -> str:
         "num_dequant": int(e.num_dequant),
         **solver_record(setup.eval_solver),
         "probe": e.probe,
+        "matmul_precision": str(e.matmul_precision),
         "seed": int(c.seed),
         "source_std": setup.source_std,
         "prediction": setup.prediction,
@@ -83,6 +85,7 @@ def _digest(setup, params) -> str:
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
 
 
+@at_eval_precision
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """Bits/dim of ``setup.eval_params(state)`` on the evaluation split."""
     from tqdm.auto import tqdm
@@ -131,6 +134,7 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
         "num_dequant": int(e.num_dequant),
         "divergence": "hutchinson",
         "probe": e.probe,
+        "matmul_precision": str(e.matmul_precision),
         **solver_record(setup.eval_solver),
         "requested_batches": int(e.num_batches) or "all",
     }

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
+from experiments.images.evaluators import at_eval_precision
 from experiments.images.setup import rounded_up
 from fmjax.metrics import fid
 
@@ -84,6 +85,7 @@ def _reference_iterator(setup, batch_size: int):
     )
 
 
+@at_eval_precision
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """FID, or ``{"value": None, "skipped": why}`` without Inception weights."""
     source = f"{setup.config.data.source}:train (reference statistics)"

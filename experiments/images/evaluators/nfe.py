@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from experiments.images.evaluators import at_eval_precision
 from experiments.images.setup import rounded_up
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
+@at_eval_precision
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """The NFE per batch solve, averaged over batches (weighted by their samples)."""
     del workdir

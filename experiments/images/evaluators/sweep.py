@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from experiments.images.evaluators import fid
+from experiments.images.evaluators import at_eval_precision, fid
 from experiments.images.setup import rounded_up
 from experiments.plots import plot_sweep
 from fmjax.metrics import efficiency
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["run"]
 
 
+@at_eval_precision
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
     """The study's records and the flow's straightness and transport cost."""
     e = setup.config.eval
@@ -72,6 +73,7 @@ def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
         "transport_cost": float(flow.transport_cost),
         "reference": {"solver": ref.solver, "rtol": ref.rtol, "atol": ref.atol},
         "guidance_scale": setup.guidance_scale,
+        "matmul_precision": str(e.matmul_precision),
         "sweep": records,
         "seconds": time.perf_counter() - start,
     }
