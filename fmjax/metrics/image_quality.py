@@ -1,0 +1,58 @@
+"""Full-reference image quality: PSNR and SSIM per image, by dm-pix.
+
+The images are batches ``(B, H, W, C)`` (or one image ``(H, W, C)``) with values in
+``value_range`` (default ``(-1, 1)``, fmjax's model space); both are mapped to ``[0, 1]``
+and scored with :func:`dm_pix.psnr` and :func:`dm_pix.ssim` (Gaussian window 11, sigma
+1.5, ``k1 = 0.01``, ``k2 = 0.03``, the constants of Wang et al. 2004). So PSNR is
+``10 log10(R^2 / MSE)`` with ``R`` the width of ``value_range``: identical images score
+``inf`` dB and SSIM 1. Neither clips nor quantizes: round samples to 8 bits first to
+score them as the saved images (:func:`fmjax.data.quantization.to_uint8`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["psnr", "ssim"]
+
+
+def _unit(a, b, value_range: tuple[float, float], fn: str) -> tuple[jax.Array, jax.Array]:
+    """``a`` and ``b`` checked (same float shape, rank 3 or 4) and mapped to [0, 1]."""
+    sa, sb = jnp.shape(a), jnp.shape(b)
+    if sa != sb or len(sa) not in (3, 4):
+        raise ValueError(
+            f"{fn}: a and b must be images of one shape, (B, H, W, C) or (H, W, C); got "
+            f"shapes {sa} and {sb}."
+        )
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(
+            f"{fn}: value_range must be (low, high) with high > low; got {value_range}."
+        )
+    a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
+    return (a - lo) / (hi - lo), (b - lo) / (hi - lo)
+
+
+def psnr(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of each image of ``b`` against ``a``: shape ``(B,)``
+    (a scalar for single images); ``inf`` where they are equal."""
+    import dm_pix
+
+    a, b = _unit(a, b, value_range, "psnr")
+    return dm_pix.psnr(a, b)
+
+
+def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
+    """Structural similarity of each image of ``b`` against ``a`` (mean over the valid
+    11 x 11 windows and the channels): shape ``(B,)``; 1 where they are equal. Images must
+    be at least 11 pixels high and wide."""
+    import dm_pix
+
+    a, b = _unit(a, b, value_range, "ssim")
+    if min(a.shape[-3:-1]) < 11:
+        raise ValueError(
+            f"ssim: images must be at least 11 x 11 pixels (its Gaussian window); got "
+            f"{a.shape[-3]} x {a.shape[-2]}."
+        )
+    return dm_pix.ssim(a, b, max_val=1.0)
