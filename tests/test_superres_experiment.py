@@ -1,0 +1,154 @@
+"""``python -m experiments.superres`` end to end with the tiny preset made smaller (in this
+process, on ``tfds.testing.mock_data``), the step's condition, and the config's refusals."""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+from conftest import use_compile_cache
+from image_runs import config_flag, read_json
+from PIL import Image
+
+import fmjax
+from experiments import superres
+from experiments.configs import superres as superres_config
+from experiments.images import ConfigError
+from experiments.images import main as main_lib
+from experiments.images import step as step_lib
+from experiments.superres import evaluation
+from fmjax.data import superres as superres_lib
+
+use_compile_cache()
+pytestmark = pytest.mark.usefixtures("float32")
+
+# the tiny preset made smaller still: one resolution level, 16 channels, 4 steps
+SMALL = {
+    "model.ch": 16,
+    "model.ch_mult": (1,),
+    "model.attn_resolutions": (),
+    "train.num_steps": 4,
+    "train.checkpoint_every": 2,
+    "train.log_every": 2,
+    "train.progress": False,
+    "data.global_batch_size": 4,
+    "data.read_threads": 1,
+    "eval.global_batch_size": 4,
+    "eval.num_batches": 1,
+    "superres.num_grid_images": 2,
+}
+
+
+def small_config(**extra):
+    c = superres_config.get_config("tiny")
+    for dotted, value in {**SMALL, **extra}.items():
+        *section, name = dotted.split(".")
+        (c[section[0]] if section else c)[name] = value
+    return c
+
+
+def _parsed(*args):
+    config = main_lib.config_path("superres") + ":tiny"
+    argv = ["superres", f"--config={config}", "--notune_cpu_allocator", *args]
+    fv = flags.FlagValues()
+    main_lib.define_flags(main_lib.config_path("superres"), fv, argv)
+    main_lib.parse(argv, fv)
+    return fv
+
+
+def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    args = [config_flag(k, v) for k, v in SMALL.items()]
+    with tfds.testing.mock_data(num_examples=16):
+        out = main_lib.run(_parsed(f"--workdir={workdir}", *args), superres.train_and_evaluate)
+    assert out["train"]["end_step"] == 4
+    m = read_json(workdir, "eval_metrics.json")
+    dataset = "imagenet_resized/32x32:validation"
+    assert m["superres"] == {
+        "factor": 2,
+        "low_resolution": 16,
+        "resolution": 32,
+        "downsample": "area",
+        "upsample": "cubic",
+    }
+    r = m["results"]
+    assert m["checkpoint_step"] == 4 and m["num_images"] == 4
+    for value in (r["psnr"]["value"], r["ssim"]["value"], r["bicubic"]["psnr"]):
+        assert math.isfinite(value)
+    assert 0 < r["psnr"]["value"] < 60 and -1 <= r["ssim"]["value"] <= 1
+    assert r["psnr"]["dataset"] == dataset and f"psnr[{dataset}]" in m["summary"]
+    assert r["nfe"]["value"] > 0 and r["nfe"]["all_solves_succeeded"]
+    assert r["fid"]["value"] is None and "Inception" in r["fid"]["skipped"]
+    # two rows of low-res | sample | high-res, 32 x 32 each with 2-pixel padding
+    grid = np.asarray(Image.open(os.path.join(workdir, evaluation.GRID_FILE)))
+    assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
+    assert "wrote results to" in capsys.readouterr().out
+
+    # mode eval from the checkpoint: the same samples (same keys and data), the same scores
+    with tfds.testing.mock_data(num_examples=16):
+        again = superres.train_and_evaluate(small_config(mode="eval"), str(workdir))
+    assert again["eval"]["summary"] == pytest.approx(m["summary"])
+
+
+def test_the_step_conditions_on_the_low_resolution_image():
+    # the loss is the library's CFM loss of the conditional field with cond = the condition
+    # of each image; with perturbed weights the output depends on cond, so a wrong or missing
+    # condition changes the number
+    setup = superres.build(small_config())
+    params = setup.state_shapes.params
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree,
+        [0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)],
+    )
+    x1 = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
+    k_cfm = jax.random.split(jax.random.key(0), 3)[0]
+
+    def field(t, x, cond):
+        return setup.model.apply(params, t, x, cond, train=False)
+
+    @jax.jit
+    def losses():
+        loss = step_lib.loss_fn(setup, params, jax.random.key(0), {"image": x1})
+        cfm = functools.partial(fmjax.losses.cfm_loss, field, setup.path, k_cfm, x1)
+        return loss, cfm(cond=superres_lib.condition(x1, 2)), cfm(cond=jnp.zeros_like(x1))
+
+    loss, right, zeros = (float(v) for v in losses())
+    assert loss == pytest.approx(right, rel=1e-6)
+    assert abs(loss - zeros) > 1e-4 * loss  # 100 x the tolerance above
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ({"superres.factor": 3}, "superres.factor=3 must divide data.resolution=32"),
+        ({"superres.factor": 1}, "superres.factor must be an integer >= 2"),
+        ({"superres.upsample": "lanczos"}, "superres.upsample must be one of"),
+        ({"data.resolution": 256}, "data.resolution=256: this image pipeline yields 32x32"),
+        ({"model.num_classes": 10}, "model.num_classes (class labels) is not supported"),
+        ({"train.sample_every": 5}, "train.sample_every is not supported"),
+        ({"train.coupling": "ot"}, "train.coupling is not supported"),
+        ({"mode": "sweep"}, "mode must be one of ('train', 'eval', 'train_and_eval')"),
+    ],
+)
+def test_bad_superres_configs_are_refused(override, match):
+    with pytest.raises(ConfigError) as err:
+        superres.build(small_config(**override))
+    assert match in str(err.value)
+
+
+def test_a_bad_config_is_one_line_on_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_lib.run(
+            _parsed(f"--workdir={tmp_path}", "--config.superres.factor=3"),
+            superres.train_and_evaluate,
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad config: superres.factor=3") and len(err.splitlines()) == 1
