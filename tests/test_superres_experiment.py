@@ -23,6 +23,7 @@ from experiments.images import main as main_lib
 from experiments.images import step as step_lib
 from experiments.superres import evaluation
 from fmjax.data import superres as superres_lib
+from fmjax.metrics import fid
 
 use_compile_cache()
 pytestmark = pytest.mark.usefixtures("float32")
@@ -61,7 +62,7 @@ def _parsed(*args):
     return fv
 
 
-def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys):
+def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     args = [config_flag(k, v) for k, v in SMALL.items()]
     with tfds.testing.mock_data(num_examples=16):
@@ -89,10 +90,32 @@ def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys)
     assert grid.shape == (2 * 34 + 2, 3 * 34 + 2, 3)
     assert "wrote results to" in capsys.readouterr().out
 
-    # mode eval from the checkpoint: the same samples (same keys and data), the same scores
+    # a checkpoint trained for another factor is refused (its input means something else)
+    with pytest.raises(ConfigError, match="super-resolution {'factor': 2"):
+        superres.train_and_evaluate(small_config(mode="eval", **{"superres.factor": 4}), workdir)
+
+    # mode eval from the checkpoint: the same samples (same keys and data), the same scores;
+    # FID of those samples through fmjax.metrics.fid.compute_fid (faked: the real
+    # Inception-v3 is too slow here; fmjax's FID tests cover it)
+    calls = {}
+
+    def fake_compute_fid(sample_fn, ref_images_iter, weights_path, num_samples, **kw):
+        calls["samples"], calls["num"] = np.asarray(sample_fn(0)), num_samples
+        calls["ref"] = next(iter(ref_images_iter))["image"]
+        return 12.5
+
+    monkeypatch.setattr(fid, "compute_fid", fake_compute_fid)
+    weights = tmp_path / "inception.npz"
+    weights.write_bytes(b"")
+    config = small_config(
+        **{"mode": "eval", "eval.fid_inception_weights": str(weights), "eval.fid_num_samples": 4}
+    )
     with tfds.testing.mock_data(num_examples=16):
-        again = superres.train_and_evaluate(small_config(mode="eval"), str(workdir))
-    assert again["eval"]["summary"] == pytest.approx(m["summary"])
+        again = superres.train_and_evaluate(config, str(workdir))["eval"]
+    summary = {k: v for k, v in m["summary"].items() if not k.startswith("fid")}
+    assert {k: again["summary"][k] for k in summary} == pytest.approx(summary)
+    assert again["results"]["fid"]["value"] == 12.5 and calls["num"] == 4
+    assert calls["samples"].shape == calls["ref"].shape == (4, 32, 32, 3)
 
 
 def test_the_step_conditions_on_the_low_resolution_image():
