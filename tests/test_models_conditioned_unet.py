@@ -13,20 +13,14 @@ from fmjax.models.conditioned_unet import ImageConditionedUNet, image_conditione
 @pytest.fixture(scope="module")
 def model_and_params():
     m = image_conditioned(unet.tiny(ch=16, ch_mult=(1,), attn_resolutions=()), channels=3)
-
-    @jax.jit
-    def init():
-        x = jnp.zeros((2, 8, 8, 3))
-        params = m.init(jax.random.key(0), jnp.zeros((2,)), x, x)
-        # a fresh UNet outputs exactly 0 (zero-initialised output layers): perturb every weight
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.key(1), len(leaves))
-        leaves = [
-            p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(tree, leaves)
-
-    return m, init()
+    x = jnp.zeros((2, 8, 8, 3))
+    # random weights of the parameters' shapes (traced, not compiled: a fresh UNet outputs
+    # exactly 0 through its zero-initialised output layers, so it would show nothing)
+    shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((2,)), x, x)
+    rng = np.random.default_rng(1)
+    return m, jax.tree_util.tree_map(
+        lambda p: jnp.asarray(0.2 * rng.standard_normal(p.shape), jnp.float32), shapes
+    )
 
 
 def test_the_condition_is_input_channels_and_changes_the_output(model_and_params):
@@ -43,11 +37,6 @@ def test_the_condition_is_input_channels_and_changes_the_output(model_and_params
     # each row depends only on its own condition
     v_mixed = apply(params, t, x, jnp.concatenate([c1[:1], c2[1:]]))
     np.testing.assert_allclose(v_mixed, jnp.concatenate([v1[:1], v2[1:]]), rtol=1e-5, atol=1e-6)
-    # it is the UNet on the concatenation
-    direct = jax.jit(m.unet.apply)(
-        {"params": params["params"]["unet"]}, t, jnp.concatenate([x, c1], -1)
-    )
-    np.testing.assert_allclose(v1, direct, rtol=1e-6)
 
 
 def test_bad_condition_shapes_are_refused(model_and_params):

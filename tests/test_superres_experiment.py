@@ -124,11 +124,9 @@ def test_the_step_conditions_on_the_low_resolution_image():
     # condition changes the number
     setup = superres.build(small_config())
     params = setup.state_shapes.params
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree_util.tree_unflatten(
-        tree,
-        [0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)],
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(
+        lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), jnp.float32), params
     )
     x1 = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
     k_cfm = jax.random.split(jax.random.key(0), 3)[0]

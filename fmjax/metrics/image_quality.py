@@ -11,14 +11,16 @@ score them as the saved images (:func:`fmjax.data.quantization.to_uint8`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 __all__ = ["psnr", "ssim"]
 
 
-def _unit(a, b, value_range: tuple[float, float], fn: str) -> tuple[jax.Array, jax.Array]:
-    """``a`` and ``b`` checked (same float shape, rank 3 or 4) and mapped to [0, 1]."""
+def _check(a, b, value_range: tuple[float, float], fn: str) -> tuple[float, float]:
+    """Check ``a`` and ``b`` (one shape, rank 3 or 4) and ``value_range``; ``(low, high)``."""
     sa, sb = jnp.shape(a), jnp.shape(b)
     if sa != sb or len(sa) not in (3, 4):
         raise ValueError(
@@ -30,29 +32,40 @@ def _unit(a, b, value_range: tuple[float, float], fn: str) -> tuple[jax.Array, j
         raise ValueError(
             f"{fn}: value_range must be (low, high) with high > low; got {value_range}."
         )
-    a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
-    return (a - lo) / (hi - lo), (b - lo) / (hi - lo)
+    return lo, hi
+
+
+@functools.cache
+def _scorers() -> dict:
+    """dm-pix's PSNR and SSIM of images mapped from ``[lo, hi]`` to [0, 1], jitted."""
+    import dm_pix
+
+    def unit(x, lo, hi):
+        return (jnp.asarray(x, jnp.float32) - lo) / (hi - lo)
+
+    return {
+        "psnr": jax.jit(lambda a, b, lo, hi: dm_pix.psnr(unit(a, lo, hi), unit(b, lo, hi))),
+        "ssim": jax.jit(
+            lambda a, b, lo, hi: dm_pix.ssim(unit(a, lo, hi), unit(b, lo, hi), max_val=1.0)
+        ),
+    }
 
 
 def psnr(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
     """Peak signal-to-noise ratio in dB of each image of ``b`` against ``a``: shape ``(B,)``
     (a scalar for single images); ``inf`` where they are equal."""
-    import dm_pix
-
-    a, b = _unit(a, b, value_range, "psnr")
-    return dm_pix.psnr(a, b)
+    lo, hi = _check(a, b, value_range, "psnr")
+    return _scorers()["psnr"](a, b, lo, hi)
 
 
 def ssim(a, b, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> jax.Array:
     """Structural similarity of each image of ``b`` against ``a`` (mean over the valid
     11 x 11 windows and the channels): shape ``(B,)``; 1 where they are equal. Images must
     be at least 11 pixels high and wide."""
-    import dm_pix
-
-    a, b = _unit(a, b, value_range, "ssim")
-    if min(a.shape[-3:-1]) < 11:
+    lo, hi = _check(a, b, value_range, "ssim")
+    if min(jnp.shape(a)[-3:-1]) < 11:
         raise ValueError(
             f"ssim: images must be at least 11 x 11 pixels (its Gaussian window); got "
-            f"{a.shape[-3]} x {a.shape[-2]}."
+            f"{jnp.shape(a)[-3]} x {jnp.shape(a)[-2]}."
         )
-    return dm_pix.ssim(a, b, max_val=1.0)
+    return _scorers()["ssim"](a, b, lo, hi)
