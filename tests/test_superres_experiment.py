@@ -79,7 +79,7 @@ def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys,
     }
     r = m["results"]
     assert m["checkpoint_step"] == 4 and m["num_images"] == 4
-    for value in (r["psnr"]["value"], r["ssim"]["value"], r["bicubic"]["psnr"]):
+    for value in (r["psnr"]["value"], r["ssim"]["value"], r["baseline"]["psnr"]):
         assert math.isfinite(value)
     assert 0 < r["psnr"]["value"] < 60 and -1 <= r["ssim"]["value"] <= 1
     assert r["psnr"]["dataset"] == dataset and f"psnr[{dataset}]" in m["summary"]

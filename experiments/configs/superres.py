@@ -17,7 +17,8 @@ Presets (``--config=experiments/configs/superres.py[:preset]``):
     build (no copy of it was at hand): 256 channels, depth 2, channel multipliers
     (1, 1, 2, 2, 4, 4), 4 heads x 64 channels, attention at 32, 16 and 8, dropout 0, batch
     256, lr 1e-4. The warm-up (5k), the number of steps (1M) and the linear decay are our
-    choices; verify all of these before reporting a reproduction. It needs a 256 x 256
+    choices; verify all of these before reporting a reproduction (ADM's released 64 -> 256
+    upsampler has this shape with 192 channels). It needs a 256 x 256
     image source (``data.resolution``, issue 23 item 1: e.g. ``--config.data.source=folder
     --config.data.data_dir=DIR``).
 ``tiny``

@@ -11,8 +11,9 @@ trainer with checkpoints and exact resume, flags and one-line errors), with:
 * :mod:`.setup`: the ``superres`` config check and the conditioned setup (its
   ``condition`` makes the low-resolution input from each high-resolution batch, so any
   image source at resolution ``R`` gives pairs ``R / factor -> R``);
-* :mod:`.evaluation`: PSNR, SSIM (dm-pix), the bicubic baseline, NFE, FID with Inception
-  weights, and the low-res | sample | high-res grid, in ``eval_metrics.json``;
+* :mod:`.evaluation`: PSNR, SSIM (dm-pix), the baseline of the upsampled input (bicubic),
+  NFE, FID with Inception weights, and the low-res | sample | high-res grid, in
+  ``eval_metrics.json``;
 * :mod:`.run`: :func:`train_and_evaluate` and :func:`evaluate` for a config.
 """
 

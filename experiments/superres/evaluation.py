@@ -7,8 +7,8 @@ with the evaluation solver. Scores, on the 8-bit images (:func:`fmjax.data.quant
 
 * ``psnr`` and ``ssim`` (:mod:`fmjax.metrics.image_quality`, dm-pix) of the sample against
   the image, averaged over images;
-* ``bicubic``: the same scores of the model's input itself (the low-resolution image
-  upsampled by ``superres.upsample``), the baseline a model must beat;
+* ``baseline``: the same scores of the model's input itself (the low-resolution image
+  upsampled by ``superres.upsample``: bicubic by default), the baseline;
 * ``fid`` of the samples against the train split, with ``eval.fid_inception_weights``
   (:func:`experiments.images.evaluators.fid.score`), else why it was skipped;
 * ``nfe``: the function evaluations of the sampling solves.
@@ -83,7 +83,7 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
     condition = jax.jit(setup.condition, out_shardings=sharding_lib.data_sharding(mesh))
     key = jax.random.key(int(c.seed) + 5)
     max_batches = int(e.num_batches) or None
-    per_image = {"psnr": [], "ssim": [], "bicubic_psnr": [], "bicubic_ssim": []}
+    per_image = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
     kept, grid, nfes, ok = [], [], [], True
     t0 = time.perf_counter()
     for i, host in enumerate(bpd.eval_batches(setup, mesh)()):
@@ -103,7 +103,7 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
         for name, values in scores(high, samples).items():
             per_image[name].append(values)
         for name, values in scores(high, cond).items():
-            per_image[f"bicubic_{name}"].append(values)
+            per_image[f"baseline_{name}"].append(values)
         kept.append(samples)
         grid.append(_grid_rows(setup, high, samples))
     if not kept:
@@ -128,9 +128,9 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
     results = {
         "psnr": score("psnr", "samples (8-bit), dB, mean over images"),
         "ssim": score("ssim", "samples (8-bit), mean over images"),
-        "bicubic": {
-            "psnr": float(np.mean(per_image["bicubic_psnr"])),
-            "ssim": float(np.mean(per_image["bicubic_ssim"])),
+        "baseline": {
+            "psnr": float(np.mean(per_image["baseline_psnr"])),
+            "ssim": float(np.mean(per_image["baseline_ssim"])),
             "of": f"the model's input ({s.upsample} upsampling of the {s.downsample}-"
             "downsampled image), 8-bit",
             "dataset": dataset,
@@ -157,8 +157,8 @@ def evaluate(setup: Setup, mesh: Mesh, workdir: str, *, state: TrainState | None
         "summary": {
             f"psnr[{dataset}]": results["psnr"]["value"],
             f"ssim[{dataset}]": results["ssim"]["value"],
-            f"bicubic_psnr[{dataset}]": results["bicubic"]["psnr"],
-            f"bicubic_ssim[{dataset}]": results["bicubic"]["ssim"],
+            f"baseline_psnr[{dataset}]": results["baseline"]["psnr"],
+            f"baseline_ssim[{dataset}]": results["baseline"]["ssim"],
             f"fid[{source}]": results["fid"]["value"],
         },
         "grid": GRID_FILE,
