@@ -5,14 +5,14 @@ import functools
 import math
 import os
 
+import image_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from absl import flags
 from conftest import use_compile_cache
-from image_runs import config_flag, read_json
+from image_runs import config_flag, parsed_flags, read_json
 from PIL import Image
 
 import fmjax
@@ -28,21 +28,9 @@ from fmjax.metrics import fid
 use_compile_cache()
 pytestmark = pytest.mark.usefixtures("float32")
 
-# the tiny preset made smaller still: one resolution level, 16 channels, 4 steps
-SMALL = {
-    "model.ch": 16,
-    "model.ch_mult": (1,),
-    "model.attn_resolutions": (),
-    "train.num_steps": 4,
-    "train.checkpoint_every": 2,
-    "train.log_every": 2,
-    "train.progress": False,
-    "data.global_batch_size": 4,
-    "data.read_threads": 1,
-    "eval.global_batch_size": 4,
-    "eval.num_batches": 1,
-    "superres.num_grid_images": 2,
-}
+# the tiny preset made smaller still (one resolution level, 16 channels, 4 steps), without
+# the trainer's sample grids (the evaluation draws super-resolution's)
+SMALL = {**image_runs.SMALL, "train.sample_every": 0, "superres.num_grid_images": 2}
 
 
 def small_config(**extra):
@@ -53,20 +41,13 @@ def small_config(**extra):
     return c
 
 
-def _parsed(*args):
-    config = main_lib.config_path("superres") + ":tiny"
-    argv = ["superres", f"--config={config}", "--notune_cpu_allocator", *args]
-    fv = flags.FlagValues()
-    main_lib.define_flags(main_lib.config_path("superres"), fv, argv)
-    main_lib.parse(argv, fv)
-    return fv
-
-
 def test_command_line_trains_and_writes_psnr_ssim_and_the_grid(tmp_path, capsys, monkeypatch):
     workdir = tmp_path / "run"
     args = [config_flag(k, v) for k, v in SMALL.items()]
     with tfds.testing.mock_data(num_examples=16):
-        out = main_lib.run(_parsed(f"--workdir={workdir}", *args), superres.train_and_evaluate)
+        out = main_lib.run(
+            parsed_flags("superres", f"--workdir={workdir}", *args), superres.train_and_evaluate
+        )
     assert out["train"]["end_step"] == 4
     m = read_json(workdir, "eval_metrics.json")
     dataset = "imagenet_resized/32x32:validation"
@@ -167,7 +148,7 @@ def test_bad_superres_configs_are_refused(override, match):
 def test_a_bad_config_is_one_line_on_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main_lib.run(
-            _parsed(f"--workdir={tmp_path}", "--config.superres.factor=3"),
+            parsed_flags("superres", f"--workdir={tmp_path}", "--config.superres.factor=3"),
             superres.train_and_evaluate,
         )
     assert exit_info.value.code == 2

@@ -80,9 +80,6 @@ def tiny(c):
     imagenet32.tiny(c)
     c.data.resolution = 32
     c.superres.factor = 2
-    c.superres.num_grid_images = 8
-    c.model.ch_mult = (1, 2)
-    c.model.attn_resolutions = (16,)
     c.train.num_steps = 300
     c.train.warmup_steps = 20
     c.train.checkpoint_every = 100
