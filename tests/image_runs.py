@@ -39,6 +39,21 @@ def small_config(preset="tiny", **extra):
     return c
 
 
+def parsed_flags(name, *args):
+    """Fresh flags of ``python -m experiments.<name> --config=<its config>:tiny *args``,
+    parsed in this process."""
+    from absl import flags
+
+    from experiments.images import main as main_lib
+
+    config = main_lib.config_path(name)
+    argv = [name, f"--config={config}:tiny", "--notune_cpu_allocator", *args]
+    fv = flags.FlagValues()
+    main_lib.define_flags(config, fv, argv)
+    main_lib.parse(argv, fv)
+    return fv
+
+
 def config_flag(dotted, value):
     if isinstance(value, tuple):
         value = "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"

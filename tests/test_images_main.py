@@ -7,12 +7,12 @@ import sys
 import types
 
 import pytest
-from absl import flags
 from conftest import use_compile_cache
 from image_runs import (
     SMALL,
     check_eval_metrics,
     config_flag,
+    parsed_flags,
     read_json,
     run_here,
     subprocess_env,
@@ -79,12 +79,7 @@ def test_cli_global_batch_that_does_not_split_over_four_devices(tmp_path):
 
 def _parsed(*args):
     """Fresh flags of the command line, parsed from ``args`` (in this process)."""
-    config = main_lib.config_path("imagenet32") + ":tiny"
-    argv = ["imagenet32", f"--config={config}", "--notune_cpu_allocator", *args]
-    fv = flags.FlagValues()
-    main_lib.define_flags(main_lib.config_path("imagenet32"), fv, argv)
-    main_lib.parse(argv, fv)
-    return fv
+    return parsed_flags("imagenet32", *args)
 
 
 def _one_error_line(capsys, exit_info, status=2):

@@ -225,6 +225,14 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     return path
 
 
+def _superres(config) -> dict | None:
+    """The super-resolution settings of a config (a dict or ConfigDict), None without."""
+    if "superres" not in config:
+        return None
+    s = config["superres"]
+    return {k: s[k] for k in ("factor", "downsample", "upsample")}
+
+
 def check_trained_as(config, meta: dict, what: str) -> None:
     """Refuse a checkpoint whose saved config trained another path or prediction: its
     parameters mean something else (an eps-model's output read as a velocity)."""
@@ -236,6 +244,9 @@ def check_trained_as(config, meta: dict, what: str) -> None:
     was = saved["train"]["prediction"]
     if was != config.train.prediction:
         diffs.append(f"train.prediction={was!r} (this config: {config.train.prediction!r})")
+    was, now = _superres(saved), _superres(config)  # what the model's input channels mean
+    if was != now:
+        diffs.append(f"super-resolution {was} (this config: {now})")
     if diffs:
         raise ConfigError(
             f"{what} was trained with " + "; ".join(diffs) + ": set the config "

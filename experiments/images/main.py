@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import jax
 from absl import flags
@@ -69,9 +70,11 @@ def define_flags(
     )
 
 
-def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
-    """Start the multi-host runtime if any, run the config, print the summary."""
+def run(flag_values: flags.FlagValues = flags.FLAGS, entry: Callable | None = None) -> dict:
+    """Start the multi-host runtime if any, run the config with ``entry(config, workdir)``
+    (default :func:`experiments.images.train_and_evaluate`), print the summary."""
     f = flag_values
+    entry = entry or train_and_evaluate
     if f.tune_cpu_allocator:
         fmjax.tune_cpu_allocator(warn_if_late=False)
     if "verbosity" in f and not f["verbosity"].present:  # orbax logs every save at INFO
@@ -80,7 +83,7 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
         absl_logging.set_verbosity(absl_logging.WARNING)
     sharding_lib.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
     try:
-        out = train_and_evaluate(f.config, f.workdir)
+        out = entry(f.config, f.workdir)
     except ConfigError as e:
         fail(BAD_CONFIG, f"bad config: {e}")
     except FIDWeightsNotFoundError as e:
@@ -95,13 +98,14 @@ def run(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     return out
 
 
-def main(name: str) -> None:
-    """``python -m experiments.<name>``: the config ``experiments/configs/<name>.py``."""
+def main(name: str, entry: Callable | None = None) -> None:
+    """``python -m experiments.<name>``: the config ``experiments/configs/<name>.py``, run
+    by ``entry`` (see :func:`run`)."""
     from absl import app
 
     def app_main(argv):
         del argv
-        run()
+        run(entry=entry)
 
     define_flags(config_path(name))
     app.run(app_main, flags_parser=parse)

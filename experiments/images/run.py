@@ -4,6 +4,7 @@ config: each entry point checks the config once and builds its :class:`Setup` on
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from jax.sharding import Mesh
 
@@ -40,17 +41,32 @@ def evaluate(
     state: TrainState | None = None,
     mesh: Mesh | None = None,
     progress: bool | None = None,
+    builder: Callable | None = None,
+    evaluator: Callable | None = None,
 ) -> dict:
-    """Evaluate ``state`` or a checkpoint; see :func:`experiments.images.evaluation.evaluate`."""
+    """Evaluate ``state`` or a checkpoint; see :func:`experiments.images.evaluation.evaluate`
+    (``builder`` and ``evaluator``: as in :func:`train_and_evaluate`)."""
     mesh = mesh or sharding_lib.make_mesh()
-    setup = build(config, mesh, progress=progress)
-    return evaluation.evaluate(setup, mesh, workdir, state=state)
+    setup = (builder or build)(config, mesh, progress=progress)
+    return (evaluator or evaluation.evaluate)(setup, mesh, workdir, state=state)
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict:
-    """Run ``config.mode`` in ``workdir``; returns the summary (and eval metrics)."""
+def train_and_evaluate(
+    config,
+    workdir: str,
+    *,
+    progress: bool | None = None,
+    builder: Callable | None = None,
+    evaluator: Callable | None = None,
+) -> dict:
+    """Run ``config.mode`` in ``workdir``; returns the summary (and eval metrics).
+
+    ``builder(config, mesh, progress=)`` makes the :class:`Setup` (default :func:`build`)
+    and ``evaluator(setup, mesh, workdir, state=)`` evaluates it (default
+    :func:`experiments.images.evaluation.evaluate`): :mod:`experiments.superres` passes
+    its own."""
     mesh = sharding_lib.make_mesh()
-    setup = build(config, mesh, progress=progress)
+    setup = (builder or build)(config, mesh, progress=progress)
     if config.mode != "train":  # what evaluation needs fails before training, not after it
         fid.check_weights(config)
     if config.mode == "train_and_eval":  # (mode eval finds a missing checkpoint first)
@@ -63,7 +79,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         out["train"] = summary
         write_json(os.path.join(out["workdir"], "train_summary.json"), summary)
     if config.mode in ("eval", "train_and_eval"):
-        out["eval"] = evaluation.evaluate(setup, mesh, workdir, state=state)
+        out["eval"] = (evaluator or evaluation.evaluate)(setup, mesh, workdir, state=state)
     if config.mode == "sweep":
         state, step = checkpoints.load(setup, workdir, mesh)
         out["sweep"] = {"checkpoint_step": step, **sweep.run(setup, state, mesh, workdir)}

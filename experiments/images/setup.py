@@ -96,10 +96,12 @@ def rounded_up(n: int, mesh: Mesh) -> int:
     return int(math.ceil(n / k) * k)
 
 
-def _init_state(model, tx, config) -> TrainState:
+def _init_state(model, tx, config, condition=None) -> TrainState:
     k_init, k_train = jax.random.split(jax.random.key(int(config.seed)))
     y = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
     images = jnp.zeros((1, *IMAGE_SHAPE))
+    if condition is not None:
+        y = condition(images)
     params = model.init({"params": k_init, "dropout": k_init}, jnp.zeros((1,)), images, y)
     return TrainState.create(params, tx, k_train)
 
@@ -122,7 +124,9 @@ class Setup:
     ``t_range`` is ``path.velocity_range(prediction, eval.t_margin)``: the span the model's
     field is solved over (sampling and bits/dim), moved in from an end where the conversion
     of an x1 / eps / score prediction to a velocity divides by zero. Samples and bits/dim
-    start from the path's own source noise ``N(0, source_std^2 I)``.
+    start from the path's own source noise ``N(0, source_std^2 I)``. ``condition``, when
+    set, maps a batch of images to the model's ``cond`` (super-resolution:
+    :mod:`experiments.superres`), which the step passes in place of labels.
     """
 
     config: Any
@@ -138,6 +142,7 @@ class Setup:
     state_shapes: Any
     progress: bool
     pairing: Callable | None = None
+    condition: Callable | None = None
 
     @property
     def guidance_scale(self) -> float | None:
@@ -148,7 +153,7 @@ class Setup:
 
     def init_state(self) -> TrainState:
         """A fresh state (jit it with the replicated sharding to place it)."""
-        return _init_state(self.model, self.tx, self.config)
+        return _init_state(self.model, self.tx, self.config, self.condition)
 
     def abstract_state(self, mesh: Mesh) -> TrainState:
         """The state's shapes, replicated on ``mesh`` (what a checkpoint restores into)."""
@@ -164,16 +169,26 @@ class Setup:
         return self.path.velocity_field(v, self.prediction)
 
     def sample(
-        self, params, key: jax.Array, num: int, mesh: Mesh, solver: fmjax.SolverOptions
+        self,
+        params,
+        key: jax.Array,
+        num: int,
+        mesh: Mesh,
+        solver: fmjax.SolverOptions,
+        cond: Any = None,
     ) -> tuple[np.ndarray, Any]:
         """``num`` images by the flow of the UNet from the source noise, data parallel.
 
         Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
         classifier-free guidance of weight ``eval.guidance_scale`` against the null class.
-        Returns ``(images (num, 32, 32, 3) numpy, stats)``; a failed solve does not raise
-        (check ``stats.success``)."""
-        n = rounded_up(num, mesh)
-        v, y = self.sampling_field(params, n, mesh)
+        ``cond``: the conditions of a :attr:`condition` model, one row per image (``num``
+        rows, divisible over ``mesh``). Returns ``(images (num, 32, 32, 3) numpy, stats)``;
+        a failed solve does not raise (check ``stats.success``)."""
+        n = num if cond is not None else rounded_up(num, mesh)
+        if cond is not None:
+            v, y = self.velocity(params), fmjax.batching.place_cond(cond, mesh)
+        else:
+            v, y = self.sampling_field(params, n, mesh)
         t0, t1 = self.t_range
         x0 = self.source_noise(key, n, mesh)
         x1, stats = fmjax.sample(v, x0, cond=y, options=solver, t0=t0, t1=t1, throw=False)

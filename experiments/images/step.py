@@ -3,12 +3,13 @@
 :func:`loss_fn` is the conditional Flow Matching loss of the UNet on a batch of images
 (:func:`fmjax.losses.cfm_loss`'s draws: the same keys give the same numbers), with the
 labels of a class-conditional model dropped to the null class with probability
-``model.class_dropout``. The step is the one-device step on every mesh (one global-view
-jit: XLA all-reduces the gradients); with ``train.microbatches = k > 1`` it is
-:func:`fmjax.train.make_train_step`'s accumulating step, each device summing its ``k`` parts
-before one all-reduce. With ``train.coupling`` other than ``independent`` the step first
-pairs source noise with the whole global batch (``setup.pairing``: minibatch OT, within
-classes for a class-conditional model) and the loss uses those pairs.
+``model.class_dropout``, or the condition ``setup.condition`` derives from the images
+(super-resolution: their low-resolution input). The step is the one-device step on every
+mesh (one global-view jit: XLA all-reduces the gradients); with ``train.microbatches = k >
+1`` it is :func:`fmjax.train.make_train_step`'s accumulating step, each device summing its
+``k`` parts before one all-reduce. With ``train.coupling`` other than ``independent`` the
+step first pairs source noise with the whole global batch (``setup.pairing``: minibatch
+OT, within classes for a class-conditional model) and the loss uses those pairs.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def loss_fn(setup: Setup, params, key: jax.Array, batch: dict) -> jax.Array:
     k_x0, k_t, _ = jax.random.split(k_cfm, 3)
     x0 = batch["x0"] if "x0" in batch else jax.random.normal(k_x0, x1.shape, x1.dtype)
     t = uniform_time(k_t, x1.shape[0], setup.path.t_range, x1.dtype)
-    y, classes, p_drop = None, c.model.num_classes, float(c.model.class_dropout)
+    y = None if setup.condition is None else setup.condition(x1)  # e.g. the low-res input
+    classes, p_drop = c.model.num_classes, float(c.model.class_dropout)
     if classes is not None:
         y = batch["label"].astype(jnp.int32)
         if p_drop > 0:

@@ -1,6 +1,7 @@
 """Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz pipelines), with
 the image pipelines' ``sources``, the official downsampled-ImageNet reader ``imagenet_npz``,
-the pixel values' ``quantization`` and the input pipeline's minibatch-OT ``pairing``.
+the pixel values' ``quantization``, the input pipeline's minibatch-OT ``pairing`` and the
+low-resolution inputs of super-resolution (``superres``).
 
 ``images`` imports grain (and opens TFDS through tensorflow-datasets), so it and its
 submodules are loaded only when used.
@@ -10,9 +11,9 @@ import importlib
 
 from fmjax.data import toy
 
-__all__ = ["imagenet_npz", "images", "pairing", "quantization", "sources", "toy"]
+__all__ = ["imagenet_npz", "images", "pairing", "quantization", "sources", "superres", "toy"]
 
-_LAZY = ("imagenet_npz", "images", "pairing", "quantization", "sources")
+_LAZY = ("imagenet_npz", "images", "pairing", "quantization", "sources", "superres")
 
 
 def __getattr__(name):

@@ -1,17 +1,18 @@
 """Metrics: two-sample distances for low-dimensional samples (``mmd``,
 ``sliced_wasserstein``), sampling efficiency (``efficiency``: straightness, transport cost,
 quality against NFE), image bits/dim with dequantization (``bpd.image_bpd`` for a batch,
-``nll.evaluate_bpd`` for a whole split, resumable) and FID from user-provided Inception
-weights (``fid``). ``bpd``, ``nll`` and ``fid`` are imported on first use."""
+``nll.evaluate_bpd`` for a whole split, resumable), FID from user-provided Inception
+weights (``fid``) and PSNR / SSIM (``image_quality``). ``bpd``, ``nll``, ``fid`` and
+``image_quality`` are imported on first use."""
 
 import importlib
 
 from fmjax.metrics import efficiency
 from fmjax.metrics.distances import mmd, sliced_wasserstein
 
-__all__ = ["bpd", "efficiency", "fid", "mmd", "nll", "sliced_wasserstein"]
+__all__ = ["bpd", "efficiency", "fid", "image_quality", "mmd", "nll", "sliced_wasserstein"]
 
-_LAZY = ("bpd", "fid", "nll")
+_LAZY = ("bpd", "fid", "image_quality", "nll")
 
 
 def __getattr__(name):
