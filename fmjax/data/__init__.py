@@ -1,6 +1,7 @@
-"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz pipelines), with
-the image pipelines' ``sources``, the official downsampled-ImageNet reader ``imagenet_npz``
-and the pixel values' ``quantization``.
+"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz / folder pipelines),
+with the image pipelines' ``sources``, the official downsampled-ImageNet reader
+``imagenet_npz``, the image-folder reader ``folder`` and its array conversion
+``folder_arrays``, and the pixel values' ``quantization``.
 
 ``images`` imports grain (and opens TFDS through tensorflow-datasets), so it and its
 submodules are loaded only when used.
@@ -10,9 +11,17 @@ import importlib
 
 from fmjax.data import toy
 
-__all__ = ["imagenet_npz", "images", "quantization", "sources", "toy"]
+__all__ = [
+    "folder",
+    "folder_arrays",
+    "imagenet_npz",
+    "images",
+    "quantization",
+    "sources",
+    "toy",
+]
 
-_LAZY = ("imagenet_npz", "images", "quantization", "sources")
+_LAZY = ("folder", "folder_arrays", "imagenet_npz", "images", "quantization", "sources")
 
 
 def __getattr__(name):
