@@ -62,14 +62,23 @@ def run_here(args, **kw):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False, **kw)
 
 
-def write_npz_dataset(folder, n_train=16, n_val=8, seed=0):
-    """A tiny dataset in the official downsampled-ImageNet npz format."""
-    os.makedirs(folder, exist_ok=True)
+def write_npz_dataset(folder, n_train=16, n_val=8, seed=0, resolution=32):
+    """A tiny dataset in the official downsampled-ImageNet npz format (at 64x64 as the
+    official zips unzip: the train batches in two sub-folders, the validation in a third)."""
     rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", n_val)):
+    files = [("", "train_data_batch_1", n_train), ("", "val_data", n_val)]
+    if resolution == 64:
+        half = n_train // 2
+        files = [
+            ("Imagenet64_train_part1_npz", "train_data_batch_1", half),
+            ("Imagenet64_train_part2_npz", "train_data_batch_6", n_train - half),
+            ("Imagenet64_val_npz", "val_data", n_val),
+        ]
+    for sub, name, n in files:
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
         np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            os.path.join(folder, sub, f"{name}.npz"),
+            data=rng.integers(0, 256, (n, 3 * resolution**2), dtype=np.uint8),
             labels=rng.integers(1, 1001, n),
         )
 

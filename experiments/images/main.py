@@ -1,4 +1,4 @@
-"""The command line of ``python -m experiments.imagenet32`` and ``python -m experiments.cifar10``.
+"""The command line of ``python -m experiments.imagenet32``, ``imagenet64`` and ``cifar10``.
 
 Flags: ``--config`` (file[:preset], fields overridden with ``--config.section.field=...``),
 ``--workdir`` and the multi-host ones. A bad flag or config value, a missing dataset or

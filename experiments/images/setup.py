@@ -33,12 +33,13 @@ __all__ = [
     "solver_record",
     "build",
     "build_model",
+    "image_shape",
     "make_optimizer",
     "make_schedule",
     "rounded_up",
 ]
 
-IMAGE_SHAPE = images_lib.IMAGE_SHAPE
+IMAGE_SHAPE = images_lib.IMAGE_SHAPE  # at the default resolution; a run's: Setup.image_shape
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -94,10 +95,15 @@ def rounded_up(n: int, mesh: Mesh) -> int:
     return int(math.ceil(n / k) * k)
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """``(R, R, 3)`` of ``config.data.resolution``."""
+    return images_lib.image_shape(int(config.data.resolution))
+
+
 def _init_state(model, tx, config) -> TrainState:
     k_init, k_train = jax.random.split(jax.random.key(int(config.seed)))
     y = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
-    images = jnp.zeros((1, *IMAGE_SHAPE))
+    images = jnp.zeros((1, *image_shape(config)))
     params = model.init({"params": k_init, "dropout": k_init}, jnp.zeros((1,)), images, y)
     return TrainState.create(params, tx, k_train)
 
@@ -138,6 +144,11 @@ class Setup:
     pairing: Callable | None = None
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(R, R, 3)``: the images of ``data.resolution`` the run trains on and samples."""
+        return image_shape(self.config)
+
+    @property
     def guidance_scale(self) -> float | None:
         """The guidance weight samples are drawn with (None: an unconditional model)."""
         if self.config.model.num_classes is None:
@@ -168,7 +179,7 @@ class Setup:
 
         Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
         classifier-free guidance of weight ``eval.guidance_scale`` against the null class.
-        Returns ``(images (num, 32, 32, 3) numpy, stats)``; a failed solve does not raise
+        Returns ``(images (num, R, R, 3) numpy, stats)``; a failed solve does not raise
         (check ``stats.success``)."""
         n = rounded_up(num, mesh)
         v, y = self.sampling_field(params, n, mesh)
@@ -179,9 +190,9 @@ class Setup:
 
     def source_noise(self, key: jax.Array, n: int, mesh: Mesh) -> jax.Array:
         """``n`` draws of the path's source ``N(0, source_std^2 I)``, split over ``mesh``."""
-        s0 = self.source_std
+        s0, shape = self.source_std, self.image_shape
         draw = jax.jit(
-            lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
+            lambda k: s0 * jax.random.normal(k, (n, *shape)),
             out_shardings=sharding_lib.data_sharding(mesh),
         )
         return draw(key)
@@ -210,6 +221,7 @@ class Setup:
             "random_flip": bool(d.random_flip),
             "worker_count": int(d.worker_count),
             "read_threads": int(d.read_threads),
+            "resolution": int(d.resolution),
         }
         return images_lib.make_train_iterator(d.source, **{**kwargs, **overrides})
 

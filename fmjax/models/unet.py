@@ -78,7 +78,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["UNet", "cifar10_paper", "count_params", "imagenet32_paper", "tiny"]
+__all__ = ["UNet", "cifar10_paper", "count_params", "imagenet32_paper", "imagenet64_paper", "tiny"]
 
 Dtype = Any
 
@@ -431,6 +431,29 @@ def imagenet32_paper(num_classes: int | None = None, **overrides) -> UNet:
         "ch_mult": (1, 2, 2, 2),
         "num_res_blocks": 3,
         "attn_resolutions": (16, 8),
+        "num_heads": 4,
+        "num_head_channels": 64,
+        "dropout": 0.0,
+        "num_classes": num_classes,
+        "resblock_updown": True,
+        "use_scale_shift_norm": True,
+    }
+    cfg.update(overrides)
+    return UNet(**cfg)
+
+
+def imagenet64_paper(num_classes: int | None = None, **overrides) -> UNet:
+    """ImageNet-64 model of Lipman et al. (2023), Table 3 (as fmjax's docs report it).
+
+    channels 192, depth 3, channel multiplier (1, 2, 3, 4), 4 heads / 64 head channels,
+    attention at resolutions 32, 16 and 8, dropout 0.0. ADM defaults: residual up/down
+    sampling and scale-shift norm.
+    """
+    cfg = {
+        "ch": 192,
+        "ch_mult": (1, 2, 3, 4),
+        "num_res_blocks": 3,
+        "attn_resolutions": (32, 16, 8),
         "num_heads": 4,
         "num_head_channels": 64,
         "dropout": 0.0,
