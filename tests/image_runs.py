@@ -104,3 +104,30 @@ def check_eval_metrics(m, dataset, nfe=True):
     for r in m["results"].values():
         assert dataset.split(":")[0] in r["dataset"]
     assert all(dataset.split(":")[0] in k for k in m["summary"])
+
+
+def write_image_folder(root, n_train, n_eval, *, ext="png", classes=(), size=(40, 56), seed=0):
+    """``n_train`` + ``n_eval`` random images of ``size`` (height, width) as ``ext`` files in
+    ``root`` (spread over the ``classes`` sub-folders, if any), named so that the folder
+    source's hash rule puts exactly that many in each split; returns their relative paths."""
+    from PIL import Image
+
+    from fmjax.data import folder
+
+    rng = np.random.default_rng(seed)
+    want = {"train": n_train, "eval": n_eval}
+    written, i = [], 0
+    while any(want.values()):
+        sub = classes[i % len(classes)] + "/" if classes else ""
+        rel = f"{sub}img_{i:05d}.{ext}"
+        i += 1
+        split = folder.split_of(rel)
+        if want[split] == 0:
+            continue
+        want[split] -= 1
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            os.path.join(root, rel)
+        )
+        written.append(rel)
+    return sorted(written)
