@@ -1,23 +1,23 @@
 """A folder of the user's PNG / JPEG images as a random-access source (source ``"folder"``).
 
-Layout
-------
+Folder layout
+-------------
 ``data_dir`` holds ``.png``, ``.jpg`` or ``.jpeg`` files (any case), at any depth; hidden
 files and folders (names starting with ``.``) are skipped.  Either every image lies in a
 sub-folder of ``data_dir`` (the top-level sub-folder of a file is its class: classes are
 the sub-folders' names sorted, labels ``0 .. C-1``), or none does (the label is
 ``NO_LABEL``, -1); images both directly in ``data_dir`` and in sub-folders are refused.
 
-Splits
-------
+Train and eval splits
+---------------------
 A fixed rule that needs no list: a file belongs to ``"eval"`` when the first 8 bytes of the
 SHA-256 of its path relative to ``data_dir`` (``/``-separated, UTF-8), read as a big-endian
 integer, are ``< EVAL_PERCENT`` modulo 100, and to ``"train"`` otherwise (:func:`split_of`).
 So adding or removing files never moves another file between the splits, and every process
 and every run agrees.  Within a split the files are in sorted order of their relative paths.
 
-Images
-------
+Decoding
+--------
 Each file is decoded with Pillow (EXIF orientation applied; JPEGs decoded at the smallest
 DCT scale that keeps both sides at least ``R``, Pillow's ``draft``), converted to RGB
 (grayscale and palette images are expanded, an alpha channel is dropped), cropped to the
@@ -68,7 +68,8 @@ _UNSUPPORTED_MODES = ("I", "F")  # 32-bit int / float pixels; "I;16*" too (by pr
 
 
 class ImageFileError(ValueError):
-    """An image file that cannot be read as an 8-bit RGB image (the message names it)."""
+    """An image file that cannot be read as an 8-bit RGB image, or a folder that cannot be
+    read as a dataset (its layout, its arrays); the message names the file or folder."""
 
 
 def split_of(relative_path: str) -> str:
@@ -87,7 +88,7 @@ def list_images(data_dir: str | os.PathLike) -> tuple[list[str], np.ndarray, lis
     (labels ``NO_LABEL`` and no classes without class sub-folders).
 
     A missing or image-less folder is a :class:`~fmjax.data.sources.DatasetNotFoundError`;
-    images both directly in it and in sub-folders are a ``ValueError``.
+    images both directly in it and in sub-folders are an :class:`ImageFileError`.
     """
     root = os.fspath(data_dir)
     if not os.path.isdir(root):
@@ -122,7 +123,7 @@ def list_images(data_dir: str | os.PathLike) -> tuple[list[str], np.ndarray, lis
         return paths, labels, classes
     if len(top) != len(paths):
         nested = next(p for p in paths if "/" in p)
-        raise ValueError(
+        raise ImageFileError(
             f"Source 'folder': data_dir={root!r} has images both directly in it (e.g. "
             f"{top[0]!r}) and in sub-folders (e.g. {nested!r}): put every image in a class "
             "sub-folder, or none."

@@ -98,7 +98,7 @@ def _manifest(data_dir: str) -> dict[str, Any]:
     with open(os.path.join(data_dir, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("format") != _FORMAT:
-        raise ValueError(
+        raise ImageFileError(
             f"{os.path.join(data_dir, MANIFEST)}: format {manifest.get('format')!r}, expected "
             f"{_FORMAT!r} (convert the folder again)"
         )
@@ -106,12 +106,12 @@ def _manifest(data_dir: str) -> dict[str, Any]:
 
 
 def open_arrays(data_dir: str | os.PathLike, split: str, resolution: int) -> ArrayImageSource:
-    """The converted ``split`` in ``data_dir``; a ``ValueError`` if it was converted at
-    another resolution than ``resolution``."""
+    """The converted ``split`` in ``data_dir``; an :class:`~fmjax.data.folder.ImageFileError`
+    if it was converted at another resolution than ``resolution``."""
     d = os.fspath(data_dir)
     manifest = _manifest(d)
     if manifest["resolution"] != image_shape(resolution)[0]:
-        raise ValueError(
+        raise ImageFileError(
             f"{d} holds images converted at {manifest['resolution']}x"
             f"{manifest['resolution']}, but resolution {resolution} was asked for: convert "
             f"the original folder again with --resolution={resolution}"
