@@ -135,9 +135,9 @@ def _check_solvers(config) -> None:
 
 def _check_classes(config) -> None:
     m, e = config.model, config.eval
-    if m.num_classes is not None and config.data.source == "downsampled_imagenet/32x32":
+    if m.num_classes is not None and config.data.source.startswith("downsampled_imagenet/"):
         raise ConfigError(
-            "downsampled_imagenet/32x32 has no labels: a class-conditional "
+            f"{config.data.source} has no labels: a class-conditional "
             "model (model.num_classes) needs another source."
         )
     if float(e.guidance_scale) != 1.0 and (m.num_classes is None or float(m.class_dropout) == 0):
