@@ -161,16 +161,20 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
         images.train_and_evaluate(small_config(**other), workdir)
 
 
-def test_folder_of_jpegs_with_classes_trains_and_evaluates(tmp_path):
-    """Source 'folder' through the experiment: the mock-data run's settings (so its compiled
-    steps are reused), JPEG files in class sub-folders; train_and_eval writes bits/dim on
-    the folder's eval split."""
+def test_folder_of_jpegs_with_classes_trains(tmp_path):
+    """Source 'folder' through the experiment: the mock-data run's model and batches (so its
+    compiled step is reused), JPEG files in class sub-folders, 4 steps and their checkpoint
+    (the folder's eval split through the pipelines: tests/test_data_folder.py)."""
     data = str(tmp_path / "photos")
     write_image_folder(data, 12, 4, ext="jpg", classes=("cats", "dogs"), size=(48, 40))
-    config = small_config(**{"data.source": "folder", "data.data_dir": data})
+    config = small_config(
+        **{"mode": "train", "data.source": "folder", "data.data_dir": data, "train.sample_every": 0}
+    )
     out = images.train_and_evaluate(config, str(tmp_path / "run"))
     assert out["train"]["end_step"] == 4 and out["train"]["dataset"] == "folder"
-    check_eval_metrics(read_json(tmp_path / "run", "eval_metrics.json"), "folder:eval")
+    ckpt = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    assert ckpt.latest_step() == 4 and ckpt.metadata(4)["config"]["data"]["source"] == "folder"
+    ckpt.close()
 
 
 def test_cifar10_trains_on_mock_data_with_microbatches(tmp_path, monkeypatch):
