@@ -100,21 +100,29 @@ def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
     assert [s for s, _ in log(workdir_a)] == list(range(1, N + 1))
 
 
-def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
-    workdir = str(tmp_path / "crashed")
+def _train_until_crash(config, workdir, monkeypatch, at_batch, image_shape=None):
+    """``images.train`` that crashes when it shards its ``at_batch``-th batch (checking each
+    batch's image shape); the real sharding is put back after."""
     calls = {"n": 0}
     real = fmjax.train.sharding.shard_batch
 
     def crashing(batch, mesh):
         calls["n"] += 1
-        if calls["n"] == 6:  # steps 1-5 ran, the last checkpoint is step 4
+        if calls["n"] == at_batch:
             raise RuntimeError("simulated crash")
+        assert image_shape is None or batch["image"].shape == image_shape
         return real(batch, mesh)
 
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        images.train(_config(data_dir), workdir)
+        images.train(config, workdir)
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
+
+
+def test_crash_between_checkpoints_then_resume(data_dir, uninterrupted, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "crashed")
+    # steps 1-5 ran, the last checkpoint is step 4
+    _train_until_crash(_config(data_dir), workdir, monkeypatch, at_batch=6)
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
     # step 5 was logged by the crashed run; the resumed run drops and redoes it
     state, summary = images.train(_config(data_dir), workdir)  # fresh objects
@@ -229,20 +237,8 @@ def test_imagenet64_npz_crash_then_exact_resume_then_eval(tmp_path, monkeypatch)
 
     ref_dir, crashed = str(tmp_path / "uninterrupted"), str(tmp_path / "crashed")
     ref_state, _ = images.train(config(), ref_dir)
-    calls = {"n": 0}
-    real = fmjax.train.sharding.shard_batch
-
-    def crashing(batch, mesh):
-        calls["n"] += 1
-        if calls["n"] == 4:  # steps 1-3 ran, the last checkpoint is step 2
-            raise RuntimeError("simulated crash")
-        assert batch["image"].shape == (4, 64, 64, 3)
-        return real(batch, mesh)
-
-    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        images.train(config(), crashed)
-    monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
+    # steps 1-3 ran, the last checkpoint is step 2
+    _train_until_crash(config(), crashed, monkeypatch, at_batch=4, image_shape=(4, 64, 64, 3))
     state, summary = images.train(config(), crashed)
     assert summary["resumed"] and summary["start_step"] == 2 and int(state.step) == n
     la, lb = _leaves(jax.device_get(ref_state)), _leaves(jax.device_get(state))

@@ -445,24 +445,12 @@ def imagenet32_paper(num_classes: int | None = None, **overrides) -> UNet:
 def imagenet64_paper(num_classes: int | None = None, **overrides) -> UNet:
     """ImageNet-64 model of Lipman et al. (2023), Table 3 (as fmjax's docs report it).
 
-    channels 192, depth 3, channel multiplier (1, 2, 3, 4), 4 heads / 64 head channels,
-    attention at resolutions 32, 16 and 8, dropout 0.0. ADM defaults: residual up/down
-    sampling and scale-shift norm.
+    The ImageNet-32 model (:func:`imagenet32_paper`) with channels 192, channel multiplier
+    (1, 2, 3, 4) and attention at resolutions 32, 16 and 8: depth 3, 4 heads / 64 head
+    channels, dropout 0.0, residual up/down sampling and scale-shift norm as there.
     """
-    cfg = {
-        "ch": 192,
-        "ch_mult": (1, 2, 3, 4),
-        "num_res_blocks": 3,
-        "attn_resolutions": (32, 16, 8),
-        "num_heads": 4,
-        "num_head_channels": 64,
-        "dropout": 0.0,
-        "num_classes": num_classes,
-        "resblock_updown": True,
-        "use_scale_shift_norm": True,
-    }
-    cfg.update(overrides)
-    return UNet(**cfg)
+    cfg = {"ch": 192, "ch_mult": (1, 2, 3, 4), "attn_resolutions": (32, 16, 8)}
+    return imagenet32_paper(num_classes, **{**cfg, **overrides})
 
 
 def cifar10_paper(**overrides) -> UNet:
