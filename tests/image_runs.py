@@ -77,14 +77,23 @@ def run_here(args, **kw):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=False, **kw)
 
 
-def write_npz_dataset(folder, n_train=16, n_val=8, seed=0):
-    """A tiny dataset in the official downsampled-ImageNet npz format."""
-    os.makedirs(folder, exist_ok=True)
+def write_npz_dataset(folder, n_train=16, n_val=8, seed=0, resolution=32):
+    """A tiny dataset in the official downsampled-ImageNet npz format (at 64x64 as the
+    official zips unzip: the train batches in two sub-folders, the validation in a third)."""
     rng = np.random.default_rng(seed)
-    for name, n in (("train_data_batch_1", n_train), ("val_data", n_val)):
+    files = [("", "train_data_batch_1", n_train), ("", "val_data", n_val)]
+    if resolution == 64:
+        half = n_train // 2
+        files = [
+            ("Imagenet64_train_part1_npz", "train_data_batch_1", half),
+            ("Imagenet64_train_part2_npz", "train_data_batch_6", n_train - half),
+            ("Imagenet64_val_npz", "val_data", n_val),
+        ]
+    for sub, name, n in files:
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
         np.savez(
-            os.path.join(folder, f"{name}.npz"),
-            data=rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            os.path.join(folder, sub, f"{name}.npz"),
+            data=rng.integers(0, 256, (n, 3 * resolution**2), dtype=np.uint8),
             labels=rng.integers(1, 1001, n),
         )
 
@@ -110,3 +119,30 @@ def check_eval_metrics(m, dataset, nfe=True):
     for r in m["results"].values():
         assert dataset.split(":")[0] in r["dataset"]
     assert all(dataset.split(":")[0] in k for k in m["summary"])
+
+
+def write_image_folder(root, n_train, n_eval, *, ext="png", classes=(), size=(40, 56), seed=0):
+    """``n_train`` + ``n_eval`` random images of ``size`` (height, width) as ``ext`` files in
+    ``root`` (spread over the ``classes`` sub-folders, if any), named so that the folder
+    source's hash rule puts exactly that many in each split; returns their relative paths."""
+    from PIL import Image
+
+    from fmjax.data import folder
+
+    rng = np.random.default_rng(seed)
+    want = {"train": n_train, "eval": n_eval}
+    written, i = [], 0
+    while any(want.values()):
+        sub = classes[i % len(classes)] + "/" if classes else ""
+        rel = f"{sub}img_{i:05d}.{ext}"
+        i += 1
+        split = folder.split_of(rel)
+        if want[split] == 0:
+            continue
+        want[split] -= 1
+        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(
+            os.path.join(root, rel)
+        )
+        written.append(rel)
+    return sorted(written)

@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-from test_data_images import example_image, levels_of
+from test_data_images import example_image, levels_of, train_iterator
 
 from fmjax.data import imagenet_npz
 from fmjax.data import images as di
@@ -155,3 +155,40 @@ def test_source_reads_files_in_order_lazily(tmp_path):
 def test_missing_split_says_what_it_looked_for(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"val_data\[\.npz\]"):
         imagenet_npz.open_npz("imagenet32_npz", "validation", tmp_path)
+
+
+def test_imagenet64_keeps_every_pixels_row_column_and_channel(tmp_path):
+    """64x64 batches in the official layout (train in two sub-folders, as the two zips
+    unzip): pixel values encode (row, channel) in one image and (column, channel) in the
+    other, so any transposition, flip or channel swap shows."""
+    r, c, ch = np.meshgrid(np.arange(64), np.arange(64), np.arange(3), indexing="ij")
+    by_row, by_col = (4 * r + ch).astype(np.uint8), (4 * c + ch).astype(np.uint8)
+    hwc = np.stack([by_row, by_col])
+    for part, k in (("Imagenet64_train_part1_npz", 1), ("Imagenet64_train_part2_npz", 6)):
+        (tmp_path / part).mkdir()
+        _write(tmp_path / part / f"train_data_batch_{k}.npz", hwc[::-1] if k == 6 else hwc, [k, 9])
+    (tmp_path / "val").mkdir()
+    # channel-major: the R plane, then G, then B, each row by row
+    data = np.concatenate([(4 * r + ch)[..., j].reshape(-1) for j in range(3)])
+    np.savez(tmp_path / "val" / "val_data.npz", data=data[None].astype(np.uint8), labels=[1000])
+    src = di.open_source("imagenet64_npz", "train", tmp_path)
+    assert len(src) == 4 and src.resolution == 64
+    np.testing.assert_array_equal(src[0]["image"], by_row)
+    np.testing.assert_array_equal(src[1]["image"], by_col)
+    np.testing.assert_array_equal(src[2]["image"], by_col)  # batch 6, in the second folder
+    assert [int(src[i]["label"]) for i in range(4)] == [0, 8, 5, 8]
+    val = di.open_source("imagenet64_npz", "val_data", tmp_path, resolution=64)
+    np.testing.assert_array_equal(val[0]["image"], by_row)
+    b = next(di.make_eval_iterator("imagenet64_npz", global_batch_size=2, data_dir=tmp_path))
+    assert b["image"].shape == (2, 64, 64, 3) and b["mask"].tolist() == [True, False]
+    np.testing.assert_array_equal(b["image"][0], levels_of(by_row))
+    t = next(train_iterator("imagenet64_npz", global_batch_size=4, data_dir=tmp_path))
+    assert t["image"].shape == (4, 64, 64, 3)
+    # the 32x32 reader refuses 64x64 rows (when it reads them), saying what it expected
+    part1 = tmp_path / "Imagenet64_train_part1_npz" / "train_data_batch_1.npz"
+    with pytest.raises(ValueError, match=r"\(N, 3072\) \(32x32 RGB images\).*\(2, 12288\)"):
+        imagenet_npz.NpzImageSource([part1])[0]
+    with pytest.raises(ValueError, match="holds 64x64 images, but resolution 32"):
+        di.open_source("imagenet64_npz", "train", tmp_path, resolution=32)
+    with pytest.raises(DatasetNotFoundError, match="Imagenet64_train_part1_npz.zip"):
+        di.num_examples("imagenet64_npz", "train", tmp_path / "val")

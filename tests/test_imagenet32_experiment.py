@@ -21,6 +21,7 @@ from image_runs import (
     read_json,
     read_jsonl,
     small_config,
+    write_image_folder,
     write_npz_dataset,
 )
 
@@ -154,6 +155,26 @@ def test_train_and_evaluate_on_mock_data_then_eval_mode(tmp_path, monkeypatch):
             pytest.raises(images.ConfigError, match=match),
         ):
             images.train_and_evaluate(small_config(**{"train.num_steps": 6, **extra}), workdir)
+    # so is a model trained at 32x32 evaluated at 64x64 (its attention at other levels)
+    other = {"mode": "eval", "data.source": "folder", "data.resolution": 64}
+    with pytest.raises(images.ConfigError, match=r"data.resolution=32 \(this config: 64\)"):
+        images.train_and_evaluate(small_config(**other), workdir)
+
+
+def test_folder_of_jpegs_with_classes_trains(tmp_path):
+    """Source 'folder' through the experiment: the mock-data run's model and batches (so its
+    compiled step is reused), JPEG files in class sub-folders, 4 steps and their checkpoint
+    (the folder's eval split through the pipelines: tests/test_data_folder.py)."""
+    data = str(tmp_path / "photos")
+    write_image_folder(data, 12, 4, ext="jpg", classes=("cats", "dogs"), size=(48, 40))
+    config = small_config(
+        **{"mode": "train", "data.source": "folder", "data.data_dir": data, "train.sample_every": 0}
+    )
+    out = images.train_and_evaluate(config, str(tmp_path / "run"))
+    assert out["train"]["end_step"] == 4 and out["train"]["dataset"] == "folder"
+    ckpt = CheckpointManager(str(tmp_path / "run" / "checkpoints"))
+    assert ckpt.latest_step() == 4 and ckpt.metadata(4)["config"]["data"]["source"] == "folder"
+    ckpt.close()
 
 
 def test_cifar10_trains_on_mock_data_with_microbatches(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from image_runs import (
 from experiments import images
 from experiments.configs import cifar10 as cifar10_config
 from experiments.configs import imagenet32 as imagenet32_config
+from experiments.configs import imagenet64 as imagenet64_config
 from experiments.images import setup as setup_lib
 from fmjax.models import unet
 
@@ -62,6 +63,19 @@ def test_default_configs_are_the_papers_recipe():
         45_000,
     )
     assert cifar10_config.get_config("tiny").data.global_batch_size == 8
+
+    g = imagenet64_config.get_config()
+    assert _unet_fields(setup_lib.build_model(g)) == _unet_fields(unet.imagenet64_paper())
+    assert (g.data.source, g.data.resolution, g.data.global_batch_size) == (
+        "imagenet_resized/64x64",
+        64,
+        2048,
+    )
+    assert (g.train.num_steps, g.train.learning_rate) == (1_500_000, 1e-4)
+    assert (c.data.resolution, k.data.resolution) == (32, 32)
+    tiny64 = images.build(imagenet64_config.get_config("tiny"))  # the model traced at 64x64
+    assert tiny64.image_shape == (64, 64, 3)
+    assert tiny64.state_shapes.params["params"]["conv_in"]["kernel"].shape == (3, 3, 3, 32)
     with pytest.raises(ValueError, match="unknown imagenet32 preset"):
         imagenet32_config.get_config("huge")
     bad = imagenet32_config.get_config("tiny")
@@ -78,6 +92,13 @@ def test_default_configs_are_the_papers_recipe():
         ({"train.warmup_steps": -1}, "train.warmup_steps"),
         ({"data.source": "imagenet64"}, "data.source: Unknown image source"),
         ({"data.global_batch_size": 0}, "data.global_batch_size must be a positive integer; got 0"),
+        ({"data.resolution": 0}, "data.resolution must be a positive integer; got 0"),
+        (
+            {"data.resolution": 64},
+            r"data.resolution: source 'imagenet_resized/32x32' holds 32x32 images, but "
+            r"resolution 64 was asked for \(sources at 64x64: downsampled_imagenet/64x64, ",
+        ),
+        ({"data.source": "imagenet64_npz"}, "holds 64x64 images, but resolution 32"),
         ({"model.dtype": "float8"}, "model.dtype"),
         ({"train.sample_solver": "euler"}, "train.sample_solver must be an adaptive solver"),
         ({"train.sample_tol": -1e-3}, "train.sample_tol: rtol must be a finite number >= 0"),

@@ -122,6 +122,16 @@ def test_cli_errors_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     assert "dataset not found" in err and "imagenet_resized/32x32" in err
     err = _run_main(capsys, f"--workdir={workdir}", "--config.train.ema_decay=1.5")
     assert "error: bad config: train.ema_decay must be a finite number in [0, 1); got 1.5" in err
+    err = _run_main(capsys, f"--workdir={workdir}", "--config.data.resolution=64")
+    assert "error: bad config: data.resolution: source 'imagenet_resized/32x32' holds 32x32" in err
+    # an image folder that cannot be read as a dataset: found before training
+    photos = tmp_path / "photos"
+    for name in ("loose.png", "cats/x.png"):
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"")
+    folder_args = ["--config.data.source=folder", f"--config.data.data_dir={photos}"]
+    err = _run_main(capsys, f"--workdir={workdir}", *folder_args, status=1)
+    assert "error: bad image data: " in err and "'loose.png'" in err and "both directly" in err
     # 4 devices (a stand-in for the mesh: the checks read its shape; the subprocess test above
     # has real ones): a global batch of 6, then an eval batch of 6, found before training
     four = types.SimpleNamespace(shape={"data": 4}, size=4)

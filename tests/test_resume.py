@@ -131,22 +131,30 @@ def _assert_same_run(workdir_a, state_a, workdir_b, state_b):
     assert [s for s, _ in log(workdir_a)] == list(range(1, N + 1))
 
 
-@pytest.mark.parametrize("kind", list(COUPLINGS))
-def test_crash_between_checkpoints_then_resume(data_dir, runs, kind, tmp_path, monkeypatch):
-    workdir = str(tmp_path / "crashed")
+def _train_until_crash(config, workdir, monkeypatch, at_batch, image_shape=None):
+    """``images.train`` that crashes when it shards its ``at_batch``-th batch (checking each
+    batch's image shape); the real sharding is put back after."""
     calls = {"n": 0}
     real = fmjax.train.sharding.shard_batch
 
     def crashing(batch, mesh):
         calls["n"] += 1
-        if calls["n"] == 6:  # steps 1-5 ran, the last checkpoint is step 4
+        if calls["n"] == at_batch:
             raise RuntimeError("simulated crash")
+        assert image_shape is None or batch["image"].shape == image_shape
         return real(batch, mesh)
 
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        images.train(_config(data_dir, kind), workdir)
+        images.train(config, workdir)
     monkeypatch.setattr(fmjax.train.sharding, "shard_batch", real)
+
+
+@pytest.mark.parametrize("kind", list(COUPLINGS))
+def test_crash_between_checkpoints_then_resume(data_dir, runs, kind, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "crashed")
+    # steps 1-5 ran, the last checkpoint is step 4
+    _train_until_crash(_config(data_dir, kind), workdir, monkeypatch, at_batch=6)
     assert CheckpointManager(os.path.join(workdir, "checkpoints")).latest_step() == 4
     # step 5 was logged by the crashed run; the resumed run drops and redoes it
     state, summary = images.train(_config(data_dir, kind), workdir)  # fresh objects
@@ -233,3 +241,51 @@ def test_sigkill_at_any_moment_then_resume(data_dir, runs, tmp_path):
     with CheckpointManager(os.path.join(workdir, "checkpoints")) as ckpt:
         state, _ = ckpt.restore(abstract)
     _assert_same_run(*runs("ot_host"), workdir, state)
+
+
+def test_imagenet64_npz_crash_then_exact_resume_then_eval(tmp_path, monkeypatch):
+    """ImageNet-64 from npz files in the official layout, the tiniest UNet: a run that
+    crashes after its step-2 checkpoint resumes to the uninterrupted run's state bit for
+    bit, and mode eval then writes finite bits/dim on the validation file."""
+    from experiments.configs import imagenet64
+
+    data = str(tmp_path / "npz64")
+    write_npz_dataset(data, n_train=10, n_val=4, resolution=64)
+    n = 4
+
+    def config(**extra):
+        c = imagenet64.get_config("tiny")
+        values = {
+            **OVERRIDES,
+            "data.source": "imagenet64_npz",
+            "data.data_dir": data,
+            "train.num_steps": n,
+            "model.dropout": 0.0,
+            "model.ch_mult": (1, 1),  # the middle attention at 32x32, not 64x64
+            **extra,
+        }
+        for dotted, value in values.items():
+            *group, name = dotted.split(".")
+            (c[group[0]] if group else c)[name] = value
+        return c
+
+    ref_dir, crashed = str(tmp_path / "uninterrupted"), str(tmp_path / "crashed")
+    ref_state, _ = images.train(config(), ref_dir)
+    # steps 1-3 ran, the last checkpoint is step 2
+    _train_until_crash(config(), crashed, monkeypatch, at_batch=4, image_shape=(4, 64, 64, 3))
+    state, summary = images.train(config(), crashed)
+    assert summary["resumed"] and summary["start_step"] == 2 and int(state.step) == n
+    la, lb = _leaves(jax.device_get(ref_state)), _leaves(jax.device_get(state))
+    for a, b in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+    meta = CheckpointManager(os.path.join(crashed, "checkpoints")).metadata(n)
+    assert meta["data_state"]["next_index"] == n and meta["config"]["data"]["resolution"] == 64
+
+    small_eval = {"mode": "eval", "eval.global_batch_size": 2, "eval.num_batches": 1}
+    small_eval.update({"eval.num_dequant": 1, "eval.nfe_num_samples": 0})
+    images.evaluate(config(**small_eval), crashed)
+    with open(os.path.join(crashed, "eval_metrics.json")) as f:
+        m = json.load(f)
+    assert m["dataset"]["name"] == "imagenet64_npz:val_data" and m["checkpoint_step"] == n
+    bpd = m["results"]["bpd"]
+    assert np.isfinite(bpd["value"]) and bpd["value"] > 0 and bpd["num_examples"] == 2

@@ -34,10 +34,14 @@ def base_config():
 
     c.data = ml_collections.ConfigDict()
     # imagenet_resized/32x32 (the paper's), downsampled_imagenet/32x32 (van den Oord et al.,
-    # unlabelled), imagenet32_npz (the official npz batches), cifar10. BPD is only comparable
-    # within one source: every reported number names it.
+    # unlabelled), imagenet32_npz (the official npz batches), cifar10, folder (your own PNG /
+    # JPEG files, fmjax.data.folder); the 64x64 ones with data.resolution=64. BPD is only
+    # comparable within one source: every reported number names it.
     c.data.source = "imagenet_resized/32x32"
-    c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir / npz folder
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir / npz folder / image folder
+    # side of the square images trained on: a fixed-size source's own (32 or 64); source
+    # folder resizes and centre-crops its files to it
+    c.data.resolution = 32
     c.data.global_batch_size = 1024  # over all devices and processes
     c.data.random_flip = True
     c.data.worker_count = 0  # grain worker processes (0: threads in the main process)

@@ -1,6 +1,7 @@
-"""Flow Matching on 32x32 images (ImageNet 32x32, CIFAR-10).
+"""Flow Matching on images (ImageNet 32x32 and 64x64, CIFAR-10, a folder of your own images)
+at the resolution ``config.data.resolution``.
 
-``python -m experiments.imagenet32`` and ``python -m experiments.cifar10`` run
+``python -m experiments.imagenet32``, ``imagenet64`` and ``cifar10`` run
 :func:`train_and_evaluate` (:mod:`.main`: flags and errors), which notebooks call directly::
 
     from experiments import images

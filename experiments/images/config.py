@@ -44,6 +44,7 @@ class ConfigError(ValueError):
 # "off" or "all"; FID needs two samples for a covariance
 INT_FIELDS = (
     ("data", "global_batch_size", 1),
+    ("data", "resolution", 1),
     ("data", "worker_count", 0),
     ("data", "read_threads", 1),
     ("train", "num_steps", 1),
@@ -146,9 +147,9 @@ def _check_solvers(config) -> None:
 
 def _check_classes(config) -> None:
     m, e = config.model, config.eval
-    if m.num_classes is not None and config.data.source == "downsampled_imagenet/32x32":
+    if m.num_classes is not None and config.data.source.startswith("downsampled_imagenet/"):
         raise ConfigError(
-            "downsampled_imagenet/32x32 has no labels: a class-conditional "
+            f"{config.data.source} has no labels: a class-conditional "
             "model (model.num_classes) needs another source."
         )
     if float(e.guidance_scale) != 1.0 and (m.num_classes is None or float(m.class_dropout) == 0):
@@ -191,6 +192,10 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
             f"{', '.join(sorted(images_lib.SOURCES))}"
         )
     _check_numbers(config)
+    try:  # a source of fixed-size images is read at its size; "folder" at any
+        images_lib.source_resolution(config.data.source, int(config.data.resolution))
+    except ValueError as e:
+        raise ConfigError(f"data.resolution: {e}") from None
     t, e = config.train, config.eval
     _one_of(t.loss_reduction, LOSS_REDUCTIONS, "train.loss_reduction")
     _one_of(e.probe, fmjax.likelihood.PROBES, "eval.probe")
@@ -234,10 +239,14 @@ def _superres(config) -> dict | None:
 
 
 def check_trained_as(config, meta: dict, what: str) -> None:
-    """Refuse a checkpoint whose saved config trained another path or prediction: its
-    parameters mean something else (an eps-model's output read as a velocity)."""
+    """Refuse a checkpoint whose saved config trained another path, prediction or resolution:
+    its parameters mean something else (an eps-model's output read as a velocity; attention
+    at other levels of the UNet)."""
     saved = meta["config"]
     diffs = []
+    was = saved["data"].get("resolution", images_lib.IMAGE_SHAPE[0])  # (before data.resolution)
+    if was != config.data.resolution:
+        diffs.append(f"data.resolution={was} (this config: {config.data.resolution})")
     was, now = path_config.path_params(saved["path"]), path_config.path_params(config.path)
     if was[:2] != now[:2]:
         diffs.append(f"path {was[0]} {was[1]} (this config: {now[0]} {now[1]})")

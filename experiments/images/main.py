@@ -1,9 +1,10 @@
-"""The command line of ``python -m experiments.imagenet32`` and ``python -m experiments.cifar10``.
+"""The command line of ``python -m experiments.imagenet32``, ``imagenet64`` and ``cifar10``.
 
 Flags: ``--config`` (file[:preset], fields overridden with ``--config.section.field=...``),
 ``--workdir`` and the multi-host ones. A bad flag or config value, a missing dataset or
-Inception weights file and a non-finite loss end the run with one ``error: ...`` line on
-stderr (exit status 2 for a bad config or flag, 1 otherwise), never a traceback.
+Inception weights file, an image file that cannot be decoded and a non-finite loss end the
+run with one ``error: ...`` line on stderr (exit status 2 for a bad config or flag, 1
+otherwise), never a traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fmjax
 from experiments.cli import BAD_CONFIG, FAILED, fail, parse
 from experiments.images.config import ConfigError
 from experiments.images.run import train_and_evaluate
+from fmjax.data.folder import ImageFileError
 from fmjax.data.images import DatasetNotFoundError
 from fmjax.metrics.fid import FIDWeightsNotFoundError
 from fmjax.train import NonFiniteLossError
@@ -90,6 +92,8 @@ def run(flag_values: flags.FlagValues = flags.FLAGS, entry: Callable | None = No
         fail(BAD_CONFIG, f"bad config: {e}")
     except DatasetNotFoundError as e:
         fail(FAILED, f"dataset not found: {e}")
+    except ImageFileError as e:
+        fail(FAILED, f"bad image data: {e}")
     except NonFiniteLossError as e:
         fail(FAILED, str(e))
     if jax.process_index() == 0:

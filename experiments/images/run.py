@@ -70,7 +70,8 @@ def train_and_evaluate(
     if config.mode != "train":  # what evaluation needs fails before training, not after it
         fid.check_weights(config)
     if config.mode == "train_and_eval":  # (mode eval finds a missing checkpoint first)
-        images_lib.num_examples(config.data.source, setup.eval_split, data_dir=config.data.data_dir)
+        d = config.data
+        images_lib.num_examples(d.source, setup.eval_split, d.data_dir, int(d.resolution))
     out = {"mode": config.mode, "workdir": os.path.abspath(os.fspath(workdir))}
     state = None
     if config.mode in ("train", "train_and_eval"):

@@ -34,13 +34,14 @@ __all__ = [
     "solver_record",
     "build",
     "build_model",
+    "image_shape",
     "make_optimizer",
     "make_schedule",
     "pairing_place",
     "rounded_up",
 ]
 
-IMAGE_SHAPE = images_lib.IMAGE_SHAPE
+IMAGE_SHAPE = images_lib.IMAGE_SHAPE  # at the default resolution; a run's: Setup.image_shape
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -96,10 +97,15 @@ def rounded_up(n: int, mesh: Mesh) -> int:
     return int(math.ceil(n / k) * k)
 
 
+def image_shape(config) -> tuple[int, int, int]:
+    """``(R, R, 3)`` of ``config.data.resolution``."""
+    return images_lib.image_shape(int(config.data.resolution))
+
+
 def _init_state(model, tx, config, condition=None) -> TrainState:
     k_init, k_train = jax.random.split(jax.random.key(int(config.seed)))
     y = None if config.model.num_classes is None else jnp.zeros((1,), jnp.int32)
-    images = jnp.zeros((1, *IMAGE_SHAPE))
+    images = jnp.zeros((1, *image_shape(config)))
     if condition is not None:
         y = condition(images)
     params = model.init({"params": k_init, "dropout": k_init}, jnp.zeros((1,)), images, y)
@@ -145,6 +151,11 @@ class Setup:
     condition: Callable | None = None
 
     @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(R, R, 3)``: the images of ``data.resolution`` the run trains on and samples."""
+        return image_shape(self.config)
+
+    @property
     def guidance_scale(self) -> float | None:
         """The guidance weight samples are drawn with (None: an unconditional model)."""
         if self.config.model.num_classes is None:
@@ -182,7 +193,7 @@ class Setup:
         Class-conditional models get labels ``0, 1, 2, ...`` (mod num_classes), sampled with
         classifier-free guidance of weight ``eval.guidance_scale`` against the null class.
         ``cond``: the conditions of a :attr:`condition` model, one row per image (``num``
-        rows, divisible over ``mesh``). Returns ``(images (num, 32, 32, 3) numpy, stats)``;
+        rows, divisible over ``mesh``). Returns ``(images (num, R, R, 3) numpy, stats)``;
         a failed solve does not raise (check ``stats.success``)."""
         n = num if cond is not None else rounded_up(num, mesh)
         if cond is not None:
@@ -196,9 +207,9 @@ class Setup:
 
     def source_noise(self, key: jax.Array, n: int, mesh: Mesh) -> jax.Array:
         """``n`` draws of the path's source ``N(0, source_std^2 I)``, split over ``mesh``."""
-        s0 = self.source_std
+        s0, shape = self.source_std, self.image_shape
         draw = jax.jit(
-            lambda k: s0 * jax.random.normal(k, (n, *IMAGE_SHAPE)),
+            lambda k: s0 * jax.random.normal(k, (n, *shape)),
             out_shardings=sharding_lib.data_sharding(mesh),
         )
         return draw(key)
@@ -227,6 +238,7 @@ class Setup:
             "random_flip": bool(d.random_flip),
             "worker_count": int(d.worker_count),
             "read_threads": int(d.read_threads),
+            "resolution": int(d.resolution),
         }
         if pairing_place(c) == "host":  # exact OT in the pipeline's threads (per process)
             conditional = c.model.num_classes is not None

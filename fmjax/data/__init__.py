@@ -1,7 +1,8 @@
-"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz pipelines), with
-the image pipelines' ``sources``, the official downsampled-ImageNet reader ``imagenet_npz``,
-the pixel values' ``quantization``, the input pipeline's minibatch-OT ``pairing`` and the
-low-resolution inputs of super-resolution (``superres``).
+"""Data: ``toy`` (2-D densities as JAX samplers) and ``images`` (TFDS / npz / folder pipelines),
+with the image pipelines' ``sources``, the official downsampled-ImageNet reader
+``imagenet_npz``, the image-folder reader ``folder`` and its array conversion
+``folder_arrays``, the pixel values' ``quantization``, the input pipeline's minibatch-OT
+``pairing`` and the low-resolution inputs of super-resolution (``superres``).
 
 ``images`` imports grain (and opens TFDS through tensorflow-datasets), so it and its
 submodules are loaded only when used.
@@ -11,9 +12,28 @@ import importlib
 
 from fmjax.data import toy
 
-__all__ = ["imagenet_npz", "images", "pairing", "quantization", "sources", "superres", "toy"]
+__all__ = [
+    "folder",
+    "folder_arrays",
+    "imagenet_npz",
+    "images",
+    "pairing",
+    "quantization",
+    "sources",
+    "superres",
+    "toy",
+]
 
-_LAZY = ("imagenet_npz", "images", "pairing", "quantization", "sources", "superres")
+_LAZY = (
+    "folder",
+    "folder_arrays",
+    "imagenet_npz",
+    "images",
+    "pairing",
+    "quantization",
+    "sources",
+    "superres",
+)
 
 
 def __getattr__(name):

@@ -78,7 +78,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["UNet", "cifar10_paper", "count_params", "imagenet32_paper", "tiny"]
+__all__ = ["UNet", "cifar10_paper", "count_params", "imagenet32_paper", "imagenet64_paper", "tiny"]
 
 Dtype = Any
 
@@ -440,6 +440,17 @@ def imagenet32_paper(num_classes: int | None = None, **overrides) -> UNet:
     }
     cfg.update(overrides)
     return UNet(**cfg)
+
+
+def imagenet64_paper(num_classes: int | None = None, **overrides) -> UNet:
+    """ImageNet-64 model of Lipman et al. (2023), Table 3 (as fmjax's docs report it).
+
+    The ImageNet-32 model (:func:`imagenet32_paper`) with channels 192, channel multiplier
+    (1, 2, 3, 4) and attention at resolutions 32, 16 and 8: depth 3, 4 heads / 64 head
+    channels, dropout 0.0, residual up/down sampling and scale-shift norm as there.
+    """
+    cfg = {"ch": 192, "ch_mult": (1, 2, 3, 4), "attn_resolutions": (32, 16, 8)}
+    return imagenet32_paper(num_classes, **{**cfg, **overrides})
 
 
 def cifar10_paper(**overrides) -> UNet:

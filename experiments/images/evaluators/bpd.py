@@ -48,6 +48,7 @@ def eval_batches(setup: Setup, mesh: Mesh) -> Callable:
             split=c.eval.split,
             dequantize=False,
             read_threads=int(c.data.read_threads),
+            resolution=int(c.data.resolution),
         )
 
     del mesh  # the batch size was checked against it with the config
@@ -82,6 +83,8 @@ def _digest(setup, params) -> str:
         "prediction": setup.prediction,
         "t_range": list(setup.t_range),
     }
+    if c.data.source == "folder":  # (the other sources have one resolution)
+        about["resolution"] = int(c.data.resolution)
     return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:12]
 
 

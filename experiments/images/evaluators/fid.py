@@ -43,6 +43,8 @@ def _reference(setup, workdir, num: int) -> tuple[str | None, str | None]:
     if c.eval.fid_reference_stats:
         return c.eval.fid_reference_stats, None
     name = f"fid_reference_stats_{c.data.source.replace('/', '_')}_{num}.npz"
+    if c.data.source == "folder":  # (the other sources have one resolution)
+        name = name.replace(".npz", f"_{int(c.data.resolution)}px.npz")
     cached = os.path.join(os.fspath(workdir), "eval", name)
     if os.path.exists(cached):
         return cached, None

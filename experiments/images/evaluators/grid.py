@@ -18,7 +18,7 @@ __all__ = ["run"]
 
 
 def run(setup: Setup, state: TrainState, mesh: Mesh, workdir: str) -> dict:
-    """``{"images": (n, 32, 32, 3) numpy, "sample_nfe": float}`` (``workdir`` unused: the
+    """``{"images": (n, R, R, 3) numpy, "sample_nfe": float}`` (``workdir`` unused: the
     trainer writes the grid with its other logs)."""
     del workdir
     key = jax.random.fold_in(jax.random.key(int(setup.config.seed)), 7)
