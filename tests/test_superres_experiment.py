@@ -132,7 +132,7 @@ def test_the_step_conditions_on_the_low_resolution_image():
         ({"superres.factor": 3}, "superres.factor=3 must divide data.resolution=32"),
         ({"superres.factor": 1}, "superres.factor must be an integer >= 2"),
         ({"superres.upsample": "lanczos"}, "superres.upsample must be one of"),
-        ({"data.resolution": 256}, "data.resolution=256: this image pipeline yields 32x32"),
+        ({"data.resolution": 256}, "holds 32x32 images, but resolution 256 was asked for"),
         ({"model.num_classes": 10}, "model.num_classes (class labels) is not supported"),
         ({"train.sample_every": 5}, "train.sample_every is not supported"),
         ({"train.coupling": "ot"}, "train.coupling is not supported"),

@@ -21,7 +21,6 @@ from jax.sharding import Mesh
 from experiments.images import Setup
 from experiments.images import setup as images_setup
 from experiments.images.config import ConfigError
-from fmjax.data import images as images_lib
 from fmjax.data import superres as superres_lib
 from fmjax.models.conditioned_unet import image_conditioned
 
@@ -31,9 +30,8 @@ MODES = ("train", "eval", "train_and_eval")
 
 
 def resolution(config) -> int:
-    """The high (output) resolution: ``data.resolution``, or the pipeline's 32 where the
-    config has no such field."""
-    return int(config.data.get("resolution", images_lib.IMAGE_SHAPE[0]))
+    """The high (output) resolution: ``data.resolution``."""
+    return int(config.data.resolution)
 
 
 def _integer(value, name: str, minimum: int) -> int:
@@ -56,13 +54,7 @@ def check(config) -> None:
     ):
         if s[name] not in options:
             raise ConfigError(f"superres.{name} must be one of {options}; got {s[name]!r}.")
-    res = _integer(resolution(config), "data.resolution", 1)
-    pipeline = images_lib.IMAGE_SHAPE[0]
-    if res != pipeline:  # until the pipeline reads data.resolution (issue 23, item 1)
-        raise ConfigError(
-            f"data.resolution={res}: this image pipeline yields {pipeline}x{pipeline} images "
-            f"only; set data.resolution={pipeline} (e.g. the ':tiny' preset)."
-        )
+    res = _integer(resolution(config), "data.resolution", 1)  # the source's: images' check
     if res % factor:
         raise ConfigError(
             f"superres.factor={factor} must divide data.resolution={res} (the low resolution "
@@ -95,7 +87,7 @@ def build(config, mesh: Mesh | None = None, *, progress: bool | None = None) -> 
         downsample_method=s.downsample,
         upsample_method=s.upsample,
     )
-    model = image_conditioned(base.model, channels=images_lib.IMAGE_SHAPE[-1])
+    model = image_conditioned(base.model, channels=base.image_shape[-1])
     setup = dataclasses.replace(base, model=model, condition=condition)
     try:
         shapes = jax.eval_shape(setup.init_state)
