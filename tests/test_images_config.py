@@ -71,7 +71,7 @@ def test_default_configs_are_the_papers_recipe():
         64,
         2048,
     )
-    assert (g.train.num_steps, g.train.learning_rate) == (1_500_000, 1e-4)
+    assert (g.train.num_steps, g.train.learning_rate) == (157_000, 1e-4)
     assert (c.data.resolution, k.data.resolution) == (32, 32)
     tiny64 = images.build(imagenet64_config.get_config("tiny"))  # the model traced at 64x64
     assert tiny64.image_shape == (64, 64, 3)
