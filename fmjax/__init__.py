@@ -10,6 +10,7 @@ import importlib
 
 from fmjax import (
     batching,
+    cnf,
     couplings,
     cpu,
     densities,
@@ -33,6 +34,7 @@ __all__ = [
     "SolverOptions",
     "batching",
     "bits_per_dim",
+    "cnf",
     "couplings",
     "cpu",
     "data",

@@ -14,6 +14,7 @@ CORE = [
     "fmjax.marginals",
     "fmjax.sampling",
     "fmjax.likelihood",
+    "fmjax.cnf",
     "fmjax.ode",
     "fmjax.guidance",
     "fmjax.predictions",
