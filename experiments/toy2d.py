@@ -32,7 +32,7 @@ from fmjax.models import MLP
 
 
 def make_path(cfg):
-    return path_config.make_path(cfg.path)
+    return path_config.make_path(cfg.path, noisy=True)
 
 
 # integer config fields: (section, name, least allowed value)

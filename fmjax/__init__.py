@@ -10,6 +10,7 @@ import importlib
 
 from fmjax import (
     batching,
+    bridges,
     cnf,
     couplings,
     cpu,
@@ -34,6 +35,7 @@ __all__ = [
     "SolverOptions",
     "batching",
     "bits_per_dim",
+    "bridges",
     "cnf",
     "couplings",
     "cpu",

@@ -15,6 +15,7 @@ CORE = [
     "fmjax.sampling",
     "fmjax.likelihood",
     "fmjax.cnf",
+    "fmjax.bridges",
     "fmjax.ode",
     "fmjax.guidance",
     "fmjax.predictions",
