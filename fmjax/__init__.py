@@ -21,6 +21,7 @@ from fmjax import (
     ode,
     paths,
     predictions,
+    reflow,
     schedules,
     solvers,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "ode",
     "paths",
     "predictions",
+    "reflow",
     "sample",
     "schedules",
     "solvers",

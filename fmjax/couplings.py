@@ -342,7 +342,9 @@ def pairing(
     cond: str | None = None,
 ) -> Callable:
     """A batch transform ``prepare(key, batch) -> batch`` that draws source samples for
-    ``batch[data]`` and pairs them with it by ``coupling``, adding them as ``batch["x0"]``.
+    ``batch[data]`` and pairs them with it by ``coupling``, adding them as ``batch["x0"]``
+    (and storing the coupling's x1 as ``batch[data]``: the data as given for the couplings
+    here, the flow's endpoints for :func:`fmjax.reflow.coupling`).
 
     For ``fmjax.train.make_train_step(prepare=...)``: it runs on the whole global batch before
     the batch is split over microbatches or devices, so the pairing is over the whole step's
@@ -367,8 +369,8 @@ def pairing(
         k_draw, k_pair = jax.random.split(key)
         x0 = draw(k_draw, jnp.shape(x1), jnp.result_type(x1))
         kw = {} if cond is None else {"cond": batch[cond]}
-        x0, _ = fn(k_pair, x0, x1, **kw)
-        return {**batch, "x0": x0}
+        x0, x1 = fn(k_pair, x0, x1, **kw)  # x1 as given, but for fmjax.reflow's coupling
+        return {**batch, data: x1, "x0": x0}
 
     return prepare
 

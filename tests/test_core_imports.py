@@ -16,6 +16,7 @@ CORE = [
     "fmjax.likelihood",
     "fmjax.cnf",
     "fmjax.bridges",
+    "fmjax.reflow",
     "fmjax.ode",
     "fmjax.guidance",
     "fmjax.predictions",
