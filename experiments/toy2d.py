@@ -12,6 +12,7 @@ sampling and likelihood, MMD and sliced Wasserstein against fresh data, timings)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -87,7 +88,11 @@ def _check_config(cfg):
             raise ValueError(f"{keys}: {err}") from err
 
 
+@functools.lru_cache(maxsize=8)
 def _velocity(model):
+    """``v(params, t, x)``; one function per (equal, hashable) model, so that the solves of
+    training, reflow and evaluation key their compiled code on the same field."""
+
     def v(params, t, x):
         return model.apply(params, t, x)
 
