@@ -80,11 +80,13 @@ def ml_loss(
       adjoint: 'checkpoint' (backpropagate through the solver) or 'backsolve' (the
         continuous adjoint); see :data:`fmjax.ode.ADJOINTS`.
       base_log_prob: the source log-density (default standard normal).
-      options, **solver_settings: the solve's :class:`fmjax.SolverOptions` (default dopri5
-        at rtol = atol = 1e-5; training usually affords looser tolerances or a fixed-step
-        solver such as ``solver="rk4", steps=8``).
+      options: the solve's :class:`fmjax.SolverOptions` (default dopri5 at rtol = atol =
+        1e-5; training usually affords looser tolerances or a fixed-step solver such as
+        ``solver="rk4", steps=8``).
       t0, t1: the noise and data ends.
       cond: each example's condition for a conditional ``v``.
+      **solver_settings: the fields of :class:`fmjax.SolverOptions` as keywords, instead
+        of ``options``.
 
     Returns:
       ``(loss, stats)``: the mean negative log-likelihood in nats and an :class:`MLStats`.

@@ -42,8 +42,10 @@ def pairs(
     Args:
       v: the trained field ``v(t, x)`` (a ``jax.tree_util.Partial`` of the model).
       x0: ``(B, *event_shape)`` source samples (e.g. ``path.sample_source(key, shape)``).
-      options, **solver_settings: the solve's :class:`fmjax.SolverOptions` or its fields.
+      options: the solve's :class:`fmjax.SolverOptions`.
       t0, t1: the span solved (``path.velocity_range(prediction)`` for a converted model).
+      **solver_settings: the fields of :class:`fmjax.SolverOptions` as keywords, instead
+        of ``options``.
 
     Returns:
       ``(x0, x1_hat)``, both of x0's shape; ``x1_hat`` is held out of differentiation
