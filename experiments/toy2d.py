@@ -218,13 +218,14 @@ def evaluate(cfg, model, params, workdir):
 
 def _efficiency(cfg, v, path, span, key, key_ref):
     """Straightness and transport cost (one dopri5 solve) and the sweep of solvers and step
-    counts from the same source samples, with the MMD of each against fresh data."""
+    counts from the same source samples, with the MMD of each against fresh data (no sweep
+    with ``eval.sweep=False``: reflow rounds measure straightness still)."""
     e = cfg.eval
     x0 = path.sample_source(key, (e.sweep_samples, 2))
     ref = toy.sample(cfg.dataset, key_ref, e.sweep_samples)
     t0 = time.perf_counter()
     flow = efficiency.straightness(v, x0, rtol=e.rtol, atol=e.atol, **span)
-    records = efficiency.sweep(
+    records = e.sweep and efficiency.sweep(
         v,
         x0,
         steps=tuple(e.sweep_steps),
@@ -302,8 +303,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         "backend": jax.default_backend(),
         **family.nfe_summary(history),
     }
-    if curve is not None:
-        metrics["nll_curve"] = curve.records
+    if curve is not None:  # its evaluations are not training time
+        metrics["train_seconds"] = seconds - curve.paused
+        metrics["train_steps_per_s"] = config.train.num_steps / metrics["train_seconds"]
+        metrics.update(nll_curve=curve.records, nll_curve_seconds=curve.paused)
     rounds = None
     if config.reflow:  # straightness and sweep per round, from the same keys as evaluate's
         span = path.velocity_range("velocity", config.eval.t_margin)
@@ -318,7 +321,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         )
         metrics["reflow_rounds"] = family.summarize_rounds(rounds)
     metrics.update(evaluate(config, model, state.ema_params, workdir))
-    if rounds is not None:
+    if rounds is not None and config.eval.sweep:
         family.plot_rounds(os.path.join(workdir, "reflow_rounds.png"), rounds)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

@@ -170,7 +170,8 @@ def optimizer(num_steps, learning_rate, warmup_steps):
 
 class NLLCurve:
     """``on_step`` hook: the held-out NLL of the current (not EMA) parameters every
-    ``eval.nll_every`` steps against training seconds (the hook's own time left out)."""
+    ``eval.nll_every`` steps against training seconds since it was made (compilation
+    included, the hook's own time, ``paused``, left out)."""
 
     def __init__(self, cfg, path, v):
         e = cfg.eval
@@ -184,6 +185,7 @@ class NLLCurve:
         del metrics
         if not self.every or step % self.every:
             return
+        jax.block_until_ready(state.params)  # (dispatch is asynchronous: the steps' time)
         t_hook = time.perf_counter()
         seconds = t_hook - self.start - self.paused
         self.records.append({"step": int(step), "train_seconds": seconds, **self.nll(state.params)})
@@ -305,11 +307,13 @@ def summarize_rounds(records) -> list[dict]:
     MMD and NFE, for metrics.json."""
     out = []
     for rec in records:
-        euler = {s["steps"]: s["mmd"] for s in rec["sweep"] if s["solver"] == "euler"}
         keep = {k: rec[k] for k in rec if k != "sweep"}
-        ref = rec["sweep"][-1]  # the tight dopri5 reference solve
-        keep.update(mmd_dopri5=ref["mmd"], nfe_dopri5=ref["nfe"])
-        out.append({**keep, "mmd_euler": {str(n): m for n, m in euler.items()}})
+        if rec["sweep"]:  # (eval.sweep=False: none)
+            euler = {s["steps"]: s["mmd"] for s in rec["sweep"] if s["solver"] == "euler"}
+            ref = rec["sweep"][-1]  # the tight dopri5 reference solve
+            keep.update(mmd_dopri5=ref["mmd"], nfe_dopri5=ref["nfe"])
+            keep["mmd_euler"] = {str(n): m for n, m in euler.items()}
+        out.append(keep)
     return out
 
 

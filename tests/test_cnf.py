@@ -62,24 +62,9 @@ def test_ml_gradient_of_linear_field_is_closed_form(problem, adjoint):
     assert int(stats.nfe_backward) == int(stats.nfe) == 4 * 32
 
 
-def test_hutchinson_loss_is_unbiased_for_linear_field(problem):
-    """Rademacher probes: eps^T A eps has mean tr A; averaged over 64 probes the loss is the
-    closed form within a few standard errors, and the key is required."""
+def test_bad_arguments_are_refused(problem):
     params, x1 = problem
     field = jax.tree_util.Partial(linear_field, params)
-    exact = closed_form_nll(params, x1)
-    est, _ = cnf.ml_loss(
-        field,
-        x1,
-        divergence="hutchinson",
-        key=jax.random.key(2),
-        num_probes=64,
-        solver="rk4",
-        steps=16,
-    )
-    # per example: (eps^T A eps - tr A) = 2 eps_1 eps_2 (A12 + A21)/2, variance (A12+A21)^2
-    se = abs(float(params[0][0, 1] + params[0][1, 0])) / np.sqrt(64 * x1.shape[0])
-    assert abs(float(est) - float(exact)) < 4 * se + 1e-6
     with pytest.raises(ValueError, match="needs a PRNG key"):
         cnf.ml_loss(field, x1, divergence="hutchinson", solver="rk4", steps=4)
     with pytest.raises(ValueError, match="adjoint must be one of"):
