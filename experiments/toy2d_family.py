@@ -44,6 +44,11 @@ def check_config(cfg, path) -> None:
         raise ValueError(f"coupling must be one of {COUPLINGS}; got {cfg.coupling!r}.")
     if cfg.coupling == "entropic" and not hasattr(path, "coupling"):
         raise ValueError("coupling='entropic' is the sb_cfm path's own: set path.name=sb_cfm.")
+    if cfg.objective == "ml" and cfg.coupling != "independent":
+        raise ValueError(
+            "objective=ml fits the data's density: it has no coupling; got "
+            f"coupling={cfg.coupling!r}."
+        )
     integer(cfg.reflow, "reflow", minimum=0)
     velocity_only = [("objective=ml", cfg.objective == "ml"), ("reflow", cfg.reflow > 0)]
     for what, on in velocity_only:

@@ -78,6 +78,7 @@ def test_noisy_interpolant_with_its_entropic_coupling_trains():
         ({"reflow": 1, "train.prediction": "x1"}, "reflow trains a velocity model"),
         ({"objective": "ml", "train.prediction": "eps"}, "objective=ml trains a velocity"),
         ({"ml.adjoint": "forward"}, "ml.adjoint must be one of"),
+        ({"objective": "ml", "coupling": "ot"}, "objective=ml fits the data's density"),
         ({"ml.solver": "rk4", "ml.steps": 0}, "ml.solver / ml.steps"),
         ({"reflow": -1}, "reflow must be"),
         ({"reflow": 1, "reflow_round.num_steps": 15}, "reflow_round.num_steps"),
