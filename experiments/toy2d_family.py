@@ -73,6 +73,7 @@ def check_config(cfg, path) -> None:
     for name in ("num_steps", "num_pairs", "batch_size"):
         integer(r[name], f"reflow_round.{name}")
     real(r.learning_rate, "reflow_round.learning_rate", low=0.0, low_open=True)
+    real(r.ema_decay, "reflow_round.ema_decay", low=0.0, high=1.0, high_open=True)
     real(r.rtol, "reflow_round.rtol", low=0.0, low_open=True)
     if cfg.reflow and r.num_steps % cfg.train.steps_per_call:
         raise ValueError(
@@ -257,7 +258,8 @@ def reflow_rounds(cfg, state, v, path, efficiency_fn, *, progress, log_fn):
                 jax.tree_util.Partial(v, p), linear, kl, batch["x1"], x0=batch["x0"]
             )
 
-        # from the previous weights (EMA), a fresh optimizer and EMA for the round
+        # from the previous weights (EMA), a fresh optimizer and EMA for the round; the EMA
+        # starts at the previous field, so its decay must forget it within the round
         tx = optimizer(r.num_steps, r.learning_rate, min(cfg.train.warmup_steps, r.num_steps - 1))
         state = fmjax.train.TrainState.create(state.ema_params, tx, k_state)
         state, _, seconds = fit(
@@ -266,7 +268,7 @@ def reflow_rounds(cfg, state, v, path, efficiency_fn, *, progress, log_fn):
             loss_fn,
             data_fn,
             r.num_steps,
-            cfg.train.ema_decay,
+            r.ema_decay,
             tx,
             progress=progress,
             log_fn=log_fn,
