@@ -1,7 +1,8 @@
 """The ``path`` section of the experiment configs: the probability path and its parameters.
 
 ``path.name`` is one of :func:`fmjax.paths.get`'s names. ``cond_ot`` reads ``path.sigma_min``;
-``ve``, ``vp`` and ``polynomial`` read their own sub-sections (``path.ve.sigma_max=80``, ...),
+``ve``, ``vp``, ``polynomial`` and ``sb_cfm`` read their own sub-sections
+(``path.ve.sigma_max=80``, ``path.sb_cfm.sigma=0.5``, ...),
 filled with the paths' defaults by :func:`add_fields`; ``rectified_flow`` and ``cosine`` take
 no parameters.
 """
@@ -13,12 +14,14 @@ import dataclasses
 import ml_collections
 
 import fmjax
+import fmjax.bridges
 
 # the sub-section of each parameterised path (cond_ot keeps its flat path.sigma_min)
 SECTIONS = {
     "ve": {f.name: f.default for f in dataclasses.fields(fmjax.paths.VE)},
     "vp": {f.name: f.default for f in dataclasses.fields(fmjax.paths.VP)},
     "polynomial": {"n": 2.0, "eps": 1e-5},
+    "sb_cfm": {f.name: f.default for f in dataclasses.fields(fmjax.bridges.SchrodingerBridge)},
 }
 
 
@@ -42,10 +45,16 @@ def path_params(path_cfg) -> tuple[str, dict[str, float], str]:
     return name, {}, "path"
 
 
-def make_path(path_cfg):
+def make_path(path_cfg, *, noisy: bool = False):
     """The configured path; ``ValueError`` naming the field for an unknown name or a bad
-    parameter."""
+    parameter. ``noisy``: the caller's loss draws the noise of ``sb_cfm`` (the noisy
+    interpolant, :class:`fmjax.bridges.SchrodingerBridge`); otherwise it is refused."""
     name, kwargs, where = path_params(path_cfg)
+    if name == "sb_cfm" and not noisy:
+        raise ValueError(
+            "path.name='sb_cfm' (the noisy interpolant) is trained by toy2d only: this "
+            "experiment's step does not draw the interpolant's noise."
+        )
     try:
         return fmjax.paths.get(name, **kwargs)
     except (TypeError, ValueError) as e:

@@ -8,10 +8,13 @@ Writes to the work dir: ``samples.png`` (model samples beside data), ``trajector
 in nats with exact divergence and dopri5, the data's true entropy where known, NFE of
 sampling and likelihood, MMD and sliced Wasserstein against fresh data, timings) and
 ``config.json``. :func:`train_and_evaluate` is the library entry point notebooks call.
+``--config.objective=ml``, ``--config.reflow=K``, ``--config.path.name=sb_cfm`` and
+``--config.eval.nll_every=N`` run the rest of the flow family (:mod:`experiments.toy2d_family`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,10 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import fmjax
 from experiments import cli, path_config
+from experiments import toy2d_family as family
 from experiments.plots import plot_sweep
 from fmjax.checks import integer, real
 from fmjax.data import toy
@@ -32,7 +35,7 @@ from fmjax.models import MLP
 
 
 def make_path(cfg):
-    return path_config.make_path(cfg.path)
+    return path_config.make_path(cfg.path, noisy=True)
 
 
 # integer config fields: (section, name, least allowed value)
@@ -62,6 +65,7 @@ def _check_config(cfg):
         make_path(cfg).velocity_range(t.prediction, cfg.eval.t_margin)
     except ValueError as err:
         raise ValueError(f"eval.t_margin: {err}") from None
+    family.check_config(cfg, make_path(cfg))
     if t.warmup_steps >= t.num_steps:
         raise ValueError(
             f"train.warmup_steps ({t.warmup_steps}) must be below train.num_steps ({t.num_steps})."
@@ -86,67 +90,43 @@ def _check_config(cfg):
             raise ValueError(f"{keys}: {err}") from err
 
 
+@functools.lru_cache(maxsize=8)
 def _velocity(model):
+    """``v(params, t, x)``; one function per (equal, hashable) model, so that the solves of
+    training, reflow and evaluation key their compiled code on the same field."""
+
     def v(params, t, x):
         return model.apply(params, t, x)
 
     return v
 
 
-def train(cfg, *, progress=True, log_fn=None):
-    """Train the MLP velocity field; returns ``(model, state, history, seconds)``."""
-    _check_config(cfg)
-    path = make_path(cfg)
-    model = MLP(
+def make_model(cfg):
+    return MLP(
         hidden=cfg.model.hidden,
         depth=cfg.model.depth,
         activation=cfg.model.activation,
         time_embedding=cfg.model.time_embedding,
     )
+
+
+def train(cfg, *, progress=True, log_fn=None, on_step=None):
+    """Train the MLP (``config.objective``: flow matching or maximum likelihood); returns
+    ``(model, state, history, seconds)``. ``on_step``: :func:`fmjax.train.fit`'s hook."""
+    _check_config(cfg)
+    path = make_path(cfg)
+    model = make_model(cfg)
     key = jax.random.key(cfg.seed)
     k_init, k_train = jax.random.split(key)
     params = model.init(k_init, jnp.zeros((1,)), jnp.zeros((1, 2)))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        cfg.train.learning_rate,
-        cfg.train.warmup_steps,
-        cfg.train.num_steps,
-        end_value=cfg.train.learning_rate * 0.01,
-    )
-    tx = optax.adam(schedule)
+    tx = family.optimizer(cfg.train.num_steps, cfg.train.learning_rate, cfg.train.warmup_steps)
     state = fmjax.train.TrainState.create(params, tx, k_train)
-    v = _velocity(model)
-
-    def loss_fn(p, k, x1):
-        return fmjax.losses.cfm_loss(
-            jax.tree_util.Partial(v, p),
-            path,
-            k,
-            x1,
-            coupling=cfg.coupling,
-            prediction=cfg.train.prediction,
-        )
-
-    def data_fn(k):
-        return toy.sample(cfg.dataset, k, cfg.train.batch_size)
-
-    run = fmjax.train.make_fused_train_steps(
-        loss_fn, tx, data_fn, cfg.train.steps_per_call, ema_decay=cfg.train.ema_decay
-    )
-    t0 = time.perf_counter()
-    state, history = fmjax.train.fit(
-        state,
-        run,
-        None,
-        cfg.train.num_steps,
-        log_every=cfg.train.log_every,
-        steps_per_call=cfg.train.steps_per_call,
-        progress=progress,
-        on_log=log_fn,
-        desc="toy2d",
-    )
-    jax.block_until_ready(state)
-    return model, state, history, time.perf_counter() - t0
+    loss_fn, data_fn, ema_decay = family.objective(cfg, path, _velocity(model))
+    state, history, seconds = family.fit(
+        cfg, state, loss_fn, data_fn, cfg.train.num_steps, ema_decay, tx,
+        progress=progress, log_fn=log_fn, on_step=on_step,
+    )  # fmt: skip
+    return model, state, history, seconds
 
 
 def evaluate(cfg, model, params, workdir):
@@ -240,13 +220,14 @@ def evaluate(cfg, model, params, workdir):
 
 def _efficiency(cfg, v, path, span, key, key_ref):
     """Straightness and transport cost (one dopri5 solve) and the sweep of solvers and step
-    counts from the same source samples, with the MMD of each against fresh data."""
+    counts from the same source samples, with the MMD of each against fresh data (no sweep
+    with ``eval.sweep=False``: reflow rounds measure straightness still)."""
     e = cfg.eval
     x0 = path.sample_source(key, (e.sweep_samples, 2))
     ref = toy.sample(cfg.dataset, key_ref, e.sweep_samples)
     t0 = time.perf_counter()
     flow = efficiency.straightness(v, x0, rtol=e.rtol, atol=e.atol, **span)
-    records = efficiency.sweep(
+    records = e.sweep and efficiency.sweep(
         v,
         x0,
         steps=tuple(e.sweep_steps),
@@ -309,18 +290,41 @@ def _plot(cfg, workdir, samples, ref, traj, grid_logp, metrics):
 
 def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
     """Train on ``config.dataset``, evaluate the EMA parameters, write everything to workdir."""
+    _check_config(config)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    model, state, history, seconds = train(config, progress=progress)
+    path, v = make_path(config), _velocity(make_model(config))
+    curve = family.NLLCurve(config, path, v) if config.eval.nll_every else None
+    model, state, history, seconds = train(config, progress=progress, on_step=curve)
     metrics = {
         "train_seconds": seconds,
         "train_steps_per_s": config.train.num_steps / seconds,
         "final_loss": history[-1]["loss_mean"] if history else None,
         "num_params": state.num_params(),
         "backend": jax.default_backend(),
+        **family.nfe_summary(history),
     }
+    if curve is not None:  # its evaluations are not training time
+        metrics["train_seconds"] = seconds - curve.paused
+        metrics["train_steps_per_s"] = config.train.num_steps / metrics["train_seconds"]
+        metrics.update(nll_curve=curve.records, nll_curve_seconds=curve.paused)
+    rounds = None
+    if config.reflow:  # straightness and sweep per round, from the same keys as evaluate's
+        span = path.velocity_range("velocity", config.eval.t_margin)
+        keys = jax.random.split(jax.random.key(config.seed + 1), 8)[6:]
+
+        def round_efficiency(params):
+            u = path.velocity_field(jax.tree_util.Partial(v, params), "velocity")
+            return _efficiency(config, u, path, {"t0": span[0], "t1": span[1]}, *keys)
+
+        state, rounds = family.reflow_rounds(
+            config, state, v, path, round_efficiency, progress=progress, log_fn=None
+        )
+        metrics["reflow_rounds"] = family.summarize_rounds(rounds)
     metrics.update(evaluate(config, model, state.ema_params, workdir))
+    if rounds is not None and config.eval.sweep:
+        family.plot_rounds(os.path.join(workdir, "reflow_rounds.png"), rounds)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "train_log.jsonl"), "w") as f:

@@ -10,6 +10,8 @@ import importlib
 
 from fmjax import (
     batching,
+    bridges,
+    cnf,
     couplings,
     cpu,
     densities,
@@ -19,6 +21,7 @@ from fmjax import (
     ode,
     paths,
     predictions,
+    reflow,
     schedules,
     solvers,
 )
@@ -33,6 +36,8 @@ __all__ = [
     "SolverOptions",
     "batching",
     "bits_per_dim",
+    "bridges",
+    "cnf",
     "couplings",
     "cpu",
     "data",
@@ -46,6 +51,7 @@ __all__ = [
     "ode",
     "paths",
     "predictions",
+    "reflow",
     "sample",
     "schedules",
     "solvers",

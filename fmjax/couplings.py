@@ -41,6 +41,7 @@ __all__ = [
     "COUPLINGS",
     "METHODS",
     "EXACT_SOLVERS",
+    "entropic_ot",
     "exact_ot_assignment",
     "exact_ot_permutation",
     "get",
@@ -247,10 +248,18 @@ def _event_size(x) -> int:
     return int(np.prod(jnp.shape(x)[1:]))
 
 
-def sinkhorn_scores(cost, *, reg: float = 0.05, num_iters: int = 2000, threshold: float = 1e-3):
+def sinkhorn_scores(
+    cost,
+    *,
+    reg: float = 0.05,
+    num_iters: int = 2000,
+    threshold: float = 1e-3,
+    relative: bool = True,
+):
     """``log P`` of the entropic OT plan ``P`` (uniform marginals) for ``cost``, from ott-jax.
 
-    ``reg`` is the entropic regularisation relative to the mean cost (scale-free). Returned in
+    ``reg`` is the entropic regularisation relative to the mean cost (scale-free), or with
+    ``relative=False`` the regularisation epsilon itself, in the cost's units. Returned in
     the log domain, ``(f_i + g_j - C_ij) / eps``, so entries stay finite where ``P``
     underflows; the Sinkhorn iterations stop at ``threshold`` (marginal error) or
     ``num_iters``."""
@@ -258,7 +267,8 @@ def sinkhorn_scores(cost, *, reg: float = 0.05, num_iters: int = 2000, threshold
     from ott.geometry import geometry
     from ott.solvers import linear
 
-    geom = geometry.Geometry(cost_matrix=cost, epsilon=reg, scale_cost="mean")
+    scale = "mean" if relative else 1.0
+    geom = geometry.Geometry(cost_matrix=cost, epsilon=reg, scale_cost=scale)
     out = linear.solve(geom, threshold=threshold, max_iterations=num_iters)
     return (out.f[:, None] + out.g[None, :] - geom.cost_matrix) / geom.epsilon
 
@@ -363,6 +373,53 @@ def minibatch_ot(
     return jnp.where(finite, x0[perm], jnp.nan), x1
 
 
+def entropic_ot(
+    key,
+    x0,
+    x1,
+    *,
+    epsilon: float,
+    cond=None,
+    num_iters: int = 2000,
+    threshold: float = 1e-3,
+):
+    """Re-pair x0 with x1 by a draw from the entropic OT plan ``pi_epsilon`` of the batch;
+    returns ``(x0[perm], x1)``: the coupling of Schrödinger-bridge CFM (Tong et al. 2024), whose
+    plan with ``epsilon = 2 sigma^2`` is the static Schrödinger bridge of a Brownian motion of
+    diffusion ``sigma`` (:class:`fmjax.bridges.SchrodingerBridge` builds it).
+
+    ``epsilon`` is absolute (in the squared-distance cost's units, as in the paper), not
+    relative to the mean cost as :func:`minibatch_ot`'s ``reg``. Each column ``j`` draws its
+    row from ``P[:, j]`` by the Gumbel-max trick (``log P + Gumbel`` noise from ``key``), and
+    the perturbed scores are rounded to a permutation by :func:`round_to_permutation`: where
+    the draws of two columns collide, one takes its next-best row. So the pairs are random,
+    as the plan says (rounding the plan itself would pick its mode: the deterministic OT
+    assignment for small epsilon), and every source sample is used once (drawing rows
+    independently duplicates and drops source points, torchcfm #142, so the batch's x0
+    would no longer be N(0, I) draws). Integer labels ``cond`` restrict the pairs to a
+    class, as in :func:`minibatch_ot`; float contexts are not supported here."""
+    _check_pair(x0, x1)
+    epsilon = real(epsilon, "epsilon", low=0.0, low_open=True)
+    if key is None:
+        raise ValueError("entropic_ot draws its pairs: it needs a PRNG key; got key=None.")
+    allowed = None
+    if cond is not None:
+        _check_cond(cond, jnp.shape(x1)[0], None)
+        if not _is_labels(cond):
+            raise ValueError(
+                "entropic_ot pairs within classes of integer labels (B,); got cond of "
+                f"dtype {jnp.result_type(cond)} and shape {jnp.shape(cond)}."
+            )
+        allowed = cond[:, None] == cond[None, :]
+    cost = ot_cost_matrix(jax.lax.stop_gradient(x0), jax.lax.stop_gradient(x1))
+    scores = sinkhorn_scores(
+        cost, reg=epsilon, num_iters=num_iters, threshold=threshold, relative=False
+    )
+    noise = jax.random.gumbel(key, scores.shape, scores.dtype)
+    perm = round_to_permutation(scores + noise, allowed)
+    return x0[perm], x1
+
+
 def pairing(
     coupling: str | Callable = "ot",
     *,
@@ -371,7 +428,9 @@ def pairing(
     cond: str | None = None,
 ) -> Callable:
     """A batch transform ``prepare(key, batch) -> batch`` that draws source samples for
-    ``batch[data]`` and pairs them with it by ``coupling``, adding them as ``batch["x0"]``.
+    ``batch[data]`` and pairs them with it by ``coupling``, adding them as ``batch["x0"]``
+    (and storing the coupling's x1 as ``batch[data]``: the data as given for the couplings
+    here, the flow's endpoints for :func:`fmjax.reflow.coupling`).
 
     For ``fmjax.train.make_train_step(prepare=...)``: it runs on the whole global batch before
     the batch is split over microbatches or devices, so the pairing is over the whole step's
@@ -396,8 +455,8 @@ def pairing(
         k_draw, k_pair = jax.random.split(key)
         x0 = draw(k_draw, jnp.shape(x1), jnp.result_type(x1))
         kw = {} if cond is None else {"cond": batch[cond]}
-        x0, _ = fn(k_pair, x0, x1, **kw)
-        return {**batch, "x0": x0}
+        x0, x1 = fn(k_pair, x0, x1, **kw)  # x1 as given, but for fmjax.reflow's coupling
+        return {**batch, data: x1, "x0": x0}
 
     return prepare
 

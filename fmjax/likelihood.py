@@ -138,12 +138,16 @@ def _log_likelihood_impl(
     t0,
     t1,
     chunk_size,
+    adjoint,
 ):
     probes = None
     if divergence == "hutchinson":
         probes = _draw_probes(key, (num_probes,) + x1.shape, probe, x1.dtype)
 
-    def field(t, state, probes):
+    # the field, its conditions and the probes go to the solve as args, not in a closure:
+    # the continuous adjoint differentiates only args, y0 and the term
+    def field(t, state, args):
+        v, cond, probes = args
         x, _ = state
 
         def f(y):
@@ -158,7 +162,9 @@ def _log_likelihood_impl(
         return dx, div
 
     y0 = (x1, jnp.zeros((x1.shape[0],), x1.dtype))
-    (latent, delta), _, stats = ode.solve(field, y0, t0=t1, t1=t0, options=options, args=probes)
+    (latent, delta), _, stats = ode.solve(
+        field, y0, t0=t1, t1=t0, options=options, args=(v, cond, probes), adjoint=adjoint
+    )
     base = base_log_prob(latent) if base_log_prob is not None else standard_normal_log_prob(latent)
     if jnp.shape(base) != jnp.shape(delta):
         raise ValueError(
@@ -182,6 +188,7 @@ _log_likelihood = jit_with_cpu_options(
         "t0",
         "t1",
         "chunk_size",
+        "adjoint",
     ),
 )
 
@@ -203,6 +210,7 @@ def log_likelihood(
     mesh=None,
     cond=None,
     throw: bool = True,
+    adjoint: str = "checkpoint",
     **solver_settings,
 ):
     """Log-density ``log p_{t1}(x1)`` of the flow of ``v`` started from ``base_log_prob``.
@@ -232,6 +240,10 @@ def log_likelihood(
         pytree of arrays with leading size B, split over ``mesh`` with ``x1``): the result is
         ``log p(x1[i] | cond[i])``. ``None`` (default): ``v(t, x)``.
       throw: outside jit, raise if the solve failed; inside jit check ``stats.success``.
+      adjoint: how ``jax.grad`` differentiates the solve, a name of
+        :data:`fmjax.ode.ADJOINTS`: 'checkpoint' (backpropagation through the solver's
+        steps, default) or 'backsolve' (the continuous adjoint); see
+        :func:`fmjax.cnf.ml_loss`, the maximum-likelihood loss built on this.
       **solver_settings: the fields of :class:`fmjax.ode.SolverOptions` as keywords
         (``solver="rk4", steps=10``), instead of ``options``.
 
@@ -252,6 +264,8 @@ def log_likelihood(
         if hutchinson_mode not in ("jvp", "vjp"):
             raise ValueError(f"hutchinson_mode must be 'jvp' or 'vjp'; got {hutchinson_mode!r}.")
     chunk_size = integer(chunk_size, "chunk_size", allow_none=True)
+    if adjoint not in ode.ADJOINTS:
+        raise ValueError(f"adjoint must be one of {ode.ADJOINTS}; got {adjoint!r}.")
     options = solver_options(options, **solver_settings)
     ode.check_times(t0, t1, options)
     check_span(t0, t1)
@@ -272,6 +286,7 @@ def log_likelihood(
         t0=float(t0),
         t1=float(t1),
         chunk_size=chunk_size,
+        adjoint=adjoint,
     )
     if throw:
         ode.raise_if_failed(stats, "fmjax.log_likelihood")

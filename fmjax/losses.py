@@ -104,7 +104,9 @@ def cfm_loss(
     Args:
       v: the vector field ``v(t, x)`` being trained (e.g. ``lambda t, x: model.apply(p, t, x)``),
         or with ``cond`` a conditional ``v(t, x, cond)``.
-      path: a :mod:`fmjax.paths` path.
+      path: a :mod:`fmjax.paths` path, or the noisy interpolant
+        :class:`fmjax.bridges.SchrodingerBridge` (its noise ``z`` is drawn from ``key``;
+        pass ``coupling=path.coupling`` for SB-CFM's entropic coupling).
       key: PRNG key for x0 ~ N(0, I), t and the coupling (whichever are not given).
       x1: data batch ``(B, *event_shape)``.
       x0: optional source samples (default standard normal).
@@ -151,7 +153,17 @@ def cfm_loss(
                 "conditions it must re-pair x0 and return x1 as given (cond[i] belongs to "
                 "x1[i]), as fmjax.couplings do."
             )
-    if prediction == "velocity":
+    if getattr(path, "needs_noise", False):  # the noisy interpolant (fmjax.bridges)
+        if prediction != "velocity":
+            raise ValueError(
+                f"cfm_loss: the path {path!r} trains velocity models only; got "
+                f"prediction={prediction!r}."
+            )
+        if key is None:
+            raise ValueError(f"cfm_loss: the path {path!r} draws noise: it needs a PRNG key.")
+        noise = jax.random.normal(jax.random.fold_in(key, 3), x1.shape, x1.dtype)
+        xt, target = path.interpolate_and_target(x0, x1, t, noise)
+    elif prediction == "velocity":
         xt, target = path.interpolate_and_target(x0, x1, t)
     else:
         xt = path.interpolate(x0, x1, t)

@@ -46,15 +46,39 @@ from fmjax.solvers import (
 
 __all__ = [
     "ADAPTIVE_SOLVERS",
+    "ADJOINTS",
     "FIXED_SOLVERS",
     "SOLVERS",
     "SolveStats",
     "SolverOptions",
     "check_derivative",
+    "make_adjoint",
     "check_save_times",
     "raise_if_failed",
     "solve",
 ]
+
+
+#: Reverse-mode derivatives of a solve by name (``adjoint=`` of :func:`solve` and
+#: :func:`fmjax.log_likelihood`): ``"checkpoint"`` backpropagates through the solver's steps
+#: (:class:`diffrax.RecursiveCheckpointAdjoint`: exact gradients of the discrete solve,
+#: memory bounded by recomputation); ``"backsolve"`` solves the continuous adjoint equations
+#: backwards in time (:class:`diffrax.BacksolveAdjoint`, Chen et al. 2018: the solver and
+#: step control of the forward solve, constant memory, gradients exact only up to the
+#: solver's error).
+ADJOINTS = ("checkpoint", "backsolve")
+
+
+def make_adjoint(adjoint):
+    """The diffrax adjoint for a name of :data:`ADJOINTS`; a diffrax adjoint or None is
+    returned as given."""
+    if adjoint is None or isinstance(adjoint, diffrax.AbstractAdjoint):
+        return adjoint
+    if adjoint == "checkpoint":
+        return diffrax.RecursiveCheckpointAdjoint()
+    if adjoint == "backsolve":
+        return diffrax.BacksolveAdjoint()
+    raise ValueError(f"adjoint must be one of {ADJOINTS} or a diffrax adjoint; got {adjoint!r}.")
 
 
 class SolveStats(NamedTuple):
@@ -167,9 +191,12 @@ def solve(
 
     The solver settings are ``options``, a :class:`SolverOptions`, or its fields given as
     keywords (``solver="rk4", steps=50``), not both. ``adjoint`` is diffrax's (default
-    :class:`diffrax.RecursiveCheckpointAdjoint`).
+    :class:`diffrax.RecursiveCheckpointAdjoint`) or a name of :data:`ADJOINTS`; with
+    ``"backsolve"`` gradients reach only ``y0``, ``args`` and the field's own pytree leaves,
+    so pass parameters through ``args``, not a closure.
     """
     options = solver_options(options, **settings)
+    adjoint = make_adjoint(adjoint)
     check_times(t0, t1, options)
     check_save_times(save_times, t0, t1)
     solver = options.solver

@@ -374,6 +374,12 @@ def polynomial(n: float, eps: float = 1e-5) -> AffinePath:
     )
 
 
+def _sb_cfm(**kwargs):
+    from fmjax.bridges import SchrodingerBridge  # builds on this module
+
+    return SchrodingerBridge(**kwargs)
+
+
 _NAMED = {
     "cond_ot": CondOT,
     "ve": VE,
@@ -381,12 +387,15 @@ _NAMED = {
     "rectified_flow": rectified_flow,
     "cosine": cosine,
     "polynomial": polynomial,
+    "sb_cfm": _sb_cfm,
 }
 
 
 def get(name: str, **kwargs) -> GaussianPath:
     """Build a path by name (``cond_ot``, ``ve``, ``vp``, ``rectified_flow``, ``cosine``,
-    ``polynomial``) with keyword hyper-parameters — the hook for config files."""
+    ``polynomial``, or ``sb_cfm``: the noisy interpolant
+    :class:`fmjax.bridges.SchrodingerBridge`) with keyword hyper-parameters — the hook for
+    config files."""
     if name not in _NAMED:
         raise ValueError(f"unknown path {name!r}; known paths: {sorted(NAMES)}.")
     return _NAMED[name](**kwargs)

@@ -1,0 +1,332 @@
+"""The rest of the flow family on toy2d: maximum-likelihood training, reflow rounds and the
+noisy interpolant, beside the flow-matching job of :mod:`experiments.toy2d`.
+
+- ``--config.objective=ml`` trains the same MLP by maximum likelihood
+  (:func:`fmjax.cnf.ml_loss`; settings in ``config.ml``), recording the solver's NFE per
+  training step.
+- ``--config.reflow=K`` runs K reflow rounds after the base training (settings in
+  ``config.reflow_round``): each round draws ``num_pairs`` pairs ``(x0, psi(x0))`` from the
+  current flow (:func:`fmjax.reflow.pairs`, stored), and retrains on them with the linear
+  path, **from the previous weights** (Liu et al. 2023 initialise each rectified flow from
+  the previous one: the field already carries the marginals, so a short round suffices on
+  a CPU budget; from scratch each round would repeat the base training's cost). Each round
+  records straightness, transport cost and the NFE sweep.
+- ``--config.path.name=sb_cfm --config.path.sb_cfm.sigma=0.5`` trains on the noisy
+  interpolant; ``--config.coupling=entropic`` adds its entropic coupling (SB-CFM).
+- ``--config.eval.nll_every=N`` records the held-out NLL every N steps against training
+  seconds (``nll_curve``; evaluation time is left out of the clock).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fmjax
+from fmjax.checks import integer, real
+from fmjax.data import toy
+
+OBJECTIVES = ("fm", "ml")
+# toy2d's couplings: fmjax.couplings' names, and the path's own (SB-CFM's entropic plan)
+COUPLINGS = (*fmjax.couplings.COUPLINGS, "entropic")
+
+
+def check_config(cfg, path) -> None:
+    """The family's fields; ``ValueError`` naming the field."""
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}; got {cfg.objective!r}.")
+    if cfg.coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}; got {cfg.coupling!r}.")
+    if cfg.coupling == "entropic" and not hasattr(path, "coupling"):
+        raise ValueError("coupling='entropic' is the sb_cfm path's own: set path.name=sb_cfm.")
+    if cfg.objective == "ml" and cfg.coupling != "independent":
+        raise ValueError(
+            "objective=ml fits the data's density: it has no coupling; got "
+            f"coupling={cfg.coupling!r}."
+        )
+    integer(cfg.reflow, "reflow", minimum=0)
+    velocity_only = [("objective=ml", cfg.objective == "ml"), ("reflow", cfg.reflow > 0)]
+    for what, on in velocity_only:
+        if on and cfg.train.prediction != "velocity":
+            raise ValueError(
+                f"{what} trains a velocity model; got train.prediction={cfg.train.prediction!r}."
+            )
+    m = cfg.ml
+    if m.divergence not in fmjax.likelihood.DIVERGENCES:
+        raise ValueError(
+            f"ml.divergence must be one of {fmjax.likelihood.DIVERGENCES}; got {m.divergence!r}."
+        )
+    if m.adjoint not in fmjax.ode.ADJOINTS:
+        raise ValueError(f"ml.adjoint must be one of {fmjax.ode.ADJOINTS}; got {m.adjoint!r}.")
+    integer(m.batch_size, "ml.batch_size")
+    real(m.ema_decay, "ml.ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+    try:
+        ml_solver(cfg)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"ml.solver / ml.steps / ml.rtol / ml.atol: {err}") from None
+    r = cfg.reflow_round
+    for name in ("num_steps", "num_pairs", "batch_size"):
+        integer(r[name], f"reflow_round.{name}")
+    real(r.learning_rate, "reflow_round.learning_rate", low=0.0, low_open=True)
+    real(r.ema_decay, "reflow_round.ema_decay", low=0.0, high=1.0, high_open=True)
+    real(r.rtol, "reflow_round.rtol", low=0.0, low_open=True)
+    if cfg.reflow and r.num_steps % cfg.train.steps_per_call:
+        raise ValueError(
+            f"reflow_round.num_steps ({r.num_steps}) must be a multiple of "
+            f"train.steps_per_call ({cfg.train.steps_per_call})."
+        )
+    integer(cfg.eval.nll_every, "eval.nll_every", minimum=0)
+    integer(cfg.eval.nll_curve_points, "eval.nll_curve_points")
+    if cfg.eval.nll_every and cfg.eval.nll_every % cfg.train.steps_per_call:
+        raise ValueError(
+            f"eval.nll_every ({cfg.eval.nll_every}) must be a multiple of "
+            f"train.steps_per_call ({cfg.train.steps_per_call})."
+        )
+
+
+def ml_solver(cfg) -> fmjax.SolverOptions:
+    """The solve of the maximum-likelihood loss (``config.ml``)."""
+    m = cfg.ml
+    if m.solver in fmjax.ode.FIXED_SOLVERS:
+        return fmjax.SolverOptions(solver=m.solver, steps=m.steps)
+    return fmjax.SolverOptions(solver=m.solver, rtol=m.rtol, atol=m.atol)
+
+
+def objective(cfg, path, v):
+    """``(loss_fn, data_fn, ema_decay)`` of the configured objective on ``cfg.dataset``.
+
+    ``fm`` is the default job's CFM loss (unchanged); ``ml`` the NLL of
+    :func:`fmjax.cnf.ml_loss` with its NFE as metrics ``nfe`` and ``nfe_backward``."""
+    if cfg.objective == "ml":
+        m, options = cfg.ml, ml_solver(cfg)
+        t0, t1 = path.velocity_range("velocity")
+
+        def ml(p, k, x1):
+            loss, stats = fmjax.cnf.ml_loss(
+                jax.tree_util.Partial(v, p),
+                x1,
+                key=k,
+                divergence=m.divergence,
+                adjoint=m.adjoint,
+                options=options,
+                base_log_prob=path.source_log_prob,
+                t0=t0,
+                t1=t1,
+            )
+            return loss, {"nfe": stats.nfe, "nfe_backward": stats.nfe_backward}
+
+        return ml, _sampler(cfg, m.batch_size), m.ema_decay
+
+    coupling = path.coupling if cfg.coupling == "entropic" else cfg.coupling
+
+    def loss_fn(p, k, x1):
+        return fmjax.losses.cfm_loss(
+            jax.tree_util.Partial(v, p),
+            path,
+            k,
+            x1,
+            coupling=coupling,
+            prediction=cfg.train.prediction,
+        )
+
+    return loss_fn, _sampler(cfg, cfg.train.batch_size), cfg.train.ema_decay
+
+
+def _sampler(cfg, batch_size):
+    def data_fn(k):
+        return toy.sample(cfg.dataset, k, batch_size)
+
+    return data_fn
+
+
+def fit(cfg, state, loss_fn, data_fn, num_steps, ema_decay, tx, *, progress, log_fn, on_step):
+    """``fmjax.train.fit`` of the fused steps; returns ``(state, history, seconds)``."""
+    run = fmjax.train.make_fused_train_steps(
+        loss_fn, tx, data_fn, cfg.train.steps_per_call, ema_decay=ema_decay
+    )
+    t0 = time.perf_counter()
+    state, history = fmjax.train.fit(
+        state,
+        run,
+        None,
+        num_steps,
+        log_every=cfg.train.log_every,
+        steps_per_call=cfg.train.steps_per_call,
+        progress=progress,
+        on_log=log_fn,
+        on_step=on_step,
+        desc="toy2d",
+    )
+    jax.block_until_ready(state)
+    return state, history, time.perf_counter() - t0
+
+
+def optimizer(num_steps, learning_rate, warmup_steps):
+    """The toy2d optimizer: Adam with warm-up and cosine decay to 1% over ``num_steps``."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps, num_steps, end_value=learning_rate * 0.01
+    )
+    return optax.adam(schedule)
+
+
+class NLLCurve:
+    """``on_step`` hook: the held-out NLL of the current (not EMA) parameters every
+    ``eval.nll_every`` steps against training seconds since it was made (compilation
+    included, the hook's own time, ``paused``, left out)."""
+
+    def __init__(self, cfg, path, v):
+        e = cfg.eval
+        self.every, self.v, self.path = e.nll_every, v, path
+        k = jax.random.fold_in(jax.random.key(cfg.seed + 1), 7)
+        self.x = toy.sample(cfg.dataset, k, e.nll_curve_points)
+        self.rtol, self.atol = e.rtol, e.atol
+        self.records, self.start, self.paused = [], time.perf_counter(), 0.0
+
+    def __call__(self, step, state, metrics):
+        del metrics
+        if not self.every or step % self.every:
+            return
+        jax.block_until_ready(state.params)  # (dispatch is asynchronous: the steps' time)
+        t_hook = time.perf_counter()
+        seconds = t_hook - self.start - self.paused
+        self.records.append({"step": int(step), "train_seconds": seconds, **self.nll(state.params)})
+        self.paused += time.perf_counter() - t_hook
+
+    def nll(self, params):
+        t0, t1 = self.path.velocity_range("velocity")
+        logp, _ = fmjax.log_likelihood(
+            self.path.velocity_field(jax.tree_util.Partial(self.v, params), "velocity"),
+            self.x,
+            solver="dopri5",  # as evaluate's held-out NLL (one compiled solve for both)
+            rtol=self.rtol,
+            atol=self.atol,
+            base_log_prob=self.path.source_log_prob,
+            t0=t0,
+            t1=t1,
+        )
+        return {"nll_nats": float(-jnp.mean(logp))}
+
+
+def nfe_summary(history) -> dict:
+    """Mean NFE per training step of the ML loss over the logged steps."""
+    fwd = [h["nfe"] for h in history if "nfe" in h]
+    if not fwd:
+        return {}
+    bwd = [h["nfe_backward"] for h in history]
+    return {
+        "train_nfe_forward": float(np.mean(fwd)),
+        "train_nfe_backward": float(np.mean(bwd)),
+        "train_nfe_per_step": float(np.mean(fwd) + max(np.mean(bwd), 0.0)),
+    }
+
+
+def reflow_rounds(cfg, state, v, path, efficiency_fn, *, progress, log_fn):
+    """``cfg.reflow`` rounds from ``state``; returns ``(state, records)``: per round (0 is
+    the base model) straightness, transport cost and the sweep (``efficiency_fn(v_params)``),
+    pair generation and training seconds."""
+    r = cfg.reflow_round
+    t_lo, t_hi = path.velocity_range("velocity")
+    records = [{"round": 0, **efficiency_fn(state.ema_params)}]
+    linear = fmjax.paths.rectified_flow()
+    for k in range(1, cfg.reflow + 1):
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 2), k)
+        k_x0, k_state = jax.random.split(key)
+        t0 = time.perf_counter()
+        x0 = path.sample_source(k_x0, (r.num_pairs, 2))
+        x0, x1 = fmjax.reflow.pairs(  # (the field as evaluate builds it: shared compiles)
+            path.velocity_field(jax.tree_util.Partial(v, state.ema_params), "velocity"),
+            x0,
+            rtol=r.rtol,
+            atol=r.rtol,
+            t0=t_lo,
+            t1=t_hi,
+        )
+        x0, x1 = jax.block_until_ready((x0, x1))
+        pair_seconds = time.perf_counter() - t0
+
+        def data_fn(kd, x0=x0, x1=x1):
+            i = jax.random.randint(kd, (r.batch_size,), 0, r.num_pairs)
+            return {"x0": x0[i], "x1": x1[i]}
+
+        def loss_fn(p, kl, batch):
+            return fmjax.losses.cfm_loss(
+                jax.tree_util.Partial(v, p), linear, kl, batch["x1"], x0=batch["x0"]
+            )
+
+        # from the previous weights (EMA), a fresh optimizer and EMA for the round; the EMA
+        # starts at the previous field, so its decay must forget it within the round
+        tx = optimizer(r.num_steps, r.learning_rate, min(cfg.train.warmup_steps, r.num_steps - 1))
+        state = fmjax.train.TrainState.create(state.ema_params, tx, k_state)
+        state, _, seconds = fit(
+            cfg,
+            state,
+            loss_fn,
+            data_fn,
+            r.num_steps,
+            r.ema_decay,
+            tx,
+            progress=progress,
+            log_fn=log_fn,
+            on_step=None,
+        )
+        records.append(
+            {
+                "round": k,
+                "pair_seconds": pair_seconds,
+                "train_seconds": seconds,
+                **efficiency_fn(state.ema_params),
+            }
+        )
+    return state, records
+
+
+def plot_rounds(filename, records) -> None:
+    """MMD against NFE of the Euler solves, a line per reflow round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for rec in records:
+        pts = [(s["nfe"], s["mmd"]) for s in rec["sweep"] if s["solver"] == "euler"]
+        label = f"round {rec['round']}: straightness {rec['straightness']:.3g}"
+        ax.plot(*zip(*pts, strict=True), "o-", label=label, ms=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("Euler steps (NFE)")
+    ax.set_ylabel("MMD$^2$ to fresh data")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("reflow rounds: quality against Euler steps")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=100)
+    plt.close(fig)
+
+
+def summarize_rounds(records) -> list[dict]:
+    """Per round: straightness, transport cost, the Euler MMDs and the tight dopri5 solve's
+    MMD and NFE, for metrics.json."""
+    out = []
+    for rec in records:
+        keep = {k: rec[k] for k in rec if k != "sweep"}
+        if rec["sweep"]:  # (eval.sweep=False: none)
+            euler = {s["steps"]: s["mmd"] for s in rec["sweep"] if s["solver"] == "euler"}
+            ref = rec["sweep"][-1]  # the tight dopri5 reference solve
+            keep.update(mmd_dopri5=ref["mmd"], nfe_dopri5=ref["nfe"])
+            keep["mmd_euler"] = {str(n): m for n, m in euler.items()}
+        out.append(keep)
+    return out
+
+
+def nll_reached(curve, level) -> float | None:
+    """Training seconds when the curve first reaches ``level`` nats (None: never)."""
+    for rec in curve:
+        if math.isfinite(rec["nll_nats"]) and rec["nll_nats"] <= level:
+            return rec["train_seconds"]
+    return None

@@ -1,0 +1,105 @@
+"""toy2d's flow family (experiments/toy2d_family.py) with the tiny preset: maximum
+likelihood, reflow rounds, the NLL curve, the noisy interpolant, and their config errors."""
+
+import json
+import math
+
+import pytest
+
+from experiments import path_config, toy2d
+from experiments import toy2d_family as family
+from experiments.configs import toy2d as toy2d_config
+
+
+def test_ml_objective_then_a_reflow_round(tmp_path):
+    cfg = toy2d_config.get_config("tiny")
+    cfg.objective, cfg.reflow = "ml", 1
+    cfg.train.num_steps = cfg.reflow_round.num_steps = cfg.eval.nll_every = 10
+    cfg.ml.solver, cfg.ml.steps = "rk4", 2  # (backprop through dopri5: tests/test_cnf.py)
+    cfg.eval.sweep = False  # straightness per round only (the sweep: test_toy2d_experiment)
+    cfg.eval.grid_size = 8  # 64 points, as num_nll and the curve's: one compiled NLL solve
+    metrics = toy2d.train_and_evaluate(cfg, str(tmp_path), progress=False)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert math.isfinite(on_disk["nll_nats"]) and on_disk["nll_nats"] == metrics["nll_nats"]
+    # two rk4 steps of the augmented solve; backprop through it: one VJP per evaluation
+    assert on_disk["train_nfe_forward"] == on_disk["train_nfe_backward"] == 8
+    assert on_disk["train_nfe_per_step"] == (
+        on_disk["train_nfe_forward"] + on_disk["train_nfe_backward"]
+    )
+    [point] = on_disk["nll_curve"]
+    assert point["step"] == 10 and point["train_seconds"] > 0 and math.isfinite(point["nll_nats"])
+    rounds = on_disk["reflow_rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert all(r["straightness"] > 0 and r["transport_cost"] > 0 for r in rounds)
+    assert rounds[1]["pair_seconds"] > 0 and rounds[1]["train_seconds"] > 0
+    # retrained from round 0's weights on its own pairs: a different field
+    assert rounds[1]["straightness"] != rounds[0]["straightness"]
+    assert "sweep" not in on_disk and not (tmp_path / "reflow_rounds.png").exists()
+
+
+def test_reflow_rounds_plot_and_summary(tmp_path):
+    sweep = [
+        {"solver": "euler", "steps": 1, "nfe": 1, "mmd": 0.5},
+        {"solver": "euler", "steps": 4, "nfe": 4, "mmd": 0.1},
+        {"solver": "dopri5", "tol": 1e-3, "nfe": 26, "mmd": 0.01},
+    ]
+    records = [
+        {"round": k, "straightness": s, "transport_cost": 3.0, "sweep": sweep}
+        for k, s in ((0, 1.4), (1, 0.02))
+    ]
+    family.plot_rounds(str(tmp_path / "rounds.png"), records)
+    assert (tmp_path / "rounds.png").stat().st_size > 0
+    summary = family.summarize_rounds(records)
+    assert summary[1] == {
+        "round": 1,
+        "straightness": 0.02,
+        "transport_cost": 3.0,
+        "mmd_dopri5": 0.01,
+        "nfe_dopri5": 26,
+        "mmd_euler": {"1": 0.5, "4": 0.1},
+    }
+
+
+def test_noisy_interpolant_with_its_entropic_coupling_trains():
+    cfg = toy2d_config.get_config("tiny")
+    cfg.path.name, cfg.path.sb_cfm.sigma, cfg.coupling = "sb_cfm", 0.5, "entropic"
+    cfg.train.num_steps = 10
+    path = toy2d.make_path(cfg)
+    assert path.sigma == 0.5 and path.epsilon == 0.5
+    _, _, history, _ = toy2d.train(cfg, progress=False)
+    assert math.isfinite(history[-1]["loss"])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"objective": "mle"}, "objective must be one of"),
+        ({"coupling": "entropic"}, "coupling='entropic' is the sb_cfm path's own"),
+        ({"reflow": 1, "train.prediction": "x1"}, "reflow trains a velocity model"),
+        ({"objective": "ml", "train.prediction": "eps"}, "objective=ml trains a velocity"),
+        ({"ml.adjoint": "forward"}, "ml.adjoint must be one of"),
+        ({"objective": "ml", "coupling": "ot"}, "objective=ml fits the data's density"),
+        ({"ml.solver": "rk4", "ml.steps": 0}, "ml.solver / ml.steps"),
+        ({"reflow": -1}, "reflow must be"),
+        ({"reflow": 1, "reflow_round.num_steps": 15}, "reflow_round.num_steps"),
+        ({"eval.nll_every": 15}, "eval.nll_every"),
+        ({"path.name": "sb_cfm", "path.sb_cfm.sigma": -1.0}, "path.sb_cfm: sigma"),
+    ],
+)
+def test_family_config_errors(changes, message):
+    cfg = toy2d_config.get_config("tiny")
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        section = cfg
+        for p in parents:
+            section = section[p]
+        section[name] = value
+    with pytest.raises(ValueError, match=message):
+        toy2d.train(cfg, progress=False)
+
+
+def test_image_experiments_refuse_the_noisy_interpolant():
+    cfg = toy2d_config.get_config("tiny")
+    cfg.path.name = "sb_cfm"
+    with pytest.raises(ValueError, match="trained by toy2d only"):
+        path_config.make_path(cfg.path)
