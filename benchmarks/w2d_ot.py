@@ -14,8 +14,9 @@ sigma_min = 0, Adam 1e-3, float32; W2D-small: torchcfm's example MLP at batch 25
   permutation (POT's network simplex run to optimality, ``solver="auto"``) in a host callback
   that the step waits for;
 * ``fmjax exact (pipelined)``: the same optimal permutation computed in a host thread for the
-  next batches (numpy data, ``fmjax.couplings.exact_ot_permutation``) while the device runs
-  the current step, which takes ``x0`` as given;
+  next batch (numpy data, ``fmjax.couplings.exact_ot_permutation``) while the device runs
+  the current step, which takes ``x0`` as given (the thread works only during this line's
+  turns: on one machine it shares the cores with the step);
 * ``fmjax sinkhorn (in step)``: ott-jax Sinkhorn (reg 0.01) rounded to a permutation on the
   device.
 
@@ -54,12 +55,16 @@ def numpy_checkerboard(rng, n):
 
 
 class PairedBatches:
-    """Batches ``{"x0", "x1"}`` paired by exact OT in a background thread, ``depth`` ahead."""
+    """Batches ``{"x0", "x1"}`` paired by exact OT in a background thread, ``depth`` ahead.
 
-    def __init__(self, batch, seed, depth=2):
+    The thread pairs only while ``active`` is set (during this line's turns), so it takes no
+    CPU from the other lines' turns and a turn cannot live off batches paired in them."""
+
+    def __init__(self, batch, seed, depth=1):
         self.q = queue.Queue(maxsize=depth)
         self.rng = np.random.default_rng(seed)
         self.batch, self.stop = batch, False
+        self.active = threading.Event()
         self.wait_s = 0.0
         threading.Thread(target=self._fill, daemon=True).start()
 
@@ -67,6 +72,7 @@ class PairedBatches:
         from fmjax import couplings
 
         while not self.stop:
+            self.active.wait()
             x1 = numpy_checkerboard(self.rng, self.batch)
             x0 = self.rng.standard_normal(x1.shape).astype(np.float32)
             x0 = x0[couplings.exact_ot_permutation(x0, x1)]
@@ -108,9 +114,13 @@ def fmjax_timer(spec, batch, steps, mode):
 
     def run_n(n):
         s = box["state"]
+        if batches:
+            batches.active.set()
         for _ in range(n):
             s, metrics = step(s, next(batches) if batches else dummy)
         jax.block_until_ready(s.params)
+        if batches:
+            batches.active.clear()
         box["state"] = s
         return float(metrics["loss"])
 

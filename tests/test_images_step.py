@@ -70,6 +70,8 @@ def test_ot_coupling_pairs_the_whole_batch_within_classes():
     # class) before the loss; a fresh UNet predicts 0, so the eps loss is the mean square of
     # the paired noise: the same number as the loss of the batch the pairing returns
     c = small_config(**{"train.coupling": "ot", "train.prediction": "eps", "model.num_classes": 3})
+    assert images.build(c).pairing is None  # pairing=auto: ot pairs in the input pipeline
+    c.train.pairing = "device"
     setup = images.build(c)
     assert setup.pairing is not None
     labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1], jnp.int32)
@@ -91,3 +93,7 @@ def test_ot_coupling_pairs_the_whole_batch_within_classes():
     assert int(state.step) == 1 and bool(jnp.isfinite(metrics["loss"]))
     with pytest.raises(images.ConfigError, match="train.coupling must be one of"):
         images.build(small_config(**{"train.coupling": "sinkhorn"}))
+    with pytest.raises(images.ConfigError, match="train.pairing=host pairs by exact OT"):
+        images.build(small_config(**{"train.coupling": "ot_sinkhorn", "train.pairing": "host"}))
+    with pytest.raises(images.ConfigError, match="train.pairing must be one of"):
+        images.build(small_config(**{"train.coupling": "ot", "train.pairing": "gpu"}))

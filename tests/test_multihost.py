@@ -1,6 +1,7 @@
 """Multi-host data parallelism: two processes on this machine over loopback (gloo CPU
-collectives) train on their halves of each global batch and reach the parameters that one
-process reaches on the whole global batch, then evaluate to its bits/dim and NFE.
+collectives) train on their halves of each global batch (with minibatch OT over the whole
+global batch) and reach the parameters that one process reaches on the whole global batch,
+then evaluate to its bits/dim and NFE.
 
 Each process runs the real trainer and evaluation (``experiments.images.train`` and
 ``evaluate``): the image pipeline gives process ``p`` its slice of every global batch,
@@ -109,6 +110,10 @@ def _overrides(data_dir):
         "train.checkpoint_every": 2,
         "train.sample_every": 0,
         "train.log_every": 1,
+        # minibatch OT over the global batch in the step: the host callback sees the whole
+        # batch in each process, so the pairs (and the run) are the one process's
+        "train.coupling": "ot",
+        "train.pairing": "device",
         # Adam's eps keeps rounding-level gradients (e.g. biases before a GroupNorm, zero in
         # exact arithmetic) from becoming +-lr steps whose sign depends on the reduction
         # order; every other gradient gets an Adam-like step as with the paper's 1e-8.

@@ -50,10 +50,11 @@ OVERRIDES = {
 
 
 # train.coupling / train.pairing of each run kind
+# (pairing in the jitted step is as deterministic as the rest of the step; the two-process
+# test in test_multihost.py trains with it against one process)
 COUPLINGS = {
     "independent": {},
     "ot_host": {"train.coupling": "ot", "train.pairing": "host"},
-    "ot_device": {"train.coupling": "ot", "train.pairing": "device"},
 }
 
 
@@ -95,12 +96,10 @@ def uninterrupted(runs):
     return runs("independent")
 
 
-def test_ot_runs_differ_from_independent_and_host_from_device(runs):
-    """The OT pairings change the training (so the resume tests below test something)."""
+def test_the_ot_run_differs_from_the_independent_run(runs):
+    """The OT pairing changes the training (so the resume tests below test something)."""
     final = {k: _leaves(runs(k)[1])[0] for k in COUPLINGS}
     assert not np.array_equal(final["ot_host"], final["independent"])
-    assert not np.array_equal(final["ot_device"], final["independent"])
-    assert not np.array_equal(final["ot_host"], final["ot_device"])  # other noise draws
 
 
 def _leaves(state):
