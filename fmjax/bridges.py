@@ -32,7 +32,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from fmjax.checks import real, same_shape
+from fmjax.checks import broadcast_time, real, same_shape
 from fmjax.couplings import entropic_ot
 from fmjax.densities import standard_normal_log_prob
 from fmjax.paths import check_time
@@ -45,14 +45,7 @@ def _broadcast(t, x):
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(jnp.float32)
-    if t.ndim == 0:
-        return t
-    if t.ndim == 1 and jnp.ndim(x) >= 1 and t.shape[0] == jnp.shape(x)[0]:
-        return t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
-    raise ValueError(
-        "t must be a scalar (one example) or have shape (batch,) matching x's leading axis; "
-        f"got t.shape={t.shape} and x.shape={jnp.shape(x)}."
-    )
+    return broadcast_time(t, x)
 
 
 @dataclasses.dataclass(frozen=True)

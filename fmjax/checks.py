@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["integer", "real", "same_shape", "traced"]
+__all__ = ["broadcast_time", "integer", "real", "same_shape", "traced"]
 
 
 def traced(*values) -> bool:
@@ -96,3 +96,17 @@ def same_shape(a, b, name_a: str, name_b: str) -> None:
             f"{name_a} and {name_b} must have the same shape; got {jnp.shape(a)} and "
             f"{jnp.shape(b)}."
         )
+
+
+def broadcast_time(t, x) -> jax.Array:
+    """``t`` (a scalar, or ``(B,)`` for a batch ``x`` of ``(B, *event)``) reshaped to broadcast
+    against ``x``; any other shape raises a ``ValueError`` naming both shapes."""
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+        return t
+    if t.ndim == 1 and jnp.ndim(x) >= 1 and t.shape[0] == jnp.shape(x)[0]:
+        return t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
+    raise ValueError(
+        "t must be a scalar (one example) or have shape (batch,) matching x's leading axis; "
+        f"got t.shape={t.shape} and x.shape={jnp.shape(x)}."
+    )

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmjax import schedules
-from fmjax.checks import same_shape, traced
+from fmjax.checks import broadcast_time, same_shape, traced
 from fmjax.densities import normal_log_prob
 
 __all__ = [
@@ -89,19 +89,6 @@ def check_time(t, t_range=(0.0, 1.0), name="t"):
         )
 
 
-def _broadcast_t(t, x):
-    """Reshape t (scalar or (B,)) so that it broadcasts against x ((*event) or (B, *event))."""
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-        return t
-    if t.ndim == 1 and jnp.ndim(x) >= 1 and t.shape[0] == jnp.shape(x)[0]:
-        return t.reshape(t.shape + (1,) * (jnp.ndim(x) - 1))
-    raise ValueError(
-        "t must be a scalar (one example) or have shape (batch,) matching x's leading axis; "
-        f"got t.shape={t.shape} and x.shape={jnp.shape(x)}."
-    )
-
-
 class GaussianPath:
     """Base class: the path ``x_t = sigma_t x0 + alpha_t x1``; subclasses give
     :meth:`coefficients` and ``t_range`` (the closed interval of t on which the path and its
@@ -121,7 +108,7 @@ class GaussianPath:
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.floating):
             t = t.astype(jnp.float32)
-        return Coefficients(*(_broadcast_t(c, x) for c in self.coefficients(t)))
+        return Coefficients(*(broadcast_time(c, x) for c in self.coefficients(t)))
 
     # -- the path ----------------------------------------------------------------------
     def mean_std(self, x1, t):
