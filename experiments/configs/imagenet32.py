@@ -140,6 +140,22 @@ def base_config():
     # class-conditional model: (1 - w) v(x | null) + w v(x | y); 1 is the conditional field
     # (the paper's models are unconditional), > 1 needs model.class_dropout > 0
     c.eval.guidance_scale = 1.0
+
+    # rectified flow's reflow (Liu et al. 2023; experiments.images.reflow): this run trains
+    # on pairs (x0, psi(x0)) drawn once from the trained run in teacher_workdir, in place of
+    # (noise, data); its second round is a run whose teacher is the first round
+    c.reflow = ml_collections.ConfigDict()
+    c.reflow.teacher_workdir = ""  # '' : off (an ordinary run)
+    c.reflow.teacher_step = config_dict.placeholder(int)  # None: its latest checkpoint
+    c.reflow.num_pairs = 100_000  # each a solve of the teacher; 2 * R * R * 3 float32 on disk
+    c.reflow.batch_size = 500  # pairs per solve and per stored chunk, over all devices
+    c.reflow.solver = "dopri5"
+    c.reflow.rtol = 1e-4
+    c.reflow.atol = 1e-4
+    # teacher: start from the teacher's (EMA) weights, as Liu et al. (a round then needs far
+    # fewer steps than the base run) | scratch: a fresh model of this config's architecture
+    c.reflow.init = "teacher"
+    c.reflow.pairs_dir = ""  # '' : <workdir>/reflow_pairs (a shared folder reuses pairs)
     return c
 
 
@@ -183,4 +199,8 @@ def tiny(c):
     c.eval.sweep_samples = 8
     c.eval.sweep_steps = (1, 2, 4)
     c.eval.sweep_tols = (1e-2,)
+    c.reflow.num_pairs = 64
+    c.reflow.batch_size = 16
+    c.reflow.rtol = 1e-3
+    c.reflow.atol = 1e-3
     return c

@@ -44,16 +44,19 @@ def open_for_training(setup: Setup, workdir: str) -> CheckpointManager:
 
 
 def restore_or_init(
-    setup: Setup, ckpt: CheckpointManager, mesh: Mesh, iterator
+    setup: Setup, ckpt: CheckpointManager, mesh: Mesh, iterator, fresh=None
 ) -> tuple[TrainState, int]:
     """``(state, step)``: the latest checkpoint (and the data position into ``iterator``),
-    or a fresh state at step 0."""
+    or a fresh state at step 0 (``fresh()``, default ``setup.init_state`` placed on
+    ``mesh``)."""
     if ckpt.latest_step() is not None:
         config_lib.check_trained_as(
             setup.config, ckpt.metadata(), f"the checkpoint in {ckpt.directory}"
         )
         state, meta = ckpt.restore(setup.abstract_state(mesh), iterator)
         return state, int(meta["step"])
+    if fresh is not None:
+        return fresh(), 0
     state = jax.jit(setup.init_state, out_shardings=sharding_lib.replicated_sharding(mesh))()
     return state, 0
 

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "check",
     "check_trained_as",
+    "reflow_enabled",
 ]
 
 MODES = ("train", "eval", "train_and_eval", "sweep")
@@ -34,6 +35,7 @@ MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", 
 ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 PAIRINGS = ("auto", "host", "device")  # where train.coupling's OT pairing runs
+REFLOW_INITS = ("teacher", "scratch")  # a reflow round's first weights
 
 
 class ConfigError(ValueError):
@@ -181,6 +183,45 @@ def _check_devices(config, mesh) -> None:
         )
 
 
+def reflow_enabled(config) -> bool:
+    """Whether ``config`` is a reflow round (``reflow.teacher_workdir`` set)."""
+    return "reflow" in config and bool(config.reflow.teacher_workdir)
+
+
+def _check_reflow(config) -> None:
+    """A reflow round's settings (:mod:`experiments.images.reflow`)."""
+    if not reflow_enabled(config):
+        return
+    r = config.reflow
+    _one_of(r.init, REFLOW_INITS, "reflow.init")
+    for name in ("num_pairs", "batch_size"):
+        _check_integer(r[name], f"reflow.{name}", 1)
+    if r.teacher_step is not None:
+        _check_integer(r.teacher_step, "reflow.teacher_step", 0)
+    if r.solver not in ADAPTIVE:
+        raise ConfigError(f"reflow.solver must be an adaptive solver {ADAPTIVE}; got {r.solver!r}.")
+    try:
+        fmjax.SolverOptions(r.solver, rtol=r.rtol, atol=r.atol)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"reflow.rtol / reflow.atol: {err}") from None
+    if config.train.coupling != "independent":
+        raise ConfigError(
+            "a reflow round trains on its teacher's pairs, which are its coupling: set "
+            f"train.coupling=independent (got {config.train.coupling!r})."
+        )
+    if "superres" in config:
+        raise ConfigError(
+            "reflow of a super-resolution model is not supported: its condition (the "
+            "low-resolution input) would have to be stored with each pair."
+        )
+    ckpt = os.path.join(os.path.abspath(r.teacher_workdir), "checkpoints")
+    if not os.path.isdir(ckpt):
+        raise ConfigError(
+            f"reflow.teacher_workdir: no checkpoints in {r.teacher_workdir!r} (expected "
+            f"{ckpt}): point it at a trained run."
+        )
+
+
 def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     """Raise :class:`ConfigError` naming the first field the run cannot use; with ``mesh``
     also the batch sizes over its devices (those ``config.mode`` runs). Returns the
@@ -225,6 +266,7 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     path = _make_path(config)
     path.velocity_range(t.prediction, float(e.t_margin))
     _check_classes(config)
+    _check_reflow(config)
     if mesh is not None:
         _check_devices(config, mesh)
     return path

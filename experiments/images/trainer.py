@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.images import checkpoints
+from experiments.images import checkpoints, reflow
 from experiments.images.config import ConfigError
 from experiments.images.evaluators import bpd, grid
 from experiments.images.step import build_train_step
@@ -189,11 +189,18 @@ def train(
     workdir = os.path.abspath(os.fspath(workdir))
     num_steps = int(setup.config.train.num_steps)
     end = num_steps if stop_at is None else min(num_steps, int(stop_at))
-    iterator = setup.train_iterator()  # a missing dataset fails here, before any compile
+    fresh, reflow_summary = None, None
+    if reflow.enabled(setup.config):  # train on the teacher's pairs (drawn here if missing)
+        prepared = reflow.prepare(setup, mesh, workdir)
+        iterator, fresh, reflow_summary = (
+            prepared[k] for k in ("iterator", "fresh_state", "summary")
+        )
+    else:
+        iterator = setup.train_iterator()  # a missing dataset fails here, before any compile
     ckpt = checkpoints.open_for_training(setup, workdir)
     writer = None
     try:
-        state, start = checkpoints.restore_or_init(setup, ckpt, mesh, iterator)
+        state, start = checkpoints.restore_or_init(setup, ckpt, mesh, iterator, fresh)
         writer = MetricWriter(workdir, resume_step=start)
         writer.write_config(setup.config)
         summary = {
@@ -204,6 +211,9 @@ def train(
             "num_processes": jax.process_count(),
             "dataset": setup.config.data.source,
         }
+        if reflow_summary is not None:
+            summary["dataset"] = f"reflow pairs of {reflow_summary['teacher_workdir']}"
+            summary["reflow"] = reflow_summary
         if start < end:
             state, run_summary = _run(
                 setup, mesh, workdir, state, start, end, ckpt, writer, iterator

@@ -2,7 +2,8 @@
 with the image pipelines' ``sources``, the official downsampled-ImageNet reader
 ``imagenet_npz``, the image-folder reader ``folder`` and its array conversion
 ``folder_arrays``, the pixel values' ``quantization``, the input pipeline's minibatch-OT
-``pairing`` and the low-resolution inputs of super-resolution (``superres``).
+``pairing``, the stored pairs of reflow (``reflow_pairs``), the multi-process batch layout
+they all share (``sharded``) and the low-resolution inputs of super-resolution (``superres``).
 
 ``images`` imports grain (and opens TFDS through tensorflow-datasets), so it and its
 submodules are loaded only when used.
@@ -19,6 +20,8 @@ __all__ = [
     "images",
     "pairing",
     "quantization",
+    "reflow_pairs",
+    "sharded",
     "sources",
     "superres",
     "toy",
@@ -31,6 +34,8 @@ _LAZY = (
     "images",
     "pairing",
     "quantization",
+    "reflow_pairs",
+    "sharded",
     "sources",
     "superres",
 )

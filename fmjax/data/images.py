@@ -76,6 +76,7 @@ from fmjax.data.quantization import (
     to_model_space,
     to_uint8,
 )
+from fmjax.data.sharded import derive_seeds, process_layout, sharded_batches
 from fmjax.data.sources import (
     DEFAULT_SOURCE,
     IMAGE_SHAPE,
@@ -236,76 +237,6 @@ def _eval_dequantized(ex: dict[str, Any], rng: np.random.Generator) -> dict[str,
 # --------------------------------------------------------------------------------------
 
 
-def _process_layout(
-    global_batch_size: int, process_index: int | None, process_count: int | None
-) -> tuple[int, int, int]:
-    """-> (process_index, process_count, per-process batch size)."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1:
-        raise ValueError(f"process_count must be >= 1, got {process_count}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if global_batch_size < 1:
-        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not divisible by process_count "
-            f"{process_count}"
-        )
-    return process_index, process_count, global_batch_size // process_count
-
-
-def _derive_seeds(seed: int, n: int) -> list[int]:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, np.uint32)]
-
-
-def _ensure_absl_flags_parsed() -> None:
-    """grain 0.2.18's worker processes read absl flags (google/grain#1355): outside
-    ``absl.app.run`` they are unparsed and ``mp_prefetch`` fails with
-    ``UnparsedFlagAccessError``; marking them parsed keeps every default."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
-def _sharded(
-    ds: grain.MapDataset,
-    layout: tuple[int, int, int],
-    num_global: int | None,
-    read_threads: int,
-    prefetch_buffer_size: int,
-    worker_count: int = 0,
-    batch_map: Any = None,
-) -> grain.IterDataset:
-    """The per-example stream ``ds`` in global order -> this process's batches.
-
-    ``layout`` is ``_process_layout``'s.  Block ``k`` is positions ``[k*B, (k+1)*B)``;
-    global batch ``g`` is blocks ``g*P`` .. ``g*P+P-1``, of which process ``p`` takes block
-    ``g*P + p`` (``num_global`` global batches, ``None``: all).  ``batch_map`` runs on each
-    of this process's batches in the reader threads (or workers), ahead of the consumer.
-    """
-    process_index, process_count, per_process = layout
-    ds = ds.batch(per_process, drop_remainder=True)
-    stop = None if num_global is None else num_global * process_count
-    ds = ds.slice(slice(process_index, stop, process_count))
-    if batch_map is not None:
-        ds = ds.map(batch_map)
-    out = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
-    )
-    if worker_count > 0:
-        _ensure_absl_flags_parsed()
-        out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return out
-
-
 def make_train_dataset(
     source: str = DEFAULT_SOURCE,
     *,
@@ -347,8 +278,8 @@ def make_train_dataset(
     """
     lookup_source(source)
     shape = image_shape(source_resolution(source, resolution))
-    layout = _process_layout(global_batch_size, process_index, process_count)
-    shuffle_seed, augment_seed, source_seed = _derive_seeds(seed, 3)
+    layout = process_layout(global_batch_size, process_index, process_count)
+    shuffle_seed, augment_seed, source_seed = derive_seeds(seed, 3)
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
     src = open_source(source, split, data_dir, shape[0])
@@ -369,7 +300,7 @@ def make_train_dataset(
                 f"{n * num_epochs} examples ({num_epochs} epochs) are fewer than one "
                 f"global batch of {global_batch_size}"
             )
-    return _sharded(
+    return sharded_batches(
         ds, layout, num_global, read_threads, prefetch_buffer_size, worker_count, pairing
     )
 
@@ -412,17 +343,17 @@ def make_eval_dataset(
     _, _, eval_split = lookup_source(source)
     shape = image_shape(source_resolution(source, resolution))
     split = eval_split if split is None else split
-    layout = _process_layout(global_batch_size, process_index, process_count)
+    layout = process_layout(global_batch_size, process_index, process_count)
     src = open_source(source, split, data_dir, shape[0])
     num_global = math.ceil(len(src) / global_batch_size)
     ds = grain.MapDataset.source(_PaddedSource(src, num_global * global_batch_size))
     ds = ds.map(_EvalExample(shape))
     if dequantize:
-        (eval_seed,) = _derive_seeds(seed, 1)
+        (eval_seed,) = derive_seeds(seed, 1)
         ds = ds.random_map(_eval_dequantized, seed=eval_seed)
     else:
         ds = ds.map(_eval_quantized)
-    return _sharded(ds, layout, None, read_threads, prefetch_buffer_size)
+    return sharded_batches(ds, layout, None, read_threads, prefetch_buffer_size)
 
 
 def make_eval_iterator(source: str = DEFAULT_SOURCE, **kwargs: Any) -> grain.DatasetIterator:
