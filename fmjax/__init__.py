@@ -1,14 +1,15 @@
 """fmjax: Flow Matching for generative modeling (Lipman et al., ICLR 2023) in JAX.
 
-The core (``paths``, ``predictions``, ``schedules``, ``couplings``, ``losses``, ``marginals``,
-``guidance``, ``batching``, ``ode``, ``sample``, ``log_likelihood``) is pure JAX + diffrax and
-never imports Flax: a vector field is any
+The core (``paths``, ``predictions``, ``schedules``, ``assignment``, ``couplings``,
+``losses``, ``marginals``, ``guidance``, ``batching``, ``ode``, ``sample``,
+``log_likelihood``) is pure JAX + diffrax and never imports Flax: a vector field is any
 function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on first use.
 """
 
 import importlib
 
 from fmjax import (
+    assignment,
     batching,
     bridges,
     cnf,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SolverOptions",
+    "assignment",
     "batching",
     "bits_per_dim",
     "bridges",

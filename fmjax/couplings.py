@@ -23,7 +23,8 @@ C²OT), so pairs with distant contexts are avoided in proportion.
 The pairing is over the whole batch the function is given: under ``jax.jit`` on a batch
 sharded over a device mesh, that is the global batch (the same permutation as on one device).
 :func:`exact_ot_permutation` is the same exact pairing on NumPy arrays, for host input
-pipelines that pair while the device trains (``fmjax.data.images``).
+pipelines that pair while the device trains (``fmjax.data.images``); it and the exact solvers
+live in :mod:`fmjax.assignment` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax.assignment import (
+    EXACT_SOLVERS,
+    assignment,
+    check_cond,
+    check_finite_cost,
+    exact_ot_permutation,
+    is_labels,
+    resolve_solver,
+)
 from fmjax.checks import real, traced
 
 __all__ = [
@@ -57,15 +67,6 @@ __all__ = [
 #: The methods of :func:`minibatch_ot`.
 METHODS = ("exact", "sinkhorn")
 
-#: The host solvers of the exact method: POT's network simplex, scipy's Hungarian
-#: (shortest augmenting path), or ``"auto"``: network simplex for events of at most
-#: :data:`SIMPLEX_MAX_DIM` numbers (it is several times faster on low-dimensional costs),
-#: Hungarian above (faster on image-sized events). Both return an optimal permutation.
-EXACT_SOLVERS = ("auto", "network_simplex", "hungarian")
-
-#: ``solver="auto"`` uses the network simplex up to this many numbers per event.
-SIMPLEX_MAX_DIM = 64
-
 
 def _check_pair(x0, x1):
     if jnp.shape(x0) != jnp.shape(x1) or jnp.ndim(x0) < 2:
@@ -82,32 +83,6 @@ def independent(key, x0, x1, *, cond=None):
     return x0, x1
 
 
-def _is_labels(cond) -> bool:
-    return jnp.ndim(cond) == 1 and jnp.issubdtype(jnp.result_type(cond), jnp.integer)
-
-
-def _check_cond(cond, batch: int, cond_weight) -> None:
-    shape = jnp.shape(cond)
-    dtype = jnp.result_type(cond)
-    if not shape or shape[0] != batch:
-        raise ValueError(
-            f"cond must have the batch's leading size {batch} (labels (B,) or context vectors "
-            f"(B, ...)); got shape {shape}."
-        )
-    if _is_labels(cond):
-        if cond_weight is not None:
-            raise ValueError(
-                "cond_weight applies to float context vectors; integer class labels pair "
-                f"only within each class. Got labels of dtype {dtype} and "
-                f"cond_weight={cond_weight!r}."
-            )
-    elif not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            "cond must be integer class labels of shape (B,) or float context vectors of shape "
-            f"(B, ...); got dtype {dtype} and shape {shape}."
-        )
-
-
 def _sq_dist(a, b):
     a = a.reshape(a.shape[0], -1)
     b = b.reshape(b.shape[0], -1)
@@ -122,121 +97,26 @@ def ot_cost_matrix(x0, x1, cond=None, cond_weight: float = 1.0):
     labels do not enter the cost: they restrict the pairing instead (see :func:`minibatch_ot`).
     """
     cost = _sq_dist(x0, x1)
-    if cond is not None and not _is_labels(cond):
+    if cond is not None and not is_labels(cond):
         c = jnp.asarray(cond, cost.dtype)
         cost = cost + cond_weight * _sq_dist(c, c)
     return cost
 
 
-def _check_finite_cost(cost, method: str) -> None:
-    """Raise if a concrete (host or eager) cost matrix holds NaN or inf."""
-    cost = np.asarray(cost)
-    if not np.all(np.isfinite(cost)):
-        raise ValueError(
-            f"{method} OT coupling: the squared-distance cost has non-finite entries, so x0 "
-            f"or x1 holds NaN or inf ({np.sum(~np.isfinite(cost))} of {cost.size} costs); no "
-            "pairing is optimal."
-        )
-
-
-def _hungarian(cost):
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(cost.shape[1], dtype=np.int32)
-    perm[cols] = rows
-    return perm
-
-
-def _network_simplex(cost):
-    import ot  # POT, imported on first use
-
-    # uniform marginals: the simplex ends at a vertex of the Birkhoff polytope, a permutation
-    plan, log = ot.emd([], [], cost, numItermax=2**31 - 1, log=True)
-    if log["result_code"] != 1:  # not optimal (iteration limit or numerical trouble)
-        return _hungarian(cost)
-    return np.argmax(plan, axis=0).astype(np.int32)
-
-
-def _assign(cost, solver):
-    """``perm`` with ``perm[j]`` the row paired with column ``j`` (optimal assignment)."""
-    if len(cost) == 1:
-        return np.zeros(1, np.int32)
-    return _network_simplex(cost) if solver == "network_simplex" else _hungarian(cost)
-
-
-def _resolve_solver(solver: str, event_size: int) -> str:
-    if solver not in EXACT_SOLVERS:
-        raise ValueError(f"solver must be one of {EXACT_SOLVERS}; got {solver!r}.")
-    if solver == "auto":
-        return "network_simplex" if event_size <= SIMPLEX_MAX_DIM else "hungarian"
-    return solver
-
-
-def _lsa_host(cost, labels=None, *, solver="hungarian"):
-    cost = np.asarray(cost, dtype=np.float64)
-    _check_finite_cost(cost, "exact")
-    if labels is None:
-        return _assign(cost, solver)
-    labels = np.asarray(labels)
-    perm = np.empty(cost.shape[1], dtype=np.int32)
-    for label in np.unique(labels):  # one assignment per class: smaller and exact
-        idx = np.flatnonzero(labels == label)
-        perm[idx] = idx[_assign(cost[np.ix_(idx, idx)], solver)]
-    return perm
-
-
-def exact_ot_permutation(
-    x0: np.ndarray,
-    x1: np.ndarray,
-    cond: np.ndarray | None = None,
-    cond_weight: float = 1.0,
-    *,
-    solver: str = "auto",
-) -> np.ndarray:
-    """:func:`exact_ot_assignment` on NumPy arrays, on the host, with no JAX call.
-
-    For input pipelines (e.g. grain transforms in reader threads) that pair each batch while
-    the device computes the previous step. Same permutation as :func:`exact_ot_assignment`
-    (``perm[j]``: the source row given to data row ``j``; integer labels ``cond`` pair only
-    within a class; float contexts add ``cond_weight * ||c_i - c_j||^2``)."""
-    x0, x1 = np.asarray(x0), np.asarray(x1)
-    if x0.shape != x1.shape or x0.ndim < 2:
-        raise ValueError(
-            "x0 and x1 must be batches of the same shape (batch, *event_shape); got "
-            f"{x0.shape} and {x1.shape}."
-        )
-    solver = _resolve_solver(solver, int(np.prod(x0.shape[1:])))
-    a = x0.reshape(len(x0), -1).astype(np.float64)
-    b = x1.reshape(len(x1), -1).astype(np.float64)
-    cost = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
-    labels = None
-    if cond is not None:
-        cond = np.asarray(cond)
-        _check_cond(cond, len(x1), None if _is_labels(cond) else cond_weight)
-        if _is_labels(cond):
-            labels = cond
-        else:
-            c = cond.reshape(len(cond), -1).astype(np.float64)
-            cost += cond_weight * (
-                np.sum(c * c, 1)[:, None] + np.sum(c * c, 1)[None, :] - 2.0 * c @ c.T
-            )
-    return _lsa_host(cost, labels, solver=solver)
-
-
 def exact_ot_assignment(x0, x1, cond=None, cond_weight: float = 1.0, *, solver: str = "auto"):
     """Permutation ``perm`` minimising ``sum_j C[perm[j], j]`` for the cost of
     :func:`ot_cost_matrix`; with integer labels ``cond``, ``cond[perm[j]] == cond[j]``.
-    ``solver``: one of :data:`EXACT_SOLVERS` (the optimum is the same; the time is not).
+    ``solver``: one of :data:`fmjax.assignment.EXACT_SOLVERS` (the optimum is the same; the
+    time is not).
 
     The permutation is piecewise constant in x0 and x1, so it has no gradient: the cost is
     passed to the host under ``stop_gradient``, and ``grad`` through ``x0[perm]`` holds the
     pairing fixed. Called eagerly on concrete arrays, the assignment runs directly on the host
     (no callback) and non-finite data raise a plain ``ValueError``; under a transformation the
     same message arrives inside JAX's callback error."""
-    host = functools.partial(_lsa_host, solver=_resolve_solver(solver, _event_size(x1)))
+    host = functools.partial(assignment, solver=resolve_solver(solver, _event_size(x1)))
     cost = jax.lax.stop_gradient(ot_cost_matrix(x0, x1, cond, cond_weight))
-    labels = cond if cond is not None and _is_labels(cond) else None
+    labels = cond if cond is not None and is_labels(cond) else None
     args = (cost,) if labels is None else (cost, labels)
     if not traced(*args):
         return jnp.asarray(host(*args))
@@ -342,7 +222,7 @@ def minibatch_ot(
       cond: the condition of each data point: integer labels ``(B,)`` pair only within a class;
         float context vectors ``(B, ...)`` add ``cond_weight * ||c_i - c_j||^2`` to the cost.
       cond_weight: the weight of the context cost (default 1; only for float contexts).
-      solver: the exact method's host solver, one of :data:`EXACT_SOLVERS`.
+      solver: the exact method's host solver, one of :data:`fmjax.assignment.EXACT_SOLVERS`.
       reg, num_iters, threshold: Sinkhorn's regularisation relative to the mean cost, its most
         iterations and its stopping tolerance on the marginals.
 
@@ -352,9 +232,9 @@ def minibatch_ot(
     _check_pair(x0, x1)
     if method not in METHODS:
         raise ValueError(f"method must be 'exact' or 'sinkhorn'; got {method!r}.")
-    _resolve_solver(solver, 1)
+    resolve_solver(solver, 1)
     if cond is not None:
-        _check_cond(cond, jnp.shape(x1)[0], cond_weight)
+        check_cond(cond, jnp.shape(x1)[0], cond_weight)
     weight = real(1.0 if cond_weight is None else cond_weight, "cond_weight", low=0.0)
     if method == "exact":
         return x0[exact_ot_assignment(x0, x1, cond, weight, solver=solver)], x1
@@ -363,10 +243,10 @@ def minibatch_ot(
     cost = ot_cost_matrix(x0_, x1_, cond, weight)
     finite = jnp.all(jnp.isfinite(cost))
     if not traced(finite) and not bool(finite):
-        _check_finite_cost(cost, "Sinkhorn")  # eager: say why
+        check_finite_cost(cost, "Sinkhorn")  # eager: say why
     scores = sinkhorn_scores(cost, reg=reg, num_iters=num_iters, threshold=threshold)
     allowed = None
-    if cond is not None and _is_labels(cond):
+    if cond is not None and is_labels(cond):
         allowed = cond[:, None] == cond[None, :]
     perm = round_to_permutation(scores, allowed)
     # non-finite data under jit: pass NaN on to the pairs (and so the loss), not a pairing
@@ -404,8 +284,8 @@ def entropic_ot(
         raise ValueError("entropic_ot draws its pairs: it needs a PRNG key; got key=None.")
     allowed = None
     if cond is not None:
-        _check_cond(cond, jnp.shape(x1)[0], None)
-        if not _is_labels(cond):
+        check_cond(cond, jnp.shape(x1)[0], None)
+        if not is_labels(cond):
             raise ValueError(
                 "entropic_ot pairs within classes of integer labels (B,); got cond of "
                 f"dtype {jnp.result_type(cond)} and shape {jnp.shape(cond)}."

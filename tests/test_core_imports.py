@@ -9,6 +9,7 @@ CORE = [
     "fmjax",
     "fmjax.paths",
     "fmjax.schedules",
+    "fmjax.assignment",
     "fmjax.couplings",
     "fmjax.losses",
     "fmjax.marginals",

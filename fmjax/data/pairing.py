@@ -11,7 +11,7 @@ is computing:
    global position, so a resumed run (grain's iterator state is checkpointed) sees exactly the
    noise an uninterrupted run would, whatever the process layout.
 2. :class:`PairBatch` (a per-batch ``map``) re-pairs each batch's ``x0`` with its images by
-   :func:`fmjax.couplings.exact_ot_permutation` (within classes when ``by_label``).
+   :func:`fmjax.assignment.exact_ot_permutation` (within classes when ``by_label``).
 
 The training step then uses ``batch["x0"]`` as it is. With one process, each batch is the
 whole global batch, so the pairing is the same as the device coupling's. With several
@@ -26,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from fmjax import couplings
+from fmjax import assignment
 
 __all__ = ["DrawSource", "PairBatch"]
 
@@ -52,16 +52,16 @@ class PairBatch:
 
     ``by_label``: pair only within equal ``batch["label"]`` (a class-conditional model: each
     source sample keeps the class of the row it is paired with). ``solver``: one of
-    :data:`fmjax.couplings.EXACT_SOLVERS`."""
+    :data:`fmjax.assignment.EXACT_SOLVERS`."""
 
     data: str = "image"
     by_label: bool = False
     solver: str = "auto"
 
     def __post_init__(self):
-        if self.solver not in couplings.EXACT_SOLVERS:
+        if self.solver not in assignment.EXACT_SOLVERS:
             raise ValueError(
-                f"solver must be one of {couplings.EXACT_SOLVERS}; got {self.solver!r}."
+                f"solver must be one of {assignment.EXACT_SOLVERS}; got {self.solver!r}."
             )
 
     def __call__(self, batch: dict) -> dict:
@@ -71,7 +71,7 @@ class PairBatch:
                 f"got {sorted(batch)}."
             )
         labels = batch["label"] if self.by_label else None
-        perm = couplings.exact_ot_permutation(
+        perm = assignment.exact_ot_permutation(
             batch["x0"], batch[self.data], labels, solver=self.solver
         )
         return {**batch, "x0": batch["x0"][perm]}
