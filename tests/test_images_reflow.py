@@ -185,8 +185,10 @@ def test_a_reflow_round_trains_on_the_teachers_flow(teacher):
 
 def test_reflow_settings_that_cannot_work_are_refused(teacher, tmp_path):
     root, config, teacher_dir = teacher
+    os.makedirs(tmp_path / "untrained" / "checkpoints")
     bad = [
         ({"reflow.teacher_workdir": str(tmp_path)}, "no checkpoints in"),
+        ({"reflow.teacher_workdir": str(tmp_path / "untrained")}, "train the teacher first"),
         ({"reflow.init": "warm"}, "reflow.init must be one of"),
         ({"reflow.num_pairs": 0}, "reflow.num_pairs"),
         ({"reflow.solver": "euler"}, "adaptive solver"),

@@ -76,8 +76,13 @@ class Teacher:
         r = setup.config.reflow
         self.workdir = os.path.abspath(r.teacher_workdir)
         with CheckpointManager(checkpoints.checkpoint_dir(self.workdir)) as ckpt:
+            if not ckpt.all_steps():
+                raise config_lib.ConfigError(
+                    f"reflow.teacher_workdir: no checkpoint in {ckpt.directory} yet: train "
+                    "the teacher first."
+                )
             step = r.teacher_step if r.teacher_step is not None else ckpt.latest_step()
-            if step is None or step not in ckpt.all_steps():
+            if step not in ckpt.all_steps():
                 raise config_lib.ConfigError(
                     f"reflow.teacher_step={r.teacher_step}: {ckpt.directory} has checkpoints "
                     f"{ckpt.all_steps()}."
