@@ -88,8 +88,8 @@ def train(source, target, coupling, *, steps, batch, hidden, sb_sigma=0.5, seed=
 
     def loss_fn(p, k, pair):
         x0, x1 = pair
-        field = jax.tree_util.Partial(model.apply, p)
-        return fmjax.losses.cfm_loss(field, path, k, x1, x0=x0, coupling=coupling)
+        v = jax.tree_util.Partial(model.apply, p)
+        return fmjax.losses.cfm_loss(v, path, k, x1, x0=x0, coupling=coupling)
 
     def data_fn(k):
         k0, k1 = jax.random.split(k)
