@@ -11,6 +11,9 @@ noisy interpolant, beside the flow-matching job of :mod:`experiments.toy2d`.
   the previous one: the field already carries the marginals, so a short round suffices on
   a CPU budget; from scratch each round would repeat the base training's cost). Each round
   records straightness, transport cost and the NFE sweep.
+  ``--config.reflow_round.distill_steps=N`` adds a one-step distillation of the last round
+  (Liu et al. 2023; :func:`fmjax.reflow.distillation_loss`), recorded as round
+  ``"distilled"`` (the NLL, plots and top-level metrics stay the last round's).
 - ``--config.path.name=sb_cfm --config.path.sb_cfm.sigma=0.5`` trains on the noisy
   interpolant; ``--config.coupling=entropic`` adds its entropic coupling (SB-CFM).
 - ``--config.eval.nll_every=N`` records the held-out NLL every N steps against training
@@ -50,6 +53,16 @@ def check_config(cfg, path) -> None:
             f"coupling={cfg.coupling!r}."
         )
     integer(cfg.reflow, "reflow", minimum=0)
+    integer(cfg.reflow_round.distill_steps, "reflow_round.distill_steps", minimum=0)
+    if cfg.reflow_round.distill_steps and not cfg.reflow:
+        raise ValueError(
+            "reflow_round.distill_steps distils the last reflow round: set reflow >= 1."
+        )
+    if cfg.reflow_round.distill_steps % cfg.train.steps_per_call:
+        raise ValueError(
+            f"reflow_round.distill_steps ({cfg.reflow_round.distill_steps}) must be a multiple "
+            f"of train.steps_per_call ({cfg.train.steps_per_call})."
+        )
     velocity_only = [("objective=ml", cfg.objective == "ml"), ("reflow", cfg.reflow > 0)]
     for what, on in velocity_only:
         if on and cfg.train.prediction != "velocity":
@@ -146,8 +159,20 @@ def _sampler(cfg, batch_size):
 
 def fit(cfg, state, loss_fn, data_fn, num_steps, ema_decay, tx, *, progress, log_fn, on_step):
     """``fmjax.train.fit`` of the fused steps; returns ``(state, history, seconds)``."""
+    return fit_steps(
+        state, loss_fn, data_fn, num_steps, ema_decay, tx,
+        steps_per_call=cfg.train.steps_per_call, log_every=cfg.train.log_every,
+        progress=progress, log_fn=log_fn, on_step=on_step,
+    )  # fmt: skip
+
+
+def fit_steps(
+    state, loss_fn, data_fn, num_steps, ema_decay, tx, *, steps_per_call, log_every=500,
+    progress=False, log_fn=None, on_step=None,
+):  # fmt: skip
+    """:func:`fit` with the fused steps' settings as arguments (no config)."""
     run = fmjax.train.make_fused_train_steps(
-        loss_fn, tx, data_fn, cfg.train.steps_per_call, ema_decay=ema_decay
+        loss_fn, tx, data_fn, steps_per_call, ema_decay=ema_decay
     )
     t0 = time.perf_counter()
     state, history = fmjax.train.fit(
@@ -155,8 +180,8 @@ def fit(cfg, state, loss_fn, data_fn, num_steps, ema_decay, tx, *, progress, log
         run,
         None,
         num_steps,
-        log_every=cfg.train.log_every,
-        steps_per_call=cfg.train.steps_per_call,
+        log_every=log_every,
+        steps_per_call=steps_per_call,
         progress=progress,
         on_log=log_fn,
         on_step=on_step,
@@ -225,55 +250,80 @@ def nfe_summary(history) -> dict:
     }
 
 
+ROUND_LOSSES = ("reflow", "distill")
+
+
+def train_on_flow(
+    v, params, x0, key, r, *, loss="reflow", field=None, t_range=(0.0, 1.0), warmup_steps,
+    steps_per_call, log_every=500, progress=False, log_fn=None,
+):  # fmt: skip
+    """One round on the flow of ``v(params, t, x)``: the pairs ``(x0, psi(x0))``
+    (:func:`fmjax.reflow.pairs`, dopri5 at ``r.rtol``, stored), then training **from
+    ``params``** on batches of them with a fresh optimizer and EMA (settings ``r``: a
+    ``reflow_round`` config). ``loss="reflow"``: rectified flow's CFM loss on the linear path;
+    ``"distill"``: :func:`fmjax.reflow.distillation_loss` (one Euler step over ``t_range``).
+    ``field``: the field solved for the pairs, when it is not ``Partial(v, params)``.
+    Returns ``(state, pair_seconds, train_seconds)``; the round's field is ``state.ema_params``.
+    """
+    if loss not in ROUND_LOSSES:
+        raise ValueError(f"loss must be one of {ROUND_LOSSES}; got {loss!r}.")
+    t_lo, t_hi = t_range
+    t0 = time.perf_counter()
+    x0, x1 = fmjax.reflow.pairs(  # (the field as evaluate builds it: shared compiles)
+        jax.tree_util.Partial(v, params) if field is None else field,
+        x0,
+        rtol=r.rtol,
+        atol=r.rtol,
+        t0=t_lo,
+        t1=t_hi,
+    )
+    x0, x1 = jax.block_until_ready((x0, x1))
+    pair_seconds = time.perf_counter() - t0
+    n = x0.shape[0]
+
+    def data_fn(kd, x0=x0, x1=x1):
+        i = jax.random.randint(kd, (r.batch_size,), 0, n)
+        return {"x0": x0[i], "x1": x1[i]}
+
+    linear = fmjax.paths.rectified_flow()
+
+    def loss_fn(p, kl, batch):
+        field = jax.tree_util.Partial(v, p)
+        if loss == "distill":
+            return fmjax.reflow.distillation_loss(field, batch["x0"], batch["x1"], t0=t_lo, t1=t_hi)
+        return fmjax.losses.cfm_loss(field, linear, kl, batch["x1"], x0=batch["x0"])
+
+    # from the previous weights, a fresh optimizer and EMA for the round; the EMA starts at
+    # the previous field, so its decay must forget it within the round
+    tx = optimizer(r.num_steps, r.learning_rate, min(warmup_steps, r.num_steps - 1))
+    state = fmjax.train.TrainState.create(params, tx, key)
+    state, _, seconds = fit_steps(
+        state, loss_fn, data_fn, r.num_steps, r.ema_decay, tx, steps_per_call=steps_per_call,
+        log_every=log_every, progress=progress, log_fn=log_fn,
+    )  # fmt: skip
+    return state, pair_seconds, seconds
+
+
 def reflow_rounds(cfg, state, v, path, efficiency_fn, *, progress, log_fn):
     """``cfg.reflow`` rounds from ``state``; returns ``(state, records)``: per round (0 is
     the base model) straightness, transport cost and the sweep (``efficiency_fn(v_params)``),
-    pair generation and training seconds."""
+    pair generation and training seconds. With ``reflow_round.distill_steps``, a last record
+    (round ``"distilled"``) is the one-step distillation of the last round (new pairs, then
+    :func:`fmjax.reflow.distillation_loss` from its weights); ``state`` stays the last
+    round's (the distilled model is for one Euler step, not for the NLL and plots)."""
     r = cfg.reflow_round
-    t_lo, t_hi = path.velocity_range("velocity")
+    t_range = path.velocity_range("velocity")
     records = [{"round": 0, **efficiency_fn(state.ema_params)}]
-    linear = fmjax.paths.rectified_flow()
     for k in range(1, cfg.reflow + 1):
         key = jax.random.fold_in(jax.random.key(cfg.seed + 2), k)
         k_x0, k_state = jax.random.split(key)
-        t0 = time.perf_counter()
-        x0 = path.sample_source(k_x0, (r.num_pairs, 2))
-        x0, x1 = fmjax.reflow.pairs(  # (the field as evaluate builds it: shared compiles)
-            path.velocity_field(jax.tree_util.Partial(v, state.ema_params), "velocity"),
-            x0,
-            rtol=r.rtol,
-            atol=r.rtol,
-            t0=t_lo,
-            t1=t_hi,
-        )
-        x0, x1 = jax.block_until_ready((x0, x1))
-        pair_seconds = time.perf_counter() - t0
-
-        def data_fn(kd, x0=x0, x1=x1):
-            i = jax.random.randint(kd, (r.batch_size,), 0, r.num_pairs)
-            return {"x0": x0[i], "x1": x1[i]}
-
-        def loss_fn(p, kl, batch):
-            return fmjax.losses.cfm_loss(
-                jax.tree_util.Partial(v, p), linear, kl, batch["x1"], x0=batch["x0"]
-            )
-
-        # from the previous weights (EMA), a fresh optimizer and EMA for the round; the EMA
-        # starts at the previous field, so its decay must forget it within the round
-        tx = optimizer(r.num_steps, r.learning_rate, min(cfg.train.warmup_steps, r.num_steps - 1))
-        state = fmjax.train.TrainState.create(state.ema_params, tx, k_state)
-        state, _, seconds = fit(
-            cfg,
-            state,
-            loss_fn,
-            data_fn,
-            r.num_steps,
-            r.ema_decay,
-            tx,
-            progress=progress,
-            log_fn=log_fn,
-            on_step=None,
-        )
+        field = path.velocity_field(jax.tree_util.Partial(v, state.ema_params), "velocity")
+        state, pair_seconds, seconds = train_on_flow(
+            v, state.ema_params, path.sample_source(k_x0, (r.num_pairs, 2)), k_state, r,
+            field=field, t_range=t_range, warmup_steps=cfg.train.warmup_steps,
+            steps_per_call=cfg.train.steps_per_call, log_every=cfg.train.log_every,
+            progress=progress, log_fn=log_fn,
+        )  # fmt: skip
         records.append(
             {
                 "round": k,
@@ -282,11 +332,31 @@ def reflow_rounds(cfg, state, v, path, efficiency_fn, *, progress, log_fn):
                 **efficiency_fn(state.ema_params),
             }
         )
+    if r.distill_steps:  # a one-step model of the last round, recorded beside the rounds
+        key = jax.random.fold_in(jax.random.key(cfg.seed + 2), cfg.reflow + 1)
+        k_x0, k_state = jax.random.split(key)
+        distill = r.copy_and_resolve_references()
+        distill.num_steps = r.distill_steps
+        one_step, pair_seconds, seconds = train_on_flow(
+            v, state.ema_params, path.sample_source(k_x0, (r.num_pairs, 2)), k_state, distill,
+            loss="distill", t_range=t_range, warmup_steps=cfg.train.warmup_steps,
+            steps_per_call=cfg.train.steps_per_call, log_every=cfg.train.log_every,
+            progress=progress, log_fn=log_fn,
+        )  # fmt: skip
+        records.append(
+            {
+                "round": "distilled",
+                "pair_seconds": pair_seconds,
+                "train_seconds": seconds,
+                **efficiency_fn(one_step.ema_params),
+            }
+        )
     return state, records
 
 
 def plot_rounds(filename, records) -> None:
-    """MMD against NFE of the Euler solves, a line per reflow round."""
+    """MMD against NFE of the Euler solves, a line per reflow round (or per record's
+    ``label``, where it has one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +365,8 @@ def plot_rounds(filename, records) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for rec in records:
         pts = [(s["nfe"], s["mmd"]) for s in rec["sweep"] if s["solver"] == "euler"]
-        label = f"round {rec['round']}: straightness {rec['straightness']:.3g}"
+        label = rec.get("label", f"round {rec.get('round')}")
+        label = f"{label}: straightness {rec['straightness']:.3g}"
         ax.plot(*zip(*pts, strict=True), "o-", label=label, ms=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -303,7 +374,7 @@ def plot_rounds(filename, records) -> None:
     ax.set_ylabel("MMD$^2$ to fresh data")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    ax.set_title("reflow rounds: quality against Euler steps")
+    ax.set_title("quality against Euler steps")
     fig.tight_layout()
     fig.savefig(filename, dpi=100)
     plt.close(fig)

@@ -10,7 +10,9 @@ same pairs, and its straightness is 0). Each round costs one solve per pair.
   set of pairs per round);
 - :func:`coupling` solves on the fly: ``coupling(key, x0, x1) -> (x0, psi(x0))`` replaces
   the data batch by the flow's endpoints, for ``cfm_loss(coupling=...)`` or
-  ``couplings.pairing`` (one solve per training step).
+  ``couplings.pairing`` (one solve per training step);
+- :func:`distillation_loss` fits one Euler step to the pairs (Liu et al.'s one-step
+  distillation of a reflowed field): ``x0 + (t1 - t0) v(t0, x0)`` should land on ``x̂1``.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from fmjax.batching import check_batch
+from fmjax.checks import real, same_shape
 from fmjax.sampling import sample
 from fmjax.solvers import SolverOptions, solver_options
 
-__all__ = ["coupling", "pairs"]
+__all__ = ["coupling", "distillation_loss", "pairs"]
 
 
 def pairs(
@@ -83,3 +86,34 @@ def coupling(
         return pairs(v, x0, options=options, t0=t0, t1=t1)
 
     return reflow_coupling
+
+
+def distillation_loss(v, x0, x1, *, t0: float = 0.0, t1: float = 1.0):
+    """One-step distillation (Liu et al. 2023, section 2.3): the mean over the batch of the
+    squared norm ``||x0 + (t1 - t0) v(t0, x0) - x1||^2``, summed over the event dimensions.
+
+    Trained on the pairs ``(x0, x̂1)`` of a (reflowed) flow (:func:`pairs`), its minimiser is
+    the field whose single Euler step from ``t0`` to ``t1`` is the flow's map: the one-step
+    generator ``x0 -> x0 + (t1 - t0) v(t0, x0)``, evaluated at ``t0`` only (the field is not
+    trained at other times, so the distilled model is for one-step sampling; fine-tune it from
+    the reflowed weights so that it starts at the straight field's step).
+
+    Args:
+      v: the field ``v(t, x)`` being distilled (e.g. a ``jax.tree_util.Partial`` of the model
+        with the parameters differentiated).
+      x0: ``(B, *event_shape)`` source samples.
+      x1: the targets ``x̂1 = psi(x0)``, of x0's shape.
+      t0, t1: the step's start and end times (``t1 > t0``).
+
+    Returns:
+      The scalar loss.
+    """
+    check_batch(x0, "x0")
+    same_shape(x0, x1, "x0", "x1")
+    t0, t1 = real(t0, "t0"), real(t1, "t1")
+    if not t1 > t0:
+        raise ValueError(f"distillation_loss needs t1 > t0; got t0={t0}, t1={t1}.")
+    t = jnp.full((jnp.shape(x0)[0],), t0, jnp.asarray(x0).dtype)
+    step = x0 + (t1 - t0) * v(t, x0)
+    err = jnp.square(step - x1).reshape(jnp.shape(x0)[0], -1)
+    return jnp.mean(jnp.sum(err, axis=1))

@@ -73,3 +73,74 @@ def test_rectified_gaussian_flow_is_a_fixed_point(first_round):
     # (one Euler step of the exact curved flow is far from its pairs)
     euler, _ = fmjax.sample(exact_field, x0, solver="euler", steps=1)
     assert float(jnp.max(jnp.abs(euler - x1))) > 0.1
+
+
+# one-step distillation: an affine field fitted to affine pairs, where everything is closed form
+
+
+def affine(w, b, c):
+    """``v(t, x) = W x + b + t c``: the loss is quadratic in ``(W, b, c)``."""
+    return lambda t, x: x @ w.T + b + t[:, None] * c
+
+
+@pytest.fixture(scope="module")
+def noisy_pairs():
+    k0, k1 = jax.random.split(jax.random.key(3))
+    x0 = jax.random.normal(k0, (512, 2))
+    a = jnp.array([[0.5, -1.0], [2.0, 0.3]])
+    x1 = x0 @ a.T + M + 0.1 * jax.random.normal(k1, x0.shape)
+    return x0, x1
+
+
+def test_distillation_minimiser_is_least_squares_and_the_loss_is_its_residual(noisy_pairs):
+    x0, x1 = noisy_pairs
+    t0, t1 = 0.25, 0.75
+    dt = t1 - t0
+    # the minimiser: regress (x1 - x0) / dt on (x0, 1), in float64
+    xa = np.concatenate([np.asarray(x0, np.float64), np.ones((x0.shape[0], 1))], 1)
+    y = (np.asarray(x1, np.float64) - np.asarray(x0, np.float64)) / dt
+    sol, *_ = np.linalg.lstsq(xa, y, rcond=None)
+    w, b = jnp.asarray(sol[:2].T, jnp.float32), jnp.asarray(sol[2], jnp.float32)
+    c = jnp.zeros(2)
+    residual = float(np.mean(np.sum((dt * (xa @ sol - y)) ** 2, 1)))
+
+    def loss(w, b, c):
+        return reflow.distillation_loss(affine(w, b, c), x0, x1, t0=t0, t1=t1)
+
+    assert float(loss(w, b, c)) == pytest.approx(residual, rel=1e-4)
+    for g in jax.grad(loss, argnums=(0, 1))(w, b, c):  # stationary at the minimiser
+        np.testing.assert_allclose(g, 0.0, atol=2e-4)
+    # away from it the loss grows by the perturbation's own squared norm (the residual is
+    # orthogonal to the affine functions of x0); t0 enters through c
+    dw, db, dc = (
+        jnp.array([[0.1, 0.0], [-0.2, 0.05]]),
+        jnp.array([0.3, -0.1]),
+        jnp.array([1.0, 2.0]),
+    )
+    extra = float(jnp.mean(jnp.sum((dt * (x0 @ dw.T + db + t0 * dc)) ** 2, 1)))
+    assert float(loss(w + dw, b + db, c + dc)) == pytest.approx(residual + extra, rel=1e-4)
+
+
+def test_distillation_of_exact_pairs_is_zero_at_the_one_step_field(first_round):
+    # the Gaussian flow's pairs x1 = M + S x0: one Euler step of (M + (S - 1) x) lands on them
+    x0, x1 = first_round
+    v = jax.tree_util.Partial(lambda t, x: M + (S - 1.0) * x)
+    assert float(reflow.distillation_loss(v, x0, x1)) < 1e-7
+    # the exact (curved) field itself, read at t = 0, does not
+    assert float(reflow.distillation_loss(jax.tree_util.Partial(exact_field), x0, x1)) > 0.1
+
+
+@pytest.mark.parametrize(
+    "x1_shape, times, message",
+    [
+        ((4, 3), (0.0, 1.0), "x0 and x1 must have the same shape"),
+        ((4, 2), (1.0, 1.0), "t1 > t0"),
+        ((4, 2), (0.0, float("nan")), "t1"),
+    ],
+)
+def test_distillation_loss_refuses_bad_input(x1_shape, times, message):
+    v = jax.tree_util.Partial(lambda t, x: x)
+    with pytest.raises(ValueError, match=message):
+        reflow.distillation_loss(
+            v, jnp.zeros((4, 2)), jnp.zeros(x1_shape), t0=times[0], t1=times[1]
+        )

@@ -67,6 +67,9 @@ def get_config(preset: str = "default"):
     # the round's EMA starts at the previous round's field: 0.999 over 1,500 steps would keep
     # 22 % of it (a blend of the curved and the straightened network); 0.99 keeps 3e-7
     c.reflow_round.ema_decay = 0.99
+    # > 0: then distil the last round to one Euler step for this many steps (a record of its
+    # own in reflow_rounds; evaluate keeps the last round's model)
+    c.reflow_round.distill_steps = 0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_nll = 5000  # held-out points for the NLL (exact divergence, dopri5)
