@@ -144,6 +144,7 @@ def test_a_reflow_round_trains_on_the_teachers_flow(teacher):
     state0, summary = images.train(c, workdir, stop_at=0, mesh=mesh)
     r = summary["reflow"]
     assert r["pairs_drawn_now"] == 8 and r["num_pairs"] == 8 and r["init"] == "teacher"
+    assert 0 < r["pairs_seconds_all"] <= r["pairs_seconds"] and r["pairs_nfe_mean"] > 0
     t = reflow.Teacher(images.build(c, mesh), mesh)
     assert t.step == 4
     leaves = jax.tree_util.tree_leaves

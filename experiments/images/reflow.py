@@ -145,6 +145,7 @@ def _draw(teacher: Teacher, store: PairStore, options, seed: int, log) -> dict:
     missing = store.missing()
     t_start, nfe = time.perf_counter(), []
     for i, k in enumerate(missing):
+        t_chunk = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(seed), k)
         x0 = ts.source_noise(key, n, mesh)
         v, y = ts.sampling_field(teacher.params, n, mesh)
@@ -161,7 +162,8 @@ def _draw(teacher: Teacher, store: PairStore, options, seed: int, log) -> dict:
         labels = None if y is None else sharding_lib.to_host(y)
         nfe.append(float(np.asarray(stats.nfe)))
         if jax.process_index() == 0:
-            store.write(k, x0_h, x1_h, labels, info={"nfe": nfe[-1]})
+            info = {"nfe": nfe[-1], "seconds": time.perf_counter() - t_chunk}
+            store.write(k, x0_h, x1_h, labels, info=info)
         if jax.process_count() > 1:  # every process reads the chunk from a shared directory
             from jax.experimental import multihost_utils
 
@@ -196,6 +198,8 @@ def prepare(setup: Setup, mesh: Mesh, workdir: str) -> dict:
         pairs_dir=directory,
         num_pairs=num_chunks * chunk,
         pairs_nfe_mean=float(np.mean([i["nfe"] for i in infos])),
+        # every chunk's solve, whichever run drew it (compilation included)
+        pairs_seconds_all=float(sum(i.get("seconds", math.nan) for i in infos)),
     )
     d = c.data
     iterator = make_pairs_iterator(
