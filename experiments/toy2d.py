@@ -178,6 +178,8 @@ def evaluate(cfg, model, params, workdir):
     ref = toy.sample(cfg.dataset, k_ref, e.num_samples)
     out["mmd"] = float(fmjax.metrics.mmd(samples, ref))
     out["sliced_wasserstein"] = float(fmjax.metrics.sliced_wasserstein(k_sw, samples, ref))
+    if e.sde_noise:  # the same source points and data draw, with noise
+        out.update(family.sde_quality(cfg, v, path, span, x0, ref, jax.random.fold_in(key, 1)))
     # the same distances between two independent data draws: the noise floor
     ref2 = toy.sample(cfg.dataset, k_ref2, e.num_samples)
     out["mmd_data_vs_data"] = float(fmjax.metrics.mmd(ref2, ref))

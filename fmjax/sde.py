@@ -62,7 +62,7 @@ _SINGULAR = 1e-6
 @dataclasses.dataclass(frozen=True)
 class _SigmaDiffusion:
     path: object
-    scale: float
+    scale: object  # an array: a runtime argument of the solve, so new scales do not recompile
 
     def __call__(self, t):
         t = jnp.asarray(t)
@@ -70,17 +70,21 @@ class _SigmaDiffusion:
         return self.scale * jnp.sqrt(jnp.clip(sigma, 0.0))
 
 
+jax.tree_util.register_dataclass(_SigmaDiffusion, data_fields=["scale"], meta_fields=["path"])
+
+
 def sigma_diffusion(path, scale: float = 1.0) -> Callable:
     """The diffusion ``g(t) = scale * sqrt(sigma_t)`` of a Gaussian path (SiT's choice
-    ``w_t = sigma_t``): ``g^2 / 2 * score = -scale^2 / 2 * E[x0 | x_t]`` is finite where the
-    score is not, so the SDE can run to ``t = 1`` on ``CondOT(sigma_min=0)``; the noise
-    vanishes as the samples reach the data. Hashable: equal schedules share a compiled solve.
+        ``w_t = sigma_t``): ``g^2 / 2 * score = -scale^2 / 2 * E[x0 | x_t]`` is finite where the
+        score is not, so the SDE can run to ``t = 1`` on ``CondOT(sigma_min=0)``; the noise
+        vanishes as the samples reach the data. The scale is a runtime argument of the solve: a new
+    scale does not recompile it.
     """
     if not hasattr(path, "coefficients"):
         raise ValueError(
             f"sigma_diffusion needs a Gaussian path (fmjax.paths); got {type(path).__name__}."
         )
-    return _SigmaDiffusion(path, real(scale, "scale", low=0.0))
+    return _SigmaDiffusion(path, np.float32(real(scale, "scale", low=0.0)))
 
 
 def _coefficients(path, t: float) -> Coefficients:
@@ -123,45 +127,51 @@ def _check_key(key) -> None:
         )
 
 
-def _drift_fn(v, score, path, g_fn):
+def _g(diffusion, t, callable_, dtype):
+    """``g(t)``: the diffusion function at t, or the constant; a checked scalar."""
+    g = jnp.asarray(diffusion(t) if callable_ else diffusion, dtype)
+    if jnp.shape(g) != ():
+        raise ValueError(f"diffusion(t) must return a scalar g(t); got shape {jnp.shape(g)}.")
+    return g
+
+
+def _drift_fn(v, score, path, g_callable):
     """The SDE's drift ``v + g^2 / 2 * score`` at the scalar solver time ``t``."""
 
     def drift(t, x, args):
-        cond, g_const = args
+        cond, diffusion = args
         tb = batch_time(t, x)
         vx = call_field(v, tb, x, cond)
         check_field_output(vx, x)
-        g = g_const if g_fn is None else g_fn(t)
+        g = _g(diffusion, t, g_callable, x.dtype)
         if score is None:
             s = path.convert(vx, x, tb, src="velocity", dst="score")
         else:
             s = call_field(score, tb, x, cond)
             check_field_output(s, x, " (score(t, x): the score has x's shape)")
-        g2 = jnp.asarray(g, x.dtype) ** 2
+        g2 = g**2
         # where g vanishes the score term is 0, even at an end where the score is singular
         return vx + jnp.where(g2 > 0, 0.5 * g2 * s, jnp.zeros_like(s))
 
     return drift
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "steps", "t0", "t1", "path", "g_fn"))
-def _sample_sde(v, score, x0, key, cond, g_const, *, solver, steps, t0, t1, path, g_fn):
+@functools.partial(jax.jit, static_argnames=("solver", "steps", "t0", "t1", "path", "g_callable"))
+def _sample_sde(v, score, x0, key, cond, diffusion, *, solver, steps, t0, t1, path, g_callable):
     solver_cls, levy_area, per_step = SDE_SOLVERS[solver]
     dtype = jnp.result_type(x0, jnp.float32)
     x0 = x0.astype(dtype)
 
-    def diffusion(t, x, args):
-        g = args[1] if g_fn is None else g_fn(t)
-        g = jnp.asarray(g, dtype)
-        if jnp.shape(g) != ():
-            raise ValueError(f"diffusion(t) must return a scalar; got shape {jnp.shape(g)}.")
-        return lineax.DiagonalLinearOperator(jnp.broadcast_to(g, x.shape))
+    def noise(t, x, args):
+        return lineax.DiagonalLinearOperator(
+            jnp.broadcast_to(_g(args[1], t, g_callable, dtype), x.shape)
+        )
 
     brownian = diffrax.UnsafeBrownianPath(
         shape=jax.ShapeDtypeStruct(x0.shape, dtype), key=key, levy_area=levy_area
     )
     terms = diffrax.MultiTerm(
-        diffrax.ODETerm(_drift_fn(v, score, path, g_fn)), diffrax.ControlTerm(diffusion, brownian)
+        diffrax.ODETerm(_drift_fn(v, score, path, g_callable)), diffrax.ControlTerm(noise, brownian)
     )
     t0_, t1_ = jnp.asarray(t0, dtype), jnp.asarray(t1, dtype)
     sol = diffrax.diffeqsolve(
@@ -171,7 +181,7 @@ def _sample_sde(v, score, x0, key, cond, g_const, *, solver, steps, t0, t1, path
         t1=t1_,
         dt0=(t1_ - t0_) / steps,
         y0=x0,
-        args=(cond, jnp.asarray(g_const, dtype)),
+        args=(cond, diffusion),
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.ConstantStepSize(),
         max_steps=steps,
@@ -246,17 +256,9 @@ def sample_sde(
         raise ValueError(f"sample_sde integrates from noise to data: need t0 < t1; got {t0}, {t1}.")
     if not callable(v):
         raise ValueError(f"v must be a callable v(t, x); got {type(v).__name__}.")
-    if callable(diffusion):
-        g_fn, g_const = diffusion, 0.0
-        try:
-            hash(g_fn)
-        except TypeError:
-            raise ValueError(
-                "diffusion(t) must be hashable (a module-level function or a frozen dataclass "
-                f"such as sigma_diffusion(path)); got {type(g_fn).__name__}."
-            ) from None
-    else:
-        g_fn, g_const = None, real(diffusion, "diffusion", low=0.0)
+    g_callable = callable(diffusion)
+    if not g_callable:
+        diffusion = real(diffusion, "diffusion", low=0.0)
     g_ends = {t: _diffusion_at(diffusion, t) for t in (t0, t1)}
     if score is None:
         if path is None:
@@ -289,11 +291,11 @@ def sample_sde(
         jnp.asarray(x0),
         key,
         cond,
-        g_const,
+        as_field(diffusion) if g_callable else jnp.float32(diffusion),
         solver=solver,
         steps=steps,
         t0=t0,
         t1=t1,
         path=None if score is not None else path,
-        g_fn=g_fn,
+        g_callable=g_callable,
     )
