@@ -240,7 +240,9 @@ def sample_sde(
     Returns:
       ``(x1, stats)``: the endpoints with x0's shape (in x0's float precision, at least
       float32) and a :class:`fmjax.sampling.SampleStats` whose ``nfe`` counts evaluations
-      of the drift (each one call of ``v`` and, if given, one of ``score``).
+      of the drift (each one call of ``v`` and, if given, one of ``score``). Traceable
+      (``jit``, ``vmap`` over keys) with concrete settings; not reverse-differentiable (the
+      Brownian increments are drawn per step).
 
     Raises:
       ValueError: a bad batch, key, condition, solver name, step count, span, diffusion, a
@@ -260,6 +262,10 @@ def sample_sde(
     if not g_callable:
         diffusion = real(diffusion, "diffusion", low=0.0)
     g_ends = {t: _diffusion_at(diffusion, t) for t in (t0, t1)}
+    if score is not None and path is not None:
+        raise ValueError(
+            "give the score either as score= or derived from the velocity on path=, not both."
+        )
     if score is None:
         if path is None:
             raise ValueError(
@@ -274,11 +280,12 @@ def sample_sde(
         check_time(np.array([t0, t1]), path.t_range, name="t0 and t1")
         for t, g in g_ends.items():
             if g > 0 and _score_singular_at(path, t):
+                move = f"t1 = {t} - 1e-3" if t == t1 else f"t0 = {t} + 1e-3"
                 raise ValueError(
                     f"the score derived from the velocity is singular at t={t} on {path!r} "
-                    f"(sigma_t = 0 there) but the diffusion is g({t}) = {g} > 0: end the span "
-                    f"before it (t1={t} - 1e-3) or use a diffusion that vanishes there, such "
-                    "as fmjax.sde.sigma_diffusion(path, scale)."
+                    f"(the conversion divides by zero there) but the diffusion is g({t}) = "
+                    f"{g} > 0: move the span in ({move}) or use a diffusion that vanishes "
+                    "there, such as fmjax.sde.sigma_diffusion(path, scale)."
                 )
     elif not callable(score):
         raise ValueError(f"score must be a callable score(t, x) or None; got {score!r}.")
