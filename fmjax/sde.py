@@ -75,10 +75,10 @@ jax.tree_util.register_dataclass(_SigmaDiffusion, data_fields=["scale"], meta_fi
 
 def sigma_diffusion(path, scale: float = 1.0) -> Callable:
     """The diffusion ``g(t) = scale * sqrt(sigma_t)`` of a Gaussian path (SiT's choice
-        ``w_t = sigma_t``): ``g^2 / 2 * score = -scale^2 / 2 * E[x0 | x_t]`` is finite where the
-        score is not, so the SDE can run to ``t = 1`` on ``CondOT(sigma_min=0)``; the noise
-        vanishes as the samples reach the data. The scale is a runtime argument of the solve: a new
-    scale does not recompile it.
+    ``w_t = sigma_t``): ``g^2 / 2 * score = -scale^2 / 2 * E[x0 | x_t]`` is finite where the
+    score is not, so the SDE can run to ``t = 1`` on ``CondOT(sigma_min=0)``; the noise
+    vanishes as the samples reach the data. The scale is a runtime argument of the solve: a
+    new scale does not recompile it.
     """
     if not hasattr(path, "coefficients"):
         raise ValueError(
