@@ -8,8 +8,9 @@ Writes to the work dir: ``samples.png`` (model samples beside data), ``trajector
 in nats with exact divergence and dopri5, the data's true entropy where known, NFE of
 sampling and likelihood, MMD and sliced Wasserstein against fresh data, timings) and
 ``config.json``. :func:`train_and_evaluate` is the library entry point notebooks call.
-``--config.objective=ml``, ``--config.reflow=K``, ``--config.path.name=sb_cfm`` and
-``--config.eval.nll_every=N`` run the rest of the flow family (:mod:`experiments.toy2d_family`).
+``--config.objective=ml``, ``--config.reflow=K``, ``--config.path.name=sb_cfm``,
+``--config.eval.nll_every=N`` and ``--config.eval.sde_noise=(0.0,0.5,1.0)`` (SDE sampling)
+run the rest of the flow family (:mod:`experiments.toy2d_family`).
 """
 
 from __future__ import annotations
