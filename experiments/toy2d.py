@@ -8,8 +8,9 @@ Writes to the work dir: ``samples.png`` (model samples beside data), ``trajector
 in nats with exact divergence and dopri5, the data's true entropy where known, NFE of
 sampling and likelihood, MMD and sliced Wasserstein against fresh data, timings) and
 ``config.json``. :func:`train_and_evaluate` is the library entry point notebooks call.
-``--config.objective=ml``, ``--config.reflow=K``, ``--config.path.name=sb_cfm`` and
-``--config.eval.nll_every=N`` run the rest of the flow family (:mod:`experiments.toy2d_family`).
+``--config.objective=ml``, ``--config.reflow=K``, ``--config.path.name=sb_cfm``,
+``--config.eval.nll_every=N`` and ``--config.eval.sde_noise=(0.0,0.5,1.0)`` (SDE sampling)
+run the rest of the flow family (:mod:`experiments.toy2d_family`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ def evaluate(cfg, model, params, workdir):
     ref = toy.sample(cfg.dataset, k_ref, e.num_samples)
     out["mmd"] = float(fmjax.metrics.mmd(samples, ref))
     out["sliced_wasserstein"] = float(fmjax.metrics.sliced_wasserstein(k_sw, samples, ref))
+    if e.sde_noise:  # the same source points and data draw, with noise
+        out.update(family.sde_quality(cfg, v, path, span, x0, ref, jax.random.fold_in(key, 1)))
     # the same distances between two independent data draws: the noise floor
     ref2 = toy.sample(cfg.dataset, k_ref2, e.num_samples)
     out["mmd_data_vs_data"] = float(fmjax.metrics.mmd(ref2, ref))

@@ -18,6 +18,9 @@ noisy interpolant, beside the flow-matching job of :mod:`experiments.toy2d`.
   interpolant; ``--config.coupling=entropic`` adds its entropic coupling (SB-CFM).
 - ``--config.eval.nll_every=N`` records the held-out NLL every N steps against training
   seconds (``nll_curve``; evaluation time is left out of the clock).
+- ``--config.eval.sde_noise=(0.0,0.5,1.0)`` samples the model with :func:`fmjax.sample_sde`
+  at each noise level (``sde``: MMD^2 against the data and NFE; settings ``eval.sde_*``),
+  from the ODE samples' source points, with the score derived from the velocity.
 """
 
 from __future__ import annotations
@@ -100,6 +103,71 @@ def check_config(cfg, path) -> None:
             f"eval.nll_every ({cfg.eval.nll_every}) must be a multiple of "
             f"train.steps_per_call ({cfg.train.steps_per_call})."
         )
+    _check_sde(cfg, path)
+
+
+#: toy2d's SDE diffusions: ``g = noise * sqrt(sigma_t)`` (:func:`fmjax.sde.sigma_diffusion`,
+#: finite to the data end) or the constant ``g = noise`` (the span then ends ``eval.t_margin``
+#: before an end where the derived score is singular)
+SDE_DIFFUSIONS = ("sigma", "constant")
+
+
+def _check_sde(cfg, path) -> None:
+    e = cfg.eval
+    for g in e.sde_noise:
+        real(g, "eval.sde_noise entries", low=0.0)
+    integer(e.sde_steps, "eval.sde_steps")
+    if e.sde_solver not in fmjax.sde.SDE_SOLVERS:
+        raise ValueError(
+            f"eval.sde_solver must be one of {tuple(fmjax.sde.SDE_SOLVERS)}; got {e.sde_solver!r}."
+        )
+    if e.sde_diffusion not in SDE_DIFFUSIONS:
+        raise ValueError(
+            f"eval.sde_diffusion must be one of {SDE_DIFFUSIONS}; got {e.sde_diffusion!r}."
+        )
+    if e.sde_noise and not hasattr(path, "convert"):
+        raise ValueError(
+            "eval.sde_noise derives the score from the velocity on a Gaussian path; the "
+            f"{type(path).__name__} path has no such score: leave eval.sde_noise empty."
+        )
+
+
+def sde_quality(cfg, v, path, span, x0, ref, key) -> dict:
+    """MMD^2 against ``ref`` of :func:`fmjax.sample_sde` samples from ``x0`` at each
+    ``eval.sde_noise`` level (noise 0: the ODE with the same solver and steps)."""
+    e = cfg.eval
+    t0, t1 = span["t0"], span["t1"]
+    if e.sde_diffusion == "constant":  # stop short of an end where the score is singular
+        c = path.coefficients(jnp.float32(t1))
+        if abs(float(c[1])) < 1e-6:
+            t1 = t1 - e.t_margin
+    records = []
+    for noise in e.sde_noise:
+        g = fmjax.sde.sigma_diffusion(path, noise) if e.sde_diffusion == "sigma" else noise
+        start = time.perf_counter()
+        x, stats = fmjax.sample_sde(
+            v, x0, key, diffusion=g, path=path, steps=e.sde_steps, solver=e.sde_solver, t0=t0,
+            t1=t1,
+        )  # fmt: skip
+        x = jax.block_until_ready(x)
+        records.append(
+            {
+                "noise": float(noise),
+                "mmd": float(fmjax.metrics.mmd(x, ref)),
+                "nfe": int(stats.nfe),
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return {
+        "sde": records,
+        "sde_settings": {
+            "solver": e.sde_solver,
+            "steps": int(e.sde_steps),
+            "diffusion": e.sde_diffusion,
+            "t0": t0,
+            "t1": t1,
+        },
+    }
 
 
 def ml_solver(cfg) -> fmjax.SolverOptions:

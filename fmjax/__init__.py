@@ -1,7 +1,7 @@
 """fmjax: Flow Matching for generative modeling (Lipman et al., ICLR 2023) in JAX.
 
 The core (``paths``, ``predictions``, ``schedules``, ``assignment``, ``couplings``,
-``losses``, ``marginals``, ``guidance``, ``batching``, ``ode``, ``sample``,
+``losses``, ``marginals``, ``guidance``, ``batching``, ``ode``, ``sample``, ``sample_sde``,
 ``log_likelihood``) is pure JAX + diffrax and never imports Flax: a vector field is any
 function ``v(t, x)``. ``models``, ``data`` and ``train`` are imported lazily on first use.
 """
@@ -24,11 +24,13 @@ from fmjax import (
     predictions,
     reflow,
     schedules,
+    sde,
     solvers,
 )
 from fmjax.cpu import tune_cpu_allocator, use_cpu_devices
 from fmjax.likelihood import bits_per_dim, log_likelihood
 from fmjax.sampling import sample
+from fmjax.sde import sample_sde
 from fmjax.solvers import SolverOptions
 
 __version__ = "0.1.0"
@@ -55,7 +57,9 @@ __all__ = [
     "predictions",
     "reflow",
     "sample",
+    "sample_sde",
     "schedules",
+    "sde",
     "solvers",
     "train",
     "tune_cpu_allocator",

@@ -14,6 +14,7 @@ CORE = [
     "fmjax.losses",
     "fmjax.marginals",
     "fmjax.sampling",
+    "fmjax.sde",
     "fmjax.likelihood",
     "fmjax.cnf",
     "fmjax.bridges",

@@ -58,6 +58,8 @@ def test_cli_with_overrides_and_locked_config(tmp_path):
         "--config.dataset=eight_gaussians",
         "--config.train.num_steps=10",
         "--config.eval.sweep=False",
+        "--config.eval.sde_noise=(0.0,0.5)",
+        "--config.eval.sde_steps=4",
         f"--workdir={tmp_path}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -65,6 +67,11 @@ def test_cli_with_overrides_and_locked_config(tmp_path):
     assert f"to {tmp_path}" in out.stdout
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["dataset"] == "eight_gaussians" and cfg["train"]["num_steps"] == 10
+    # the SDE sampler at each noise level (off by default), 4 Euler-Maruyama steps each
+    sde = json.loads((tmp_path / "metrics.json").read_text())["sde"]
+    assert [(r["noise"], r["nfe"]) for r in sde] == [(0.0, 4), (0.5, 4)]
+    assert all(r["mmd"] >= 0 for r in sde)
+    assert toy2d_config.get_config().eval.sde_noise == ()
     bad = subprocess.run(
         cmd[:-1] + ["--config.train.num_stepz=3", f"--workdir={tmp_path}"],
         cwd=ROOT,

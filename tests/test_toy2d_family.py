@@ -4,8 +4,12 @@ likelihood, reflow rounds, the NLL curve, the noisy interpolant, and their confi
 import json
 import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import fmjax
 from experiments import path_config, toy2d
 from experiments import toy2d_family as family
 from experiments.configs import toy2d as toy2d_config
@@ -88,6 +92,11 @@ def test_noisy_interpolant_with_its_entropic_coupling_trains():
         ({"reflow_round.distill_steps": -1}, "reflow_round.distill_steps"),
         ({"eval.nll_every": 15}, "eval.nll_every"),
         ({"path.name": "sb_cfm", "path.sb_cfm.sigma": -1.0}, "path.sb_cfm: sigma"),
+        ({"eval.sde_noise": (0.5, -1.0)}, "eval.sde_noise entries"),
+        ({"eval.sde_steps": 0}, "eval.sde_steps"),
+        ({"eval.sde_solver": "rk4"}, "eval.sde_solver must be one of"),
+        ({"eval.sde_diffusion": "cosine"}, "eval.sde_diffusion must be one of"),
+        ({"path.name": "sb_cfm", "eval.sde_noise": (0.5,)}, "leave eval.sde_noise empty"),
     ],
 )
 def test_family_config_errors(changes, message):
@@ -107,3 +116,28 @@ def test_image_experiments_refuse_the_noisy_interpolant():
     cfg.path.name = "sb_cfm"
     with pytest.raises(ValueError, match="trained by toy2d only"):
         path_config.make_path(cfg.path)
+
+
+def test_sde_quality_of_the_exact_gaussian_flow():
+    # the exact CondOT field of Gaussian data: noise 0 is the Euler ODE sample from the same
+    # points; with noise the samples keep the data's law (MMD^2 at the two draws' floor)
+    cfg = toy2d_config.get_config("tiny")
+    cfg.eval.sde_noise, cfg.eval.sde_steps = (0.0, 1.0), 50
+    path = fmjax.paths.CondOT()
+    data = fmjax.marginals.GaussianMixture.create(jnp.array([[1.0, -1.0]]), 0.5)
+    v = jax.tree_util.Partial(lambda t, x: data.velocity(path, x, t))
+    x0 = jax.random.normal(jax.random.key(0), (500, 2))
+    ref = 1.0 * jnp.array([1.0, -1.0]) + 0.5 * jax.random.normal(jax.random.key(1), (500, 2))
+    span = {"t0": 0.0, "t1": 1.0}
+    out = family.sde_quality(cfg, v, path, span, x0, ref, jax.random.key(2))
+    ode, _ = fmjax.sample(v, x0, solver="euler", steps=50)
+    assert out["sde"][0]["mmd"] == pytest.approx(float(fmjax.metrics.mmd(ode, ref)), rel=1e-5)
+    floor = float(fmjax.metrics.mmd(1.0 * jnp.array([1.0, -1.0]) + 0.5 * np.asarray(x0), ref))
+    assert [r["nfe"] for r in out["sde"]] == [50, 50]
+    assert out["sde"][1]["mmd"] < 3 * floor + 0.01
+    assert out["sde_settings"]["t1"] == 1.0
+    # a constant diffusion stops eval.t_margin before t = 1, where the score is singular
+    cfg.eval.sde_diffusion, cfg.eval.sde_noise = "constant", (1.0,)
+    out = family.sde_quality(cfg, v, path, span, x0, ref, jax.random.key(2))
+    assert out["sde_settings"]["t1"] == pytest.approx(1.0 - cfg.eval.t_margin)
+    assert out["sde"][0]["mmd"] < 3 * floor + 0.01

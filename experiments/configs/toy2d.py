@@ -89,6 +89,11 @@ def get_config(preset: str = "default"):
     c.eval.sweep_tols = (1e-2, 1e-3, 1e-4)
     c.eval.nll_every = 0  # > 0: held-out NLL every this many steps (nll_curve)
     c.eval.nll_curve_points = 1000
+    # SDE sampling (fmjax.sample_sde, score from the velocity) at these noise levels; () = off
+    c.eval.sde_noise = ()
+    c.eval.sde_steps = 100
+    c.eval.sde_solver = "euler"  # Euler-Maruyama
+    c.eval.sde_diffusion = "sigma"  # g = noise * sqrt(sigma_t); "constant": g = noise
 
     if preset == "tiny":
         c.model.hidden = 32
