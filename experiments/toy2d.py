@@ -28,6 +28,7 @@ import numpy as np
 import fmjax
 from experiments import cli, path_config
 from experiments import toy2d_family as family
+from experiments import toy2d_reflow as rounds_lib
 from experiments.plots import plot_sweep
 from fmjax.checks import integer, real
 from fmjax.data import toy
@@ -321,13 +322,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
             u = path.velocity_field(jax.tree_util.Partial(v, params), "velocity")
             return _efficiency(config, u, path, {"t0": span[0], "t1": span[1]}, *keys)
 
-        state, rounds = family.reflow_rounds(
+        state, rounds = rounds_lib.reflow_rounds(
             config, state, v, path, round_efficiency, progress=progress, log_fn=None
         )
-        metrics["reflow_rounds"] = family.summarize_rounds(rounds)
+        metrics["reflow_rounds"] = rounds_lib.summarize_rounds(rounds)
     metrics.update(evaluate(config, model, state.ema_params, workdir))
     if rounds is not None and config.eval.sweep:
-        family.plot_rounds(os.path.join(workdir, "reflow_rounds.png"), rounds)
+        rounds_lib.plot_rounds(os.path.join(workdir, "reflow_rounds.png"), rounds)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(workdir, "train_log.jsonl"), "w") as f:

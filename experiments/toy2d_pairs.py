@@ -22,7 +22,7 @@ steps, a line per run).
 - ``--reflow=K``: K reflow rounds after the ``independent`` run, records ``reflow_1`` ..
   ``reflow_K``: each round draws ``--reflow-pairs`` pairs ``(x0, psi(x0))`` from the current
   flow and trains on them from its weights with a fresh optimizer and EMA, with toy2d's
-  settings and reasons (:func:`experiments.toy2d_family.train_on_flow`, toy2d's
+  settings and reasons (:func:`experiments.toy2d_reflow.train_on_flow`, toy2d's
   ``config.reflow_round``: Adam 3e-4, EMA 0.99, pairs by dopri5 at 1e-4).
 - ``--distill-steps=N``: one-step distillation (Liu et al. 2023) of the last of those flows
   (``reflow_K``, or ``independent`` without reflow): new pairs from it, then N steps of
@@ -43,7 +43,7 @@ import optax
 
 import fmjax
 from experiments import cli
-from experiments import toy2d_family as family
+from experiments import toy2d_reflow as rounds_lib
 from experiments.configs import toy2d as toy2d_config
 from experiments.plots import plot_sweep
 from fmjax.checks import integer, real
@@ -130,7 +130,7 @@ def flow_rounds(source, params, *, hidden, reflow, distill_steps, r, seed=0):
     for loss, k, settings in rounds:
         k_x0, k_state = jax.random.split(jax.random.fold_in(jax.random.key(seed + 2), k))
         x0 = toy.sample(source, k_x0, settings.num_pairs)
-        state, pair_seconds, seconds = family.train_on_flow(
+        state, pair_seconds, seconds = rounds_lib.train_on_flow(
             _model(hidden).apply, params, x0, k_state, settings, loss=loss,
             warmup_steps=warmup, steps_per_call=_per_call(settings.num_steps),
         )  # fmt: skip
@@ -250,7 +250,7 @@ def main(argv=None) -> dict:
         )  # fmt: skip
         for name, params, rec in rounds:
             record(name, params, rec)
-    family.plot_rounds(
+    rounds_lib.plot_rounds(
         os.path.join(args.workdir, "euler_runs.png"),
         [{"label": name, **rec} for name, rec in out["runs"].items()],
     )

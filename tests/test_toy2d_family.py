@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import fmjax
-from experiments import path_config, toy2d
+from experiments import path_config, toy2d, toy2d_reflow
 from experiments import toy2d_family as family
 from experiments.configs import toy2d as toy2d_config
 
@@ -52,9 +52,9 @@ def test_reflow_rounds_plot_and_summary(tmp_path):
         {"round": k, "straightness": s, "transport_cost": 3.0, "sweep": sweep}
         for k, s in ((0, 1.4), (1, 0.02))
     ]
-    family.plot_rounds(str(tmp_path / "rounds.png"), records)
+    toy2d_reflow.plot_rounds(str(tmp_path / "rounds.png"), records)
     assert (tmp_path / "rounds.png").stat().st_size > 0
-    summary = family.summarize_rounds(records)
+    summary = toy2d_reflow.summarize_rounds(records)
     assert summary[1] == {
         "round": 1,
         "straightness": 0.02,
