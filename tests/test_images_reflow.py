@@ -131,7 +131,6 @@ def _round(config, teacher_workdir, **extra):
     c.reflow.teacher_workdir = teacher_workdir
     c.reflow.num_pairs = 8
     c.reflow.batch_size = 4
-    c.reflow.rtol = c.reflow.atol = 1e-5
     return c
 
 
@@ -150,17 +149,18 @@ def test_a_reflow_round_trains_on_the_teachers_flow(teacher):
     leaves = jax.tree_util.tree_leaves
     for a, b in zip(leaves(state0.params), leaves(t.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # each stored pair is (x0, the teacher's flow of x0): solved again here, tightly
+    # each stored pair is (x0, the teacher's flow of x0): solved again here, as drawn
     src = PairsSource(r["pairs_dir"])
-    rows = [src[i] for i in range(4)]
+    rows = [src[i] for i in range(4)]  # chunk 0
     x0 = np.stack([row["x0"] for row in rows])
     x1, _ = fmjax.sample(
-        t.setup.velocity(t.params), x0, rtol=1e-6, atol=1e-6, t0=t.setup.t_range[0]
-    )
+        t.setup.velocity(t.params), x0, rtol=1e-3, atol=1e-3, t0=t.setup.t_range[0],
+        t1=t.setup.t_range[1],
+    )  # fmt: skip
     stored = np.stack([row["image"] for row in rows])
     moved = np.abs(stored - x0).mean()
     assert moved > 1e-2  # the pairs are not the identity
-    assert np.abs(stored - np.asarray(x1)).max() < 0.05 * moved
+    np.testing.assert_allclose(stored, np.asarray(x1), atol=1e-5 * moved + 1e-6)
     assert np.std(x0) == pytest.approx(t.setup.source_std, rel=0.2)
     # train the round on them; the pairs are not drawn again
     _, summary = images.train(c, workdir, mesh=mesh)
@@ -172,7 +172,7 @@ def test_a_reflow_round_trains_on_the_teachers_flow(teacher):
     # pairs drawn with other settings are never mixed with new ones
     other = _round(config, teacher_dir)
     other.reflow.rtol = 1e-2
-    with pytest.raises(ConfigError, match=r"rtol=1e-05 \(now 0.01\)"):
+    with pytest.raises(ConfigError, match=r"rtol=0.001 \(now 0.01\)"):
         images.train(other, workdir, mesh=mesh)
     # a killed generation redraws only its missing chunk, and draws the same pairs again
     before = np.load(os.path.join(r["pairs_dir"], "x1_00001.npy"))
