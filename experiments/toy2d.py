@@ -121,6 +121,9 @@ def train(cfg, *, progress=True, log_fn=None, on_step=None):
     key = jax.random.key(cfg.seed)
     k_init, k_train = jax.random.split(key)
     params = model.init(k_init, jnp.zeros((1,)), jnp.zeros((1, 2)))
+    if family.trains_score(cfg, path):  # a second MLP of the same size: the score
+        score = model.init(jax.random.fold_in(k_init, 1), jnp.zeros((1,)), jnp.zeros((1, 2)))
+        params = {"flow": params, "score": score}
     tx = family.optimizer(cfg.train.num_steps, cfg.train.learning_rate, cfg.train.warmup_steps)
     state = fmjax.train.TrainState.create(params, tx, k_train)
     loss_fn, data_fn, ema_decay = family.objective(cfg, path, _velocity(model))
@@ -138,6 +141,10 @@ def evaluate(cfg, model, params, workdir):
     path = make_path(cfg)
     # an x1 / eps / score model as a velocity, solved where that conversion is finite
     prediction = cfg.train.prediction
+    score = None
+    if family.trains_score(cfg, path):  # sb_cfm's learned score, for the SDE
+        score = jax.tree_util.Partial(_velocity(model), params["score"])
+    params = family.flow_params(params)
     v = path.velocity_field(jax.tree_util.Partial(_velocity(model), params), prediction)
     t_lo, t_hi = path.velocity_range(prediction, cfg.eval.t_margin)
     span = {"t0": t_lo, "t1": t_hi}
@@ -181,7 +188,8 @@ def evaluate(cfg, model, params, workdir):
     out["mmd"] = float(fmjax.metrics.mmd(samples, ref))
     out["sliced_wasserstein"] = float(fmjax.metrics.sliced_wasserstein(k_sw, samples, ref))
     if e.sde_noise:  # the same source points and data draw, with noise
-        out.update(family.sde_quality(cfg, v, path, span, x0, ref, jax.random.fold_in(key, 1)))
+        k_sde = jax.random.fold_in(key, 1)
+        out.update(family.sde_quality(cfg, v, path, span, x0, ref, k_sde, score=score))
     # the same distances between two independent data draws: the noise floor
     ref2 = toy.sample(cfg.dataset, k_ref2, e.num_samples)
     out["mmd_data_vs_data"] = float(fmjax.metrics.mmd(ref2, ref))
@@ -309,6 +317,15 @@ def train_and_evaluate(config, workdir: str, *, progress: bool = True) -> dict:
         "backend": jax.default_backend(),
         **family.nfe_summary(history),
     }
+    if family.trains_score(config, path):  # the flow's and the score's loss, last log
+        last = history[-1] if history else {}
+        metrics["score_net"] = {
+            "architecture": "a second MLP of config.model",
+            "loss": "fmjax.losses.sf2m_loss (lambda_t = sigma_t)",
+            "score_weight": float(config.train.score_weight),
+            "final_flow_loss": last.get("flow_loss"),
+            "final_score_loss": last.get("score_loss"),
+        }
     if curve is not None:  # its evaluations are not training time
         metrics["train_seconds"] = seconds - curve.paused
         metrics["train_steps_per_s"] = config.train.num_steps / metrics["train_seconds"]

@@ -22,6 +22,12 @@ noisy interpolant, beside the flow-matching job of :mod:`experiments.toy2d`.
 - ``--config.eval.sde_noise=(0.0,0.5,1.0)`` samples the model with :func:`fmjax.sample_sde`
   at each noise level (``sde``: MMD^2 against the data and NFE; settings ``eval.sde_*``),
   from the ODE samples' source points, with the score derived from the velocity.
+  On ``sb_cfm`` (no Gaussian path to derive it on) a second MLP of ``config.model``'s size
+  learns the score beside the flow ([SF]2M, Tong et al. 2024: :func:`fmjax.losses.sf2m_loss`,
+  ``train.score_weight``), and ``eval.sde_diffusion=constant`` is required (``g = noise``;
+  ``noise = path.sb_cfm.sigma`` is the Schrödinger bridge's own SDE). The parameters are
+  then ``{"flow": ..., "score": ...}``; the flow's gradient, and so its training, is that
+  of the flow-only run (Adam is per parameter and the draws are the same).
 """
 
 from __future__ import annotations
@@ -126,29 +132,62 @@ def _check_sde(cfg, path) -> None:
         raise ValueError(
             f"eval.sde_diffusion must be one of {SDE_DIFFUSIONS}; got {e.sde_diffusion!r}."
         )
-    if e.sde_noise and not hasattr(path, "convert"):
+    real(cfg.train.score_weight, "train.score_weight", low=0.0, low_open=True)
+    if not e.sde_noise or hasattr(path, "convert"):
+        return
+    if not hasattr(path, "score_target") or path.sigma == 0:
         raise ValueError(
-            "eval.sde_noise derives the score from the velocity on a Gaussian path; the "
-            f"{type(path).__name__} path has no such score: leave eval.sde_noise empty."
+            "eval.sde_noise derives the score from the velocity on a Gaussian path or learns "
+            f"it on sb_cfm with sigma > 0; {path!r} has neither: leave eval.sde_noise empty."
+        )
+    for what, bad in (
+        ("objective=ml", cfg.objective == "ml"),
+        ("reflow", cfg.reflow > 0),
+        (f"train.prediction={cfg.train.prediction!r}", cfg.train.prediction != "velocity"),
+    ):
+        if bad:
+            raise ValueError(
+                f"eval.sde_noise on sb_cfm learns the score beside a velocity trained by flow "
+                f"matching, without reflow; got {what}."
+            )
+    if e.sde_diffusion != "constant":
+        raise ValueError(
+            "eval.sde_diffusion='sigma' needs a Gaussian path's sigma_t; on sb_cfm set "
+            "eval.sde_diffusion=constant (g = noise; noise = path.sb_cfm.sigma is the "
+            "bridge's own SDE)."
         )
 
 
-def sde_quality(cfg, v, path, span, x0, ref, key) -> dict:
+def trains_score(cfg, path) -> bool:
+    """Whether a score network trains beside the flow: SDE sampling on ``sb_cfm``."""
+    return bool(cfg.eval.sde_noise) and not hasattr(path, "convert")
+
+
+def flow_params(params):
+    """The flow's parameters of ``params`` (``params["flow"]`` when a score trains too)."""
+    if isinstance(params, dict) and set(params) == {"flow", "score"}:
+        return params["flow"]
+    return params
+
+
+def sde_quality(cfg, v, path, span, x0, ref, key, score=None) -> dict:
     """MMD^2 against ``ref`` of :func:`fmjax.sample_sde` samples from ``x0`` at each
-    ``eval.sde_noise`` level (noise 0: the ODE with the same solver and steps)."""
+    ``eval.sde_noise`` level (noise 0: the ODE with the same solver and steps); the score
+    derived from ``v`` on the path, or the learned ``score(t, x)``."""
     e = cfg.eval
     t0, t1 = span["t0"], span["t1"]
-    if e.sde_diffusion == "constant":  # stop short of an end where the score is singular
+    if score is None and e.sde_diffusion == "constant":  # stop short of a singular score
         c = path.coefficients(jnp.float32(t1))
         if abs(float(c[1])) < 1e-6:
             t1 = t1 - e.t_margin
+    given = {"path": path} if score is None else {"score": score}
     records = []
     for noise in e.sde_noise:
         g = fmjax.sde.sigma_diffusion(path, noise) if e.sde_diffusion == "sigma" else noise
         start = time.perf_counter()
         x, stats = fmjax.sample_sde(
-            v, x0, key, diffusion=g, path=path, steps=e.sde_steps, solver=e.sde_solver, t0=t0,
-            t1=t1,
+            v, x0, key, diffusion=g, steps=e.sde_steps, solver=e.sde_solver, t0=t0, t1=t1,
+            **given,
         )  # fmt: skip
         x = jax.block_until_ready(x)
         records.append(
@@ -167,6 +206,7 @@ def sde_quality(cfg, v, path, span, x0, ref, key) -> dict:
             "diffusion": e.sde_diffusion,
             "t0": t0,
             "t1": t1,
+            "score": "derived from the velocity" if score is None else "learned (score_loss)",
         },
     }
 
@@ -205,6 +245,20 @@ def objective(cfg, path, v):
         return ml, _sampler(cfg, m.batch_size), m.ema_decay
 
     coupling = path.coupling if cfg.coupling == "entropic" else cfg.coupling
+    if trains_score(cfg, path):  # [SF]2M: the flow and the score on one draw
+
+        def sf2m(p, k, x1):
+            return fmjax.losses.sf2m_loss(
+                jax.tree_util.Partial(v, p["flow"]),
+                jax.tree_util.Partial(v, p["score"]),
+                path,
+                k,
+                x1,
+                coupling=coupling,
+                score_weight=cfg.train.score_weight,
+            )
+
+        return sf2m, _sampler(cfg, cfg.train.batch_size), cfg.train.ema_decay
 
     def loss_fn(p, k, x1):
         return fmjax.losses.cfm_loss(
@@ -288,7 +342,8 @@ class NLLCurve:
         jax.block_until_ready(state.params)  # (dispatch is asynchronous: the steps' time)
         t_hook = time.perf_counter()
         seconds = t_hook - self.start - self.paused
-        self.records.append({"step": int(step), "train_seconds": seconds, **self.nll(state.params)})
+        nll = self.nll(flow_params(state.params))
+        self.records.append({"step": int(step), "train_seconds": seconds, **nll})
         self.paused += time.perf_counter() - t_hook
 
     def nll(self, params):

@@ -22,6 +22,17 @@ the entropic OT plan with ``epsilon = 2 sigma^2``, :func:`fmjax.couplings.entrop
 marginals ``p_t`` are those of the Schrödinger bridge from the source to the data, and the
 learned field is the drift of its probability-flow ODE: sample with :func:`fmjax.sample` as
 for any field. ``sigma = 0`` is rectified flow (with the coupling: minibatch OT).
+
+Given both ends, ``x_t`` is Gaussian with mean ``mu_t = (1 - t) x0 + t x1`` and std
+``sigma_t = sigma sqrt(t (1 - t))``: its conditional score is
+
+    grad_x log p_t(x_t | x0, x1) = -(x_t - mu_t) / sigma_t^2 = -z / sigma_t
+
+(:meth:`SchrodingerBridge.score_target`), the regression target of the score network of
+[SF]2M (Tong et al. 2024; :func:`fmjax.losses.sf2m_loss`). With the learned velocity ``v``
+and score ``s`` of the marginals, the SDE ``dx = [v + g^2/2 s] dt + g dW`` has the
+bridge's marginals for every ``g`` (:func:`fmjax.sample_sde`); ``g = sigma`` is the
+Schrödinger bridge's own SDE.
 """
 
 from __future__ import annotations
@@ -110,6 +121,20 @@ class SchrodingerBridge:
             same_shape(noise, x1, "noise", "x1")
             u = u + self.sigma * (1.0 - 2.0 * tb) / (2.0 * jnp.sqrt(tb * (1.0 - tb))) * noise
         return u
+
+    def score_target(self, x0, x1, t, noise):
+        """``grad_x log p_t(x_t | x0, x1) = -noise / sigma_t`` at ``x_t =
+        interpolate(x0, x1, t, noise)``, for ``t`` in ``t_range`` and ``sigma > 0`` (the
+        score of the Gaussian bridge; infinite at the ends, where ``sigma_t = 0``)."""
+        same_shape(x0, x1, "x0", "x1")
+        same_shape(noise, x1, "noise", "x1")
+        if self.sigma == 0:
+            raise ValueError(
+                "the bridge with sigma = 0 is deterministic given its ends: it has no score; "
+                "use sigma > 0."
+            )
+        check_time(t, self.t_range)
+        return -noise / self.noise_std(_broadcast(t, x1))
 
     def interpolate_and_target(self, x0, x1, t, noise=None):
         """``(x_t, d/dt x_t)``, as :func:`fmjax.losses.cfm_loss` calls it."""

@@ -23,7 +23,7 @@ from fmjax import couplings as couplings_lib
 from fmjax import predictions
 from fmjax.batching import check_cond
 
-__all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "uniform_time"]
+__all__ = ["REDUCTIONS", "cfm_loss", "fm_loss", "score_loss", "sf2m_loss", "uniform_time"]
 
 #: ``cfm_loss`` reductions (see its ``reduction`` argument).
 REDUCTIONS = ("mean", "sum", "none")
@@ -85,6 +85,31 @@ def _takes_cond(coupling) -> bool:
         return False
 
 
+def _couple(coupling, kc, x0, x1, cond, caller):
+    if coupling is None:
+        return x0, x1
+    coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
+    data = x1
+    if cond is not None and _takes_cond(coupling):
+        x0, x1 = coupling(kc, x0, x1, cond=cond)
+    else:
+        x0, x1 = coupling(kc, x0, x1)
+    if cond is not None and x1 is not data:
+        raise ValueError(
+            f"{caller}(cond=...): the coupling {coupling!r} returned a new x1; with "
+            "conditions it must re-pair x0 and return x1 as given (cond[i] belongs to "
+            "x1[i]), as fmjax.couplings do."
+        )
+    return x0, x1
+
+
+def _bridge_noise(path, key, x1, caller):
+    """The interpolant's ``z``, drawn from ``fold_in(key, 3)`` (apart from x0, t, coupling)."""
+    if key is None:
+        raise ValueError(f"{caller}: the path {path!r} draws noise: it needs a PRNG key.")
+    return jax.random.normal(jax.random.fold_in(key, 3), x1.shape, x1.dtype)
+
+
 def cfm_loss(
     v,
     path,
@@ -140,28 +165,14 @@ def cfm_loss(
     if cond is not None:
         check_cond(cond, jnp.shape(x1)[0], "cfm_loss")
     x0, t, kc = _draw(path, key, x1, x0, t, time_sampler, need_key=callable(coupling))
-    if coupling is not None:
-        coupling = couplings_lib.get(coupling) if isinstance(coupling, str) else coupling
-        data = x1
-        if cond is not None and _takes_cond(coupling):
-            x0, x1 = coupling(kc, x0, x1, cond=cond)
-        else:
-            x0, x1 = coupling(kc, x0, x1)
-        if cond is not None and x1 is not data:
-            raise ValueError(
-                f"cfm_loss(cond=...): the coupling {coupling!r} returned a new x1; with "
-                "conditions it must re-pair x0 and return x1 as given (cond[i] belongs to "
-                "x1[i]), as fmjax.couplings do."
-            )
+    x0, x1 = _couple(coupling, kc, x0, x1, cond, "cfm_loss")
     if getattr(path, "needs_noise", False):  # the noisy interpolant (fmjax.bridges)
         if prediction != "velocity":
             raise ValueError(
                 f"cfm_loss: the path {path!r} trains velocity models only; got "
                 f"prediction={prediction!r}."
             )
-        if key is None:
-            raise ValueError(f"cfm_loss: the path {path!r} draws noise: it needs a PRNG key.")
-        noise = jax.random.normal(jax.random.fold_in(key, 3), x1.shape, x1.dtype)
+        noise = _bridge_noise(path, key, x1, "cfm_loss")
         xt, target = path.interpolate_and_target(x0, x1, t, noise)
     elif prediction == "velocity":
         xt, target = path.interpolate_and_target(x0, x1, t)
@@ -183,3 +194,92 @@ def fm_loss(v, path, key, x1, marginal, *, x0=None, t=None, time_sampler=None, r
     xt = path.interpolate(x0, x1, t)
     target = jax.lax.stop_gradient(marginal.velocity(path, xt, t))
     return _reduce(jnp.square(_prediction(v, t, xt) - target), reduction)
+
+
+def _bridge_terms(v, s, path, key, x1, x0, t, time_sampler, coupling, reduction, cond, caller):
+    """One draw of ``(x0, t, coupling, z)`` as :func:`cfm_loss` makes it; the per-element
+    squared errors of the flow (``v``) and of the weighted score (``s``), None if not given."""
+    _check(x1, reduction)
+    if not (getattr(path, "needs_noise", False) and hasattr(path, "score_target")):
+        raise ValueError(
+            f"{caller} trains the score of the noisy interpolant (fmjax.bridges, "
+            f"fmjax.paths.get('sb_cfm', sigma=...)); got the path {path!r}."
+        )
+    if path.sigma <= 0:
+        raise ValueError(f"{caller}: the bridge has no score with sigma = 0; got {path!r}.")
+    if cond is not None:
+        check_cond(cond, jnp.shape(x1)[0], caller)
+    x0, t, kc = _draw(path, key, x1, x0, t, time_sampler, need_key=True)
+    x0, x1 = _couple(coupling, kc, x0, x1, cond, caller)
+    noise = _bridge_noise(path, key, x1, caller)
+    xt, u = path.interpolate_and_target(x0, x1, t, noise)
+    flow = None if v is None else jnp.square(_prediction(v, t, xt, cond) - u)
+    # lambda_t (s - score_target) = sigma_t s + z: no division by sigma_t
+    lam = path.noise_std(jnp.reshape(t, (-1,) + (1,) * (x1.ndim - 1)))
+    score = None if s is None else jnp.square(lam * _prediction(s, t, xt, cond) + noise)
+    return flow, score
+
+
+def score_loss(
+    s,
+    path,
+    key,
+    x1,
+    *,
+    x0=None,
+    t=None,
+    time_sampler=None,
+    coupling=None,
+    reduction="mean",
+    cond=None,
+):
+    """Score matching on the noisy interpolant (the score half of [SF]2M, Tong et al. 2024):
+
+        E || lambda_t (s(t, x_t) - grad log p_t(x_t | x0, x1)) ||^2 = E || sigma_t s + z ||^2
+
+    with ``lambda_t = sigma_t = sigma sqrt(t (1 - t))``, the bridge's std: the weighted
+    target ``-z`` is a standard normal at every t, and the minimiser is the marginal score
+    ``grad log p_t`` (the loss is denoising score matching). [SF]2M writes the weight as
+    ``2 sigma_t / sigma^2`` and folds ``sigma^2 / 2`` into its network (which then outputs
+    ``sigma^2 / 2 * score``, the SDE's extra drift for ``g = sigma``); here ``s`` is the score
+    itself, as :func:`fmjax.sample_sde` takes it, with the same time weighting up to the
+    constant ``(2 / sigma^2)^2``.
+
+    Args:
+      s: the score model ``s(t, x)`` (or ``s(t, x, cond)``) being trained.
+      path: the noisy interpolant :class:`fmjax.bridges.SchrodingerBridge` with ``sigma > 0``.
+      key, x1, x0, t, time_sampler, coupling, reduction, cond: as :func:`cfm_loss`, with
+        the same draws from ``key``: with the same arguments, :func:`cfm_loss` and this loss
+        see the same ``x_t`` (t lies in the bridge's ``t_range``, away from the singular ends).
+    """
+    _, score = _bridge_terms(
+        None, s, path, key, x1, x0, t, time_sampler, coupling, reduction, cond, "score_loss"
+    )
+    return _reduce(score, reduction)
+
+
+def sf2m_loss(
+    v,
+    s,
+    path,
+    key,
+    x1,
+    *,
+    x0=None,
+    t=None,
+    time_sampler=None,
+    coupling=None,
+    reduction="mean",
+    cond=None,
+    score_weight: float = 1.0,
+):
+    """[SF]2M's joint loss: :func:`cfm_loss` of the velocity ``v`` plus ``score_weight`` times
+    :func:`score_loss` of the score ``s``, both on one draw of ``(x0, t, coupling, z)`` (one
+    coupling solve). Returns ``(loss, {"flow_loss": ..., "score_loss": ...})``; with
+    ``reduction='none'`` all three are per example. Arguments as :func:`score_loss`.
+    """
+    flow, score = _bridge_terms(
+        v, s, path, key, x1, x0, t, time_sampler, coupling, reduction, cond, "sf2m_loss"
+    )
+    flow, score = _reduce(flow, reduction), _reduce(score, reduction)
+    return flow + score_weight * score, {"flow_loss": flow, "score_loss": score}

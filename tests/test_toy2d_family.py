@@ -71,8 +71,27 @@ def test_noisy_interpolant_with_its_entropic_coupling_trains():
     cfg.train.num_steps = 10
     path = toy2d.make_path(cfg)
     assert path.sigma == 0.5 and path.epsilon == 0.5
-    _, _, history, _ = toy2d.train(cfg, progress=False)
+    _, flow_only, history, _ = toy2d.train(cfg, progress=False)
     assert math.isfinite(history[-1]["loss"])
+    # with SDE sampling a second MLP learns the score ([SF]2M); the flow trains as without it
+    cfg.eval.sde_noise, cfg.eval.sde_steps, cfg.eval.sde_diffusion = (0.0, 0.5), 4, "constant"
+    model, state, history, _ = toy2d.train(cfg, progress=False)
+    assert set(state.params) == {"flow", "score"}
+    for a, b in zip(
+        jax.tree_util.tree_leaves(flow_only.params),
+        jax.tree_util.tree_leaves(state.params["flow"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    last = history[-1]
+    assert last["loss"] == pytest.approx(last["flow_loss"] + last["score_loss"], rel=1e-5)
+    v, s = (jax.tree_util.Partial(toy2d._velocity(model), state.params[k]) for k in state.params)
+    x0, ref = jax.random.normal(jax.random.key(0), (2, 64, 2))
+    span = {"t0": 0.0, "t1": 1.0}
+    out = family.sde_quality(cfg, v, path, span, x0, ref, jax.random.key(1), score=s)
+    assert [(r["noise"], r["nfe"]) for r in out["sde"]] == [(0.0, 4), (0.5, 4)]
+    assert all(math.isfinite(r["mmd"]) for r in out["sde"])
+    assert out["sde_settings"]["score"] == "learned (score_loss)"
 
 
 @pytest.mark.parametrize(
@@ -96,7 +115,16 @@ def test_noisy_interpolant_with_its_entropic_coupling_trains():
         ({"eval.sde_steps": 0}, "eval.sde_steps"),
         ({"eval.sde_solver": "rk4"}, "eval.sde_solver must be one of"),
         ({"eval.sde_diffusion": "cosine"}, "eval.sde_diffusion must be one of"),
-        ({"path.name": "sb_cfm", "eval.sde_noise": (0.5,)}, "leave eval.sde_noise empty"),
+        ({"path.name": "sb_cfm", "eval.sde_noise": (0.5,)}, "set eval.sde_diffusion=constant"),
+        (
+            {"path.name": "sb_cfm", "path.sb_cfm.sigma": 0.0, "eval.sde_noise": (0.5,)},
+            "leave eval.sde_noise empty",
+        ),
+        (
+            {"path.name": "sb_cfm", "eval.sde_noise": (0.5,), "reflow": 1},
+            "learns the score beside a velocity",
+        ),
+        ({"train.score_weight": 0.0}, "train.score_weight"),
     ],
 )
 def test_family_config_errors(changes, message):

@@ -44,6 +44,9 @@ def get_config(preset: str = "default"):
     # what the MLP predicts and is regressed on: velocity | x1 | eps | score; sampling and
     # likelihood convert it to a velocity over path.velocity_range (eval.t_margin)
     c.train.prediction = "velocity"
+    # sb_cfm with eval.sde_noise: weight of the score network's loss beside the flow's
+    # (fmjax.losses.sf2m_loss; [SF]2M sums the two)
+    c.train.score_weight = 1.0
 
     # maximum-likelihood training (objective=ml): the NLL's solve and its gradient, on
     # batches of its own size (each step solves the flow: 256 keeps 200 steps in minutes)
@@ -89,7 +92,9 @@ def get_config(preset: str = "default"):
     c.eval.sweep_tols = (1e-2, 1e-3, 1e-4)
     c.eval.nll_every = 0  # > 0: held-out NLL every this many steps (nll_curve)
     c.eval.nll_curve_points = 1000
-    # SDE sampling (fmjax.sample_sde, score from the velocity) at these noise levels; () = off
+    # SDE sampling (fmjax.sample_sde, score from the velocity) at these noise levels; () = off.
+    # On sb_cfm a second MLP learns the score beside the flow (train.score_weight) and
+    # sde_diffusion must be "constant" (noise = path.sb_cfm.sigma: the bridge's own SDE)
     c.eval.sde_noise = ()
     c.eval.sde_steps = 100
     c.eval.sde_solver = "euler"  # Euler-Maruyama
