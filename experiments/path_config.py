@@ -52,8 +52,8 @@ def make_path(path_cfg, *, noisy: bool = False):
     name, kwargs, where = path_params(path_cfg)
     if name == "sb_cfm" and not noisy:
         raise ValueError(
-            "path.name='sb_cfm' (the noisy interpolant) is trained by toy2d only: this "
-            "experiment's step does not draw the interpolant's noise."
+            "path.name='sb_cfm' (the noisy interpolant) needs a loss that draws its noise "
+            "z; this caller's does not (make_path(..., noisy=True) where it does)."
         )
     try:
         return fmjax.paths.get(name, **kwargs)

@@ -130,6 +130,11 @@ def test_default_configs_are_the_papers_recipe():
         ({"eval.guidance_scale": float("nan")}, r"eval.guidance_scale must be a finite number"),
         ({"train.prediction": "noise"}, r"train.prediction must be one of \('velocity', 'x1', "),
         ({"eval.t_margin": 0.0}, r"eval.t_margin must be a finite number in \(0, 0.5\)"),
+        ({"train.coupling": "entropic"}, r"train.coupling='entropic' is the sb_cfm path's own"),
+        (
+            {"path.name": "sb_cfm", "train.prediction": "eps"},
+            r"train.prediction: the sb_cfm interpolant trains velocity models only",
+        ),
         ({"train.microbatches": 0}, "train.microbatches must be a positive integer; got 0"),
         (
             {"train.microbatches": 3},

@@ -46,6 +46,11 @@ def test_cli_end_to_end_on_npz_data(tmp_path):
         # class-conditional on the npz labels, NFE of classifier-free guided samples
         config_flag("model.num_classes", 1000),
         config_flag("eval.guidance_scale", 1.5),
+        # SB-CFM: the noisy interpolant with its entropic plan (within classes), evaluated
+        # by its probability-flow ODE
+        config_flag("path.name", "sb_cfm"),
+        config_flag("path.sb_cfm.sigma", 0.5),
+        config_flag("train.coupling", "entropic"),
     ]
     out = run_here(cmd, env=subprocess_env(), timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -57,6 +62,7 @@ def test_cli_end_to_end_on_npz_data(tmp_path):
     assert cfg["data"]["source"] == "imagenet32_npz" and cfg["train"]["num_steps"] == 2
     assert cfg["model"]["num_classes"] == 1000 and cfg["eval"]["guidance_scale"] == 1.5
     assert cfg["model"]["ch_mult"] == [1]
+    assert cfg["path"]["name"] == "sb_cfm" and cfg["train"]["coupling"] == "entropic"
 
 
 def test_cli_global_batch_that_does_not_split_over_four_devices(tmp_path):

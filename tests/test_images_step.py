@@ -42,6 +42,26 @@ def test_the_loss_regresses_the_configured_prediction():
             prediction=prediction,
         )
         assert losses[prediction] == pytest.approx(float(expected), rel=1e-6)
+    # the noisy interpolant (SB-CFM): the step draws its noise z as cfm_loss does
+    setup = images.build(small_config(**{"path.name": "sb_cfm"}))
+    params = jax.jit(setup.init_state)().params
+    loss = jax.jit(functools.partial(step_lib.loss_fn, setup))(
+        params, jax.random.key(0), {"image": images_}
+    )
+    expected = fmjax.losses.cfm_loss(
+        lambda t, x, p=params, m=setup.model: m.apply(p, t, x, train=False),
+        setup.path,
+        jax.random.split(jax.random.key(0), 3)[0],
+        images_,
+    )
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    noiseless = fmjax.losses.cfm_loss(  # (so the noise matters: sigma = 0 differs)
+        lambda t, x, p=params, m=setup.model: m.apply(p, t, x, train=False),
+        fmjax.paths.get("sb_cfm", sigma=0.0),
+        jax.random.split(jax.random.key(0), 3)[0],
+        images_,
+    )
+    assert abs(float(loss) - float(noiseless)) > 1e-3 * float(loss)
     assert losses["x1"] == pytest.approx(mean_sq, rel=1e-5)
     assert losses["eps"] == pytest.approx(1.0, abs=0.05)
     assert losses["velocity"] == pytest.approx(1.0 + mean_sq, abs=0.05)

@@ -139,10 +139,10 @@ def test_family_config_errors(changes, message):
         toy2d.train(cfg, progress=False)
 
 
-def test_image_experiments_refuse_the_noisy_interpolant():
+def test_make_path_refuses_the_noisy_interpolant_unless_the_loss_draws_its_noise():
     cfg = toy2d_config.get_config("tiny")
     cfg.path.name = "sb_cfm"
-    with pytest.raises(ValueError, match="trained by toy2d only"):
+    with pytest.raises(ValueError, match="needs a loss that draws its noise"):
         path_config.make_path(cfg.path)
 
 

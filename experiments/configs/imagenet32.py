@@ -62,7 +62,7 @@ def base_config():
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
     c.path = ml_collections.ConfigDict()
-    c.path.name = "cond_ot"  # or ve, vp, rectified_flow, cosine, polynomial
+    c.path.name = "cond_ot"  # or ve, vp, rectified_flow, cosine, polynomial, sb_cfm
     c.path.sigma_min = 1e-5
     path_config.add_fields(c.path)  # path.name=vp (etc.) reads path.vp.*; see path_config
 
@@ -81,7 +81,8 @@ def base_config():
     # memory: the paper's batch of 1024 on fewer accelerators); divides each device's rows
     c.train.microbatches = 1
     # minibatch OT pairing of the noise with each step's whole global batch (within classes
-    # for a class-conditional model): independent | ot | ot_sinkhorn
+    # for a class-conditional model): independent | ot | ot_sinkhorn | entropic (path
+    # sb_cfm's own entropic plan, epsilon = 2 sigma^2: SB-CFM)
     c.train.coupling = "independent"
     # where the OT pairing runs: host (exact OT in the input pipeline's threads, ahead of the
     # device; per process) | device (in the jitted step, over the global batch; the exact

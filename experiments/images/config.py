@@ -36,6 +36,8 @@ ADAPTIVE = tuple(fmjax.ode.ADAPTIVE_SOLVERS)
 LOSS_REDUCTIONS = ("mean", "sum")  # a scalar loss to differentiate
 PAIRINGS = ("auto", "host", "device")  # where train.coupling's OT pairing runs
 REFLOW_INITS = ("teacher", "scratch")  # a reflow round's first weights
+# fmjax.couplings' names, and the sb_cfm path's own: its entropic plan (epsilon = 2 sigma^2)
+COUPLINGS = (*fmjax.couplings.COUPLINGS, "entropic")
 
 
 class ConfigError(ValueError):
@@ -117,7 +119,7 @@ def _one_of(value, options, name: str) -> None:
 def _make_path(config):
     """The configured path (:mod:`experiments.path_config`), as a ConfigError when invalid."""
     try:
-        return path_config.make_path(config.path)
+        return path_config.make_path(config.path, noisy=True)  # (the step draws sb_cfm's z)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -249,7 +251,7 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
         )
     _check_solvers(config)
     _one_of(t.prediction, fmjax.predictions.PREDICTIONS, "train.prediction")
-    _one_of(t.coupling, tuple(fmjax.couplings.COUPLINGS), "train.coupling")
+    _one_of(t.coupling, COUPLINGS, "train.coupling")
     _one_of(t.pairing, PAIRINGS, "train.pairing")
     if t.pairing == "host" and t.coupling != "ot":
         raise ConfigError(
@@ -264,7 +266,15 @@ def check(config, mesh=None) -> fmjax.paths.GaussianPath:
     for tol in e.sweep_tols:
         _check_real(tol, "eval.sweep_tols entries", "(0, inf)")
     path = _make_path(config)
-    path.velocity_range(t.prediction, float(e.t_margin))
+    try:
+        path.velocity_range(t.prediction, float(e.t_margin))
+    except ValueError as err:
+        raise ConfigError(f"train.prediction: {err}") from None
+    if t.coupling == "entropic" and not hasattr(path, "coupling"):
+        raise ConfigError(
+            "train.coupling='entropic' is the sb_cfm path's own (SB-CFM): set "
+            f"path.name=sb_cfm (got path.name={config.path.name!r})."
+        )
     _check_classes(config)
     _check_reflow(config)
     if mesh is not None:

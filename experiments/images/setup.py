@@ -306,4 +306,6 @@ def _pairing(config, path) -> Callable | None:
     if pairing_place(config) != "device":
         return None
     cond = None if config.model.num_classes is None else "label"
+    if coupling == "entropic":  # the sb_cfm path's own plan
+        coupling = path.coupling
     return fmjax.couplings.pairing(coupling, source=path.sample_source, data="image", cond=cond)

@@ -9,7 +9,9 @@ mesh (one global-view jit: XLA all-reduces the gradients); with ``train.microbat
 1`` it is :func:`fmjax.train.make_train_step`'s accumulating step, each device summing its
 ``k`` parts before one all-reduce. With ``train.coupling`` other than ``independent`` the
 step first pairs source noise with the whole global batch (``setup.pairing``: minibatch
-OT, within classes for a class-conditional model) and the loss uses those pairs.
+OT, within classes for a class-conditional model; SB-CFM's entropic plan) and the loss uses
+those pairs. The noisy interpolant (``path.name=sb_cfm``) gets its noise ``z`` drawn as
+:func:`fmjax.losses.cfm_loss` draws it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def loss_fn(setup: Setup, params, key: jax.Array, batch: dict) -> jax.Array:
         y = batch["label"].astype(jnp.int32)
         if p_drop > 0:
             y = jnp.where(jax.random.bernoulli(k_label, p_drop, y.shape), classes, y)
-    if setup.prediction == "velocity":
+    if getattr(setup.path, "needs_noise", False):  # sb_cfm: z drawn as cfm_loss draws it
+        noise = jax.random.normal(jax.random.fold_in(k_cfm, 3), x1.shape, x1.dtype)
+        xt, target = setup.path.interpolate_and_target(x0, x1, t, noise)
+    elif setup.prediction == "velocity":
         xt, target = setup.path.interpolate_and_target(x0, x1, t)
     else:
         xt = setup.path.interpolate(x0, x1, t)
