@@ -13,7 +13,7 @@ from experiments.configs import cifar10 as cifar10_config
 from experiments.configs import imagenet32 as imagenet32_config
 from experiments.configs import imagenet64 as imagenet64_config
 from experiments.images import setup as setup_lib
-from fmjax.models import unet
+from fmjax.models import unet_presets
 
 use_compile_cache()
 pytestmark = pytest.mark.usefixtures("float32")
@@ -38,7 +38,7 @@ def _unet_fields(m):
 
 def test_default_configs_are_the_papers_recipe():
     c = imagenet32_config.get_config()
-    assert _unet_fields(setup_lib.build_model(c)) == _unet_fields(unet.imagenet32_paper())
+    assert _unet_fields(setup_lib.build_model(c)) == _unet_fields(unet_presets.imagenet32_paper())
     assert c.data.source == "imagenet_resized/32x32" and c.data.global_batch_size == 1024
     assert c.train.num_steps == 250_000 and c.train.warmup_steps == 20_000
     assert (c.train.adam_b1, c.train.adam_b2, c.train.adam_eps) == (0.9, 0.999, 1e-8)
@@ -55,7 +55,7 @@ def test_default_configs_are_the_papers_recipe():
     assert isinstance(tx, optax.GradientTransformation)
 
     k = cifar10_config.get_config()
-    assert _unet_fields(setup_lib.build_model(k)) == _unet_fields(unet.cifar10_paper())
+    assert _unet_fields(setup_lib.build_model(k)) == _unet_fields(unet_presets.cifar10_paper())
     assert k.data.source == "cifar10" and k.data.global_batch_size == 256
     assert (k.train.num_steps, k.train.learning_rate, k.train.warmup_steps) == (
         391_000,
@@ -65,7 +65,7 @@ def test_default_configs_are_the_papers_recipe():
     assert cifar10_config.get_config("tiny").data.global_batch_size == 8
 
     g = imagenet64_config.get_config()
-    assert _unet_fields(setup_lib.build_model(g)) == _unet_fields(unet.imagenet64_paper())
+    assert _unet_fields(setup_lib.build_model(g)) == _unet_fields(unet_presets.imagenet64_paper())
     assert (g.data.source, g.data.resolution, g.data.global_batch_size) == (
         "imagenet_resized/64x64",
         64,

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models import unet
+from fmjax.models import unet_presets
 from fmjax.models.conditioned_unet import ImageConditionedUNet, image_conditioned
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    m = image_conditioned(unet.tiny(ch=16, ch_mult=(1,), attn_resolutions=()), channels=3)
+    m = image_conditioned(unet_presets.tiny(ch=16, ch_mult=(1,), attn_resolutions=()), channels=3)
     x = jnp.zeros((2, 8, 8, 3))
     # random weights of the parameters' shapes (traced, not compiled: a fresh UNet outputs
     # exactly 0 through its zero-initialised output layers, so it would show nothing)
@@ -52,6 +52,6 @@ def test_bad_condition_shapes_are_refused(model_and_params):
         m.apply(params, t, x, None)
     with pytest.raises(ValueError, match="initialised for inputs with 6 channels"):
         m.apply(params, t, x, jnp.zeros((2, 8, 8, 1)))
-    bare = ImageConditionedUNet(unet.tiny(ch=16, ch_mult=(1,), attn_resolutions=()))
+    bare = ImageConditionedUNet(unet_presets.tiny(ch=16, ch_mult=(1,), attn_resolutions=()))
     with pytest.raises(ValueError, match="out_channels=3"):
         bare.init(jax.random.key(0), t, x, x)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax.models.unet import UNet, cifar10_paper, count_params, imagenet32_paper, tiny
+from fmjax.models.unet import UNet
+from fmjax.models.unet_presets import cifar10_paper, count_params, imagenet32_paper, tiny
 
 B, H, W, C = 2, 32, 32, 3
 NUM_CLASSES = 5

@@ -171,7 +171,7 @@ def get_config(preset: str = "default"):
 
 
 def tiny(c):
-    """Shrink ``c`` in place to a CPU smoke run (fmjax.models.unet.tiny)."""
+    """Shrink ``c`` in place to a CPU smoke run (fmjax.models.unet_presets.tiny)."""
     c.data.global_batch_size = 8
     c.data.read_threads = 2
     c.model.ch = 32
