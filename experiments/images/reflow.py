@@ -142,14 +142,15 @@ def _settings(setup: Setup, teacher: Teacher, chunk: int, num_chunks: int) -> di
 def _draw(teacher: Teacher, store: PairStore, options, seed: int, log) -> dict:
     """Draw the store's missing chunks with the teacher; returns the generation summary."""
     ts, mesh, n = teacher.setup, teacher.mesh, store.chunk_size
-    missing = store.missing()
-    t_start, nfe = time.perf_counter(), []
+    missing, t_start = store.missing(), time.perf_counter()
+    if missing:  # the field and the labels are every chunk's (the teacher loads only here)
+        v, y = ts.sampling_field(teacher.params, n, mesh)
+        labels = None if y is None else sharding_lib.to_host(y)
+    t0, t1 = ts.t_range
     for i, k in enumerate(missing):
         t_chunk = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(seed), k)
         x0 = ts.source_noise(key, n, mesh)
-        v, y = ts.sampling_field(teacher.params, n, mesh)
-        t0, t1 = ts.t_range
         x1, stats = fmjax.sample(v, x0, cond=y, options=options, t0=t0, t1=t1, throw=False)
         x0_h, x1_h = sharding_lib.to_host(x0), sharding_lib.to_host(x1)
         ok = bool(np.all(np.asarray(stats.success))) and np.isfinite(x1_h).all()
@@ -159,18 +160,15 @@ def _draw(teacher: Teacher, store: PairStore, options, seed: int, log) -> dict:
                 f"rtol {options.rtol}): nothing was stored for it; loosen reflow.rtol / atol "
                 "or check the teacher."
             )
-        labels = None if y is None else sharding_lib.to_host(y)
-        nfe.append(float(np.asarray(stats.nfe)))
+        nfe = float(np.asarray(stats.nfe))
         if jax.process_index() == 0:
-            info = {"nfe": nfe[-1], "seconds": time.perf_counter() - t_chunk}
+            info = {"nfe": nfe, "seconds": time.perf_counter() - t_chunk}
             store.write(k, x0_h, x1_h, labels, info=info)
         if jax.process_count() > 1:  # every process reads the chunk from a shared directory
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"reflow_chunk_{k}")
-        log(
-            f"reflow pairs: chunk {k + 1}/{store.num_chunks} ({i + 1} drawn now), NFE {nfe[-1]:.0f}"
-        )
+        log(f"reflow pairs: chunk {k + 1}/{store.num_chunks} ({i + 1} drawn now), NFE {nfe:.0f}")
     return {"pairs_drawn_now": len(missing) * n, "pairs_seconds": time.perf_counter() - t_start}
 
 

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from fmjax.data.sharded import derive_seeds, process_layout, sharded_batches
+from fmjax.data.sources import NO_LABEL
 
 __all__ = ["MANIFEST", "PairStore", "PairsSource", "make_pairs_dataset", "make_pairs_iterator"]
 
@@ -111,7 +112,7 @@ class PairStore:
                 f"chunk {k} must hold x0 and x1 of shape {shape}; got {x0.shape} and {x1.shape}."
             )
         if label is None:
-            label = np.full((self.chunk_size,), -1, np.int32)
+            label = np.full((self.chunk_size,), NO_LABEL, np.int32)
         label = np.asarray(label, np.int32)
         if label.shape != (self.chunk_size,):
             raise ValueError(f"chunk {k}: labels of shape {label.shape}, expected {shape[:1]}.")
