@@ -27,18 +27,7 @@ __all__ = [
     "toy",
 ]
 
-_LAZY = (
-    "folder",
-    "folder_arrays",
-    "imagenet_npz",
-    "images",
-    "pairing",
-    "quantization",
-    "reflow_pairs",
-    "sharded",
-    "sources",
-    "superres",
-)
+_LAZY = tuple(name for name in __all__ if name != "toy")  # imported on first use
 
 
 def __getattr__(name):
